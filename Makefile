@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make demo` (set up, then run the whole workflow on the demo data)
+# and `make test` (set up, then run the tests). Both create .venv once.
+PYTHON ?= python3.11
+VENV ?= .venv
+# The CPU build here; on a GPU machine use e.g. `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH ?= torch==2.13.0
+CORES ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast dag lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH snakemake --cores $(CORES)
+
+test: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+test-fast: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow"
+
+dag: setup
+	PATH=$(abspath $(BIN)):$$PATH snakemake --dag | dot -Tsvg > dag.svg
+
+lint: setup
+	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
+
+clean:
+	rm -rf results logs .snakemake dag.svg

@@ -1,0 +1,20 @@
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/autoencoder.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs(),

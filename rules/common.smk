@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from ldmflow.workflow import experiments, manifest_path
+
+AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
+
+
+wildcard_constraints:
+    name="[A-Za-z0-9_.-]+",
+
+
+def manifest():
+    return manifest_path(config)
+
+
+def autoencoder_config(wildcards):
+    return AUTOENCODERS[wildcards.name]
+
+
+def all_outputs():
+    return [
+        "results/autoencoder/selected.json",
+    ]
+
+
+def parent_of_output(wildcards, output):
+    """The folder of a rule's first output (a run folder, the demo data folder)."""
+    return str(Path(output[0]).parent)
+
+
+def run_dirs_of_metrics(wildcards, input):
+    """The run folders of the metrics files a rule takes as input."""
+    return [str(Path(p).parent) for p in input.metrics]

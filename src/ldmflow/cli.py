@@ -1,0 +1,134 @@
+"""The ``ldmflow`` command line: one subcommand per stage, each calling the same function as its rule."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError
+
+log = logging.getLogger("ldmflow")
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr, and to ``log_file`` too when given (the rules pass their ``log:`` file)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...]) -> None:
+    """For commands without a config file, ``--set key=value`` sets one of the command's options."""
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in allowed:
+            raise ConfigError(f"--set {item!r}: allowed keys for this command: {', '.join(allowed)}")
+        setattr(args, key, yaml.safe_load(raw))
+
+
+def cmd_demo_data(args) -> None:
+    from .demo import write_demo_data
+
+    _apply_sets(args, ("n", "size", "seed"))
+    path = write_demo_data(args.out, n=args.n, size=args.size, seed=args.seed)
+    print(path)
+
+
+def cmd_train_ae(args) -> None:
+    from .train_ae import train_autoencoder
+
+    result = train_autoencoder(args.config, args.data, args.out, overrides=args.set or (), device=args.device,
+                               threads=args.threads)
+    print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
+
+
+def cmd_select_ae(args) -> None:
+    from .select import select_autoencoder
+
+    _apply_sets(args, ("metric", "mode"))
+    result = select_autoencoder(args.runs, args.out, metric=args.metric, mode=args.mode)
+    print(f"selected {result['name']} ({result['metric']} = {result['value']:.6g}): {result['checkpoint']}")
+
+
+def cmd_schemas(args) -> None:
+    from .config import schema_documents
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in schema_documents().items():
+        (out / name).write_text(text)
+        print(out / name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldmflow", description=__doc__)
+    parser.add_argument("--log-file", help="also write the log to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key (dotted.key=value, value parsed as YAML); repeatable")
+        return p
+
+    def training(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and data loading")
+
+    p = command("demo-data", cmd_demo_data, "write the built-in procedural demo dataset and its manifest.csv")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=256, help="number of images")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=42)
+
+    p = command("train-ae", cmd_train_ae, "train one autoencoder experiment (resumes from RUN_DIR's latest)")
+    p.add_argument("--config", required=True, help="autoencoder experiment YAML")
+    p.add_argument("--data", required=True, help="manifest CSV or folder of images")
+    p.add_argument("--out", required=True, help="run folder RUN_DIR")
+    training(p)
+
+    p = command("select-ae", cmd_select_ae, "pick the best autoencoder run; write selected.json and a plot")
+    p.add_argument("--runs", nargs="+", required=True, help="autoencoder run folders")
+    p.add_argument("--out", required=True, help="path of selected.json")
+    p.add_argument("--metric", default="val_loss", help="metrics column to compare (default val_loss)")
+    p.add_argument("--mode", default="min", choices=("min", "max"))
+
+    p = command("schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
+    p.add_argument("--out", default="config/schemas", help="output folder (default config/schemas)")
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .select import SelectionError
+    from .training import Preempted, TrainingError
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, SelectionError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    except Preempted as exc:
+        log.warning("%s", exc)
+        return 143
+    except TrainingError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Image grids for sample and reconstruction PNGs (written with Pillow: fast, no plotting stack)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .training import atomic_write_bytes
+
+# A fixed palette: the same class gets the same colour in every grid.
+PALETTE = np.array(
+    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255],
+     [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128]],
+    dtype=np.uint8,
+)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def colorize(masks: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N, H, W) integer class ids -> (N, H, W, 3) uint8 with the fixed palette."""
+    m = masks.cpu().numpy() if torch.is_tensor(masks) else np.asarray(masks)
+    return PALETTE[m.astype(np.int64) % len(PALETTE)]
+
+
+def grid(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Lay out columns of equal-length (N, H, W, 3) uint8 stacks side by side: one row per item."""
+    n, h, w, _ = columns[0].shape
+    out = np.full((n * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for c, col in enumerate(columns):
+        for r in range(n):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            out[y:y + h, x:x + w] = col[r]
+    return out
+
+
+def save_png(image: np.ndarray, path: str | Path, upscale: int = 1) -> None:
+    """Write an (H, W, 3) or (H, W) uint8 array as PNG atomically; nearest-neighbour upscale for tiny images."""
+    img = Image.fromarray(image)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

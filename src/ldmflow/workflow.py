@@ -1,0 +1,29 @@
+"""Helpers the Snakemake rules call (kept here, in the package, so that rules stay wiring only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def experiments(paths: list[str], stage: str) -> dict[str, str]:
+    """Validate each experiment file of a stage now (so ``snakemake -n`` reports a bad key at once) and
+    map each experiment's ``name`` to its file; two files with one name are an error."""
+    out: dict[str, str] = {}
+    for path in paths:
+        cfg = load_config(path, stage)
+        if cfg.name in out:
+            raise ConfigError(f"{path}: experiment name {cfg.name!r} is also used by {out[cfg.name]}")
+        out[cfg.name] = str(path)
+    return out
+
+
+def manifest_path(config: dict) -> str:
+    """The manifest the workflow trains on: the configured one, or the demo data's."""
+    manifest = config["data"].get("manifest")
+    if manifest:
+        if not Path(manifest).exists():
+            raise ConfigError(f"config: key 'data.manifest' names {manifest!r}, which does not exist")
+        return str(manifest)
+    return "results/data/demo/manifest.csv"

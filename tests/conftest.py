@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny demo dataset and tiny experiment configs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory) -> Path:
+    from ldmflow.demo import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo") / "data", n=40, size=16, seed=3)
+
+
+TINY_AE = {
+    "name": "tiny",
+    "seed": 42,
+    "data": {"image_size": 16, "batch_size": 8, "mask_classes": 4},
+    "model": {"variant": "kl", "downsample": 4, "latent_channels": 4, "base_channels": 8},
+    "optim": {"lr": 3e-3},
+    "train": {"epochs": 2, "sample_every": 1},
+}
+
+
+@pytest.fixture
+def tiny_ae() -> dict:
+    return copy.deepcopy(TINY_AE)
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m ldmflow.cli ARGS`` in a subprocess (one torch thread), capturing its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ldmflow.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ldmflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def snakemake_bin() -> str:
+    found = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
+    if not found:
+        pytest.skip("snakemake not installed")
+    return found

@@ -1,0 +1,58 @@
+import typing
+
+import pytest
+import torch
+
+from ldmflow.autoencoder import AutoencoderLoss, build_autoencoder, confusion, dice_loss, miou, psnr
+from ldmflow.config import AutoencoderModelConfig, ReconstructionLossConfig, load_config
+
+
+def make(variant="kl", downsample=4, **loss):
+    cfg = load_config({"name": "t", "data": {"mask_classes": 4, "classes": ["a", "b", "c"]},
+                       "model": {"variant": variant, "downsample": downsample, "latent_channels": 3, "base_channels": 8},
+                       "loss": loss})
+    return cfg, build_autoencoder(cfg)
+
+
+@pytest.mark.parametrize("variant", typing.get_args(typing.get_type_hints(AutoencoderModelConfig)["variant"]))
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_shapes_for_every_variant(variant, downsample):
+    cfg, model = make(variant, downsample)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(x)
+    assert out["mean"].shape == (2, 3, 32 // downsample, 32 // downsample)
+    assert (out["logvar"] is None) == (variant == "plain")
+    assert out["recon"].shape == x.shape and out["seg"].shape == (2, 4, 32, 32) and out["logits"].shape == (2, 3)
+    rgb, seg = model.decode(out["mean"], with_seg=True)
+    assert rgb.shape == x.shape and seg.shape == (2, 4, 32, 32)
+
+
+@pytest.mark.parametrize("kind", typing.get_args(typing.get_type_hints(ReconstructionLossConfig)["kind"]))
+def test_loss_has_a_part_per_enabled_head(kind):
+    cfg, model = make(reconstruction={"kind": kind}, segmentation={"dice": 0.5})
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "mask": torch.randint(0, 4, (2, 16, 16)),
+             "label": torch.tensor([0, 2])}
+    total, parts = AutoencoderLoss(cfg.loss)(model(batch["image"]), batch)
+    assert set(parts) == {"rgb", "seg", "cls", "kl"}
+    assert torch.isclose(total, sum(parts.values()))
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_disabled_heads_are_not_built():
+    cfg, model = make("plain", segmentation={"enabled": False}, classification={"enabled": False})
+    out = model(torch.zeros(1, 3, 16, 16))
+    assert out["seg"] is None and out["logits"] is None
+    _, parts = AutoencoderLoss(cfg.loss)(out, {"image": torch.zeros(1, 3, 16, 16)})
+    assert set(parts) == {"rgb"}
+
+
+def test_metrics():
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.all(psnr(x, x) > 90)
+    assert torch.allclose(psnr(torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)), torch.tensor([6.0206]), atol=1e-3)
+    t = torch.tensor([[0, 1], [1, 2]])
+    assert miou(confusion(t, t, 3)) == 1.0
+    assert miou(confusion(torch.zeros_like(t), t, 3)) == pytest.approx(0.25 / 3)  # class 0: IoU 1/4
+    logits = torch.nn.functional.one_hot(t, 3).permute(2, 0, 1)[None].float() * 50
+    assert dice_loss(logits, t[None]) < 1e-3

@@ -1,0 +1,22 @@
+import re
+import tomllib
+
+import yaml
+
+from .conftest import REPO
+
+# conda-forge names that differ from PyPI's
+CONDA_NAMES = {"pytorch": "torch"}
+
+
+def normalise(spec: str) -> tuple[str, str]:
+    name, version = re.match(r"^([A-Za-z0-9_.-]+)\s*(.*)$", spec.strip()).groups()
+    return CONDA_NAMES.get(name.lower(), name.lower()).replace("_", "-"), version.replace(" ", "")
+
+
+def test_conda_env_matches_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pip = dict(normalise(d) for d in project["dependencies"])
+    env = yaml.safe_load((REPO / "envs" / "ldmflow.yaml").read_text())
+    conda = dict(normalise(d) for d in env["dependencies"] if isinstance(d, str) and not d.startswith(("python", "pip")))
+    assert conda == pip

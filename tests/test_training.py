@@ -1,0 +1,199 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ldmflow.config import EmaConfig, OptimConfig
+from ldmflow.train_ae import train_autoencoder
+from ldmflow.training import (
+    Ema,
+    EpochBatchSampler,
+    TrainingError,
+    class_weights,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+)
+
+from .conftest import run_cli
+
+
+def test_autoencoder_trains_and_writes_its_outputs(tmp_path, demo_manifest, tiny_ae):
+    tiny_ae["train"]["epochs"] = 4
+    result = train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    rows = result["history"]
+    assert len(rows) == 4 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    for name in ("checkpoints/tiny_checkpoint_best.pt", "checkpoints/tiny_checkpoint_latest.pt", "tiny_metrics.csv",
+                 "samples/epoch_001.png", "samples/epoch_004.png"):
+        assert (tmp_path / name).is_file(), name
+    header = (tmp_path / "tiny_metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("train_rgb", "train_seg", "train_cls", "val_rgb", "val_seg", "val_cls", "val_psnr", "val_miou",
+                "val_acc", "lr", "seconds"):
+        assert col in header
+    ckpt = load_checkpoint(tmp_path / "checkpoints/tiny_checkpoint_latest.pt")
+    assert ckpt["config"]["data"]["classes"] == ["circle", "square", "triangle"]
+    assert ckpt["epoch"] == 4 and "optimizer" in ckpt and "torch" in ckpt["rng"]
+
+
+def test_same_seed_same_weights_and_rerun_is_a_noop(tmp_path, demo_manifest, tiny_ae):
+    train_autoencoder(tiny_ae, demo_manifest, tmp_path / "a")
+    train_autoencoder(tiny_ae, demo_manifest, tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a/checkpoints/tiny_checkpoint_latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "b/checkpoints/tiny_checkpoint_latest.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = train_autoencoder(tiny_ae, demo_manifest, tmp_path / "a")
+    assert again["resumed_from"]["epoch"] == 2 and len(again["history"]) == 2
+
+
+def test_changed_config_starts_fresh_more_epochs_continue(tmp_path, demo_manifest, tiny_ae):
+    train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    tiny_ae["train"]["epochs"] = 3
+    more = train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    assert more["resumed_from"]["epoch"] == 2 and len(more["history"]) == 3
+    tiny_ae["optim"]["lr"] = 1e-3
+    fresh = train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    assert fresh["resumed_from"] is None and len(fresh["history"]) == 3
+
+
+def test_early_stopping_stops(tmp_path, demo_manifest, tiny_ae):
+    tiny_ae["train"].update(epochs=20, early_stopping={"metric": "val_loss", "patience": 1, "min_delta": 10.0})
+    result = train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    assert len(result["history"]) == 2 and result["best"]["epoch"] == 1
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, demo_manifest, tiny_ae):
+    tiny_ae["optim"]["lr"] = 1e30
+    tiny_ae["optim"]["grad_clip"] = None
+    with pytest.raises(TrainingError, match="NaN or inf"):
+        train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    assert not (tmp_path / "checkpoints/tiny_checkpoint_best.pt").exists() or math.isfinite(
+        load_checkpoint(tmp_path / "checkpoints/tiny_checkpoint_best.pt")["best"])
+
+
+def wait_for(predicate, proc, timeout=120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def start_training(config, manifest, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ldmflow.cli", "train-ae", "--config", str(config), "--data",
+                             str(manifest), "--out", str(out), "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, tiny_ae):
+    tiny_ae["train"].update(epochs=3, checkpoint_every_steps=1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_ae))
+    run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "whole"),
+            "--threads", "1")
+
+    latest = tmp_path / "cut/checkpoints/tiny_checkpoint_latest.pt"
+    # first kill: mid-epoch, just after a step checkpoint; second kill: later, in another epoch
+    for seen in (2, 6):
+        proc = start_training(config, demo_manifest, tmp_path / "cut")
+        wait_for(lambda: latest.is_file() and load_or_none(latest, "step") >= seen, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = load_checkpoint(latest)
+    assert state["epoch"] < 3, "the kills came too late to test a resume"
+    done = run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "cut"),
+                   "--threads", "1")
+    assert "resumed tiny from epoch" in done.stderr
+    a = load_checkpoint(tmp_path / "whole/checkpoints/tiny_checkpoint_latest.pt")
+    b = load_checkpoint(latest)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "whole/tiny_metrics.csv").read_text().splitlines()[0] == \
+        (tmp_path / "cut/tiny_metrics.csv").read_text().splitlines()[0]
+    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
+
+
+def load_or_none(path, key):
+    try:
+        return load_checkpoint(path)[key]
+    except Exception:
+        return -1
+
+
+def test_sigterm_saves_and_resumes(tmp_path, demo_manifest, tiny_ae):
+    tiny_ae["train"].update(epochs=50)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_ae))
+    latest = tmp_path / "run/checkpoints/tiny_checkpoint_latest.pt"
+    proc = start_training(config, demo_manifest, tmp_path / "run")
+    wait_for(latest.is_file, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "signal 15 received" in err
+    state = load_checkpoint(latest)
+    assert 1 <= state["epoch"] < 50
+
+
+def test_checkpoints_are_atomic_and_untrusted(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"format": "ldmflow-checkpoint-v1", "w": torch.ones(2)}, path)
+    assert list(tmp_path.iterdir()) == [path]
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"format": "ldmflow-checkpoint-v1", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(TrainingError, match="not a readable ldmflow checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"w": 1}, tmp_path / "other.pt")
+    with pytest.raises(TrainingError, match="not an ldmflow checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_sampler_is_seeded_resumable_and_sharded():
+    s = EpochBatchSampler(20, 4, seed=1)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start=2)
+    assert list(s) == full[2:]
+    s.set_epoch(4)
+    assert list(s) != full
+    shards = [EpochBatchSampler(20, 2, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    for sh in shards:
+        sh.set_epoch(3)
+    merged = [a + b for a, b in zip(*shards)]
+    assert merged == full
+
+
+def test_weighted_sampling_balances_classes():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    s = EpochBatchSampler(100, 100, seed=0, weights=class_weights(labels, 1.0))
+    picks = torch.tensor([i for b in s for i in b])
+    share = (labels[picks] == 1).float().mean()
+    assert 0.35 < share < 0.65
+    assert torch.allclose(class_weights(labels, 0.0), torch.ones(100))
+
+
+def test_lr_schedule_and_ema():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1) and lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1) and 0.1 < lr_factor(55, 100, cfg) < 1
+    model = torch.nn.Linear(2, 2)
+    ema = Ema(model, decay=0.9, warmup=0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(model, step=1)
+    assert torch.allclose(ema.model.weight, before + 0.1)
+    assert Ema(model, 0.999, 100).rate(0) == pytest.approx(0.1)

@@ -1,0 +1,13 @@
+"""Rule train_autoencoder: train one autoencoder experiment (resuming from its latest checkpoint)."""
+
+from ldmflow.cli import setup_logging
+from ldmflow.train_ae import train_autoencoder
+
+
+def main(smk) -> None:
+    setup_logging(smk.log[0])
+    train_autoencoder(smk.input.config, smk.input.manifest, smk.params.run_dir, threads=smk.threads, progress=False)
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 (injected by Snakemake)
