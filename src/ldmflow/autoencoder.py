@@ -181,3 +181,17 @@ def miou(conf: torch.Tensor) -> float:
     union = conf.sum(0) + conf.sum(1) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else math.nan
+
+
+def load_autoencoder(checkpoint, device="cpu") -> tuple[Autoencoder, AutoencoderExperiment]:
+    """Rebuild an autoencoder from its checkpoint alone (the resolved config it carries), in eval mode."""
+    from .config import from_dict
+    from .training import inference_weights, load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location=device)
+    if state.get("stage") != "autoencoder":
+        raise ValueError(f"{checkpoint}: a {state.get('stage')} checkpoint, not an autoencoder checkpoint")
+    cfg = from_dict(AutoencoderExperiment, state["config"])
+    model = build_autoencoder(cfg)
+    model.load_state_dict(inference_weights(state))
+    return model.to(device).eval().requires_grad_(False), cfg
