@@ -15,7 +15,14 @@ log = logging.getLogger("ldmflow")
 
 
 def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr, and to ``log_file`` too when given (the rules pass their ``log:`` file)."""
+    """Log to stderr, and to ``log_file`` too when given (the rules pass their ``log:`` file).
+
+    Under DDP only rank 0 logs below WARNING, so a log file reads like a single-process run's.
+    """
+    from .distributed import rank
+
+    if rank() > 0:
+        level = max(level, logging.WARNING)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     from .select import SelectionError
     from .training import Preempted, TrainingError
 
+    from .distributed import init_from_env, shutdown
+
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
     try:
+        init_from_env()
         args.func(args)
     except (ConfigError, DataError, SelectionError, FileNotFoundError) as exc:
         log.error("%s", exc)
@@ -127,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        shutdown()
     return 0
 
 

@@ -61,7 +61,7 @@ class AutoencoderTask:
 
     def evaluate(self, model, loader) -> dict[str, float]:
         sums: dict[str, float] = {}
-        n_batches = n_images = correct = 0
+        n_images = correct = 0
         psnr_sum = 0.0
         k = self.cfg.data.mask_classes or 0
         conf = torch.zeros((k, k), dtype=torch.long)
@@ -70,16 +70,16 @@ class AutoencoderTask:
             batch = {key: v.to(device) for key, v in batch.items()}
             out = model(batch["image"], sample=False)
             total, parts = self.criterion(out, batch)
-            for key, v in {"loss": total, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-            n_batches += 1
-            n_images += batch["image"].shape[0]
+            size = batch["image"].shape[0]
+            for key, v in {"loss": total, **parts}.items():  # batch means, weighted by batch size
+                sums[key] = sums.get(key, 0.0) + float(v) * size
+            n_images += size
             psnr_sum += float(psnr(out["recon"], batch["image"]).sum())
             if out["seg"] is not None and "mask" in batch:
                 conf += confusion(out["seg"].argmax(1).cpu(), batch["mask"].cpu(), k)
             if out["logits"] is not None and "label" in batch:
                 correct += int((out["logits"].argmax(1) == batch["label"]).sum())
-        metrics = {f"val_{key}": v / n_batches for key, v in sums.items()}
+        metrics = {f"val_{key}": v / n_images for key, v in sums.items()}
         metrics["val_psnr"] = psnr_sum / n_images
         metrics["val_miou"] = miou(conf) if k and conf.sum() else math.nan
         metrics["val_acc"] = correct / n_images if model.classifier is not None else math.nan

@@ -307,6 +307,17 @@ class SignalFlag:
     def _handle(self, signum, frame):
         self.received = signum
 
+    def poll(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now; under DDP every rank agrees (a signal seen by any rank stops all)."""
+        flag = self.received is not None
+        if world > 1:
+            t = torch.tensor(int(flag), device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.received is None:
+                self.received = signal.SIGTERM
+        return flag
+
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -510,7 +521,8 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
                 update_ema(ema, model, state["step"])
-                if state["step"] % tcfg.log_every == 0 or micro == micro_per_epoch:
+                at_log = state["step"] % tcfg.log_every == 0 or micro == micro_per_epoch
+                if at_log:
                     state["bad_steps"] += int(bad.item())
                     bad.zero_()
                     if state["bad_steps"] > tcfg.max_bad_steps:
@@ -521,17 +533,19 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
                         )
                     bar.update(f"{name} epoch {epoch + 1}/{tcfg.epochs} batch {micro}/{micro_per_epoch} "
                                f"loss {float(sums['loss'] / n_seen):.4f}")
+                # one process checks its flag every step; DDP ranks agree at log points
+                stop = signals.poll(world, device) if (world == 1 or at_log) else False
                 minutes = tcfg.checkpoint_every_minutes
                 due = (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0) or (
                     minutes and time.monotonic() - last_save > minutes * 60)
-                if (due or signals.received) and micro < micro_per_epoch:
+                if (due or stop) and micro < micro_per_epoch:
                     state["micro"] = micro
                     state["partial"] = {"sums": {k: float(v) for k, v in sums.items()}, "n_seen": n_seen,
                                         "grad_norm_sum": float(grad_norm_sum),
                                         "seconds": seconds_before + time.monotonic() - t0}
                     checkpoint(paths.latest)
                     last_save = time.monotonic()
-                    if signals.received:
+                    if stop:
                         raise Preempted(f"{name}: signal {signals.received} received; saved {paths.latest} "
                                         f"at epoch {epoch}, step {state['step']}")
 
@@ -578,7 +592,7 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
                 write_metrics_csv(state["history"], paths.metrics)
             log.info("%s epoch %d/%d: %s", name, epoch + 1, tcfg.epochs,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if signals.received:
+            if signals.poll(world, device):
                 raise Preempted(f"{name}: signal {signals.received} received after epoch {epoch + 1}; "
                                 f"saved {paths.latest}")
     bar.close()
