@@ -65,6 +65,24 @@ def cmd_select_ae(args) -> None:
     print(f"selected {result['name']} ({result['metric']} = {result['value']:.6g}): {result['checkpoint']}")
 
 
+def cmd_train_diffusion(args) -> None:
+    from .train_diffusion import train_diffusion
+
+    result = train_diffusion(args.config, args.latents, args.out, overrides=args.set or (), device=args.device,
+                             threads=args.threads)
+    print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
+
+
+def cmd_sample(args) -> None:
+    from .sample import sample_checkpoint
+
+    _apply_sets(args, ("n", "class_id", "guidance", "sampler", "steps", "seed", "batch_size"))
+    result = sample_checkpoint(args.checkpoint, args.n, args.out, class_id=args.class_id, guidance=args.guidance,
+                               sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
+                               batch_size=args.batch_size)
+    print(f"wrote {result['n']} samples to {result['out']}")
+
+
 def cmd_schemas(args) -> None:
     from .config import schema_documents
 
@@ -110,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="val_loss", help="metrics column to compare (default val_loss)")
     p.add_argument("--mode", default="min", choices=("min", "max"))
 
+    p = command("train-diffusion", cmd_train_diffusion,
+                "train one diffusion experiment on a latent store (resumes from RUN_DIR's latest)")
+    p.add_argument("--config", required=True, help="diffusion experiment YAML")
+    p.add_argument("--latents", required=True, help="latent store (latents.zarr) from `ldmflow embed`")
+    p.add_argument("--out", required=True, help="run folder RUN_DIR")
+    training(p)
+
+    p = command("sample", cmd_sample, "generate images from a diffusion checkpoint (PNGs, grid.png, samples.zarr)")
+    p.add_argument("--checkpoint", required=True, help="diffusion checkpoint (.pt)")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--class", dest="class_id", default=None, help="class name or index (default: cycle classes)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default=None, help="default: config")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+
     p = command("schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
     p.add_argument("--out", default="config/schemas", help="output folder (default config/schemas)")
 
@@ -118,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .sample import SamplingError
     from .select import SelectionError
     from .training import Preempted, TrainingError
 
@@ -128,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init_from_env()
         args.func(args)
-    except (ConfigError, DataError, SelectionError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
     except Preempted as exc:

@@ -1,0 +1,184 @@
+"""Stage 4: train a diffusion UNet on pre-embedded latents (noise prediction, EMA, class balance)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, DiffusionExperiment, load_config, to_dict
+from .latents import LatentDataset, LatentStore
+from .samplers import guided, sample
+from .schedulers import NoiseSchedule, diffusion_loss
+from .training import FitConfig, class_weights, fit, get_device, set_deterministic
+from .unet import build_unet, count_parameters
+from .viz import grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+
+QUARTILES = 4
+VAL_SEED = 1234  # fixed noise and timesteps for the validation loss, so epochs compare like with like
+
+
+def store_provenance(store: LatentStore) -> dict:
+    """What a diffusion checkpoint records about its latents: enough to rebuild, sample and decode."""
+    attrs = store.attrs
+    shape = store.latent_shape
+    return {
+        "latents": str(store.path),
+        "latent_channels": shape[0],
+        "latent_size": shape[1],
+        "classes": store.classes,
+        "scale_factor": store.scale_factor,
+        "autoencoder_checkpoint": attrs["autoencoder_checkpoint"],
+        "autoencoder_sha256": attrs["autoencoder_sha256"],
+        "manifest_sha256": attrs.get("manifest_sha256"),
+        "mask_classes": store.mask_classes,
+        "image_size": attrs.get("image_size"),
+    }
+
+
+def conditioning_classes(cfg: DiffusionExperiment, store: LatentStore) -> int | None:
+    """The number of classes the UNet is conditioned on (None: unconditional)."""
+    has_labels = store.classes is not None and bool((store.labels >= 0).any())
+    return len(store.classes) if (cfg.model.class_conditional and has_labels) else None
+
+
+class DiffusionTask:
+    """Noise-prediction training on latents as a :class:`ldmflow.training.Task`."""
+
+    def __init__(self, cfg: DiffusionExperiment, model, store: LatentStore, num_classes: int | None, device):
+        self.cfg, self.model, self.store, self.num_classes = cfg, model, store, num_classes
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion).to(device)
+        self.device = device
+        self._decoder = None
+
+    def _noised(self, batch, gen: torch.Generator | None):
+        x0 = batch["latent"]  # (N, C, h, w), already scaled by the store's scale_factor
+        if "logvar" in batch:  # resample the KL posterior: z = mean + std * eps, in the scaled space
+            eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+            x0 = x0 + torch.exp(0.5 * batch["logvar"]) * self.store.scale_factor * eps
+        t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=gen, device=x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+        return x0, t, noise
+
+    def _labels(self, batch, drop: float, gen: torch.Generator | None):
+        if self.num_classes is None:
+            return None
+        y = batch["label"]
+        if drop > 0:  # classifier-free guidance: sometimes train the unconditional model
+            mask = torch.rand(y.shape, generator=gen, device=y.device) < drop
+            y = torch.where(mask | (y < 0), self.num_classes, y)
+        return y
+
+    def loss(self, model, batch, step):
+        x0, t, noise = self._noised(batch, None)
+        if self.cfg.data.hflip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        y = self._labels(batch, self.cfg.model.label_dropout, None)
+        out = model(self.schedule.add_noise(x0, noise, t), t, y)
+        per_sample = diffusion_loss(out, x0, noise, t, self.schedule, self.cfg.diffusion.prediction,
+                                    self.cfg.loss.min_snr_gamma)
+        return per_sample.mean(), {}
+
+    def evaluate(self, model, loader) -> dict[str, float]:
+        gen = torch.Generator(device=self.device).manual_seed(VAL_SEED)
+        sums = torch.zeros(QUARTILES, dtype=torch.float64)
+        counts = torch.zeros(QUARTILES, dtype=torch.float64)
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            x0, t, noise = self._noised(batch, gen)
+            y = self._labels(batch, 0.0, gen)
+            out = model(self.schedule.add_noise(x0, noise, t), t, y)
+            # the plain MSE (no min-SNR weights), comparable across experiments
+            per_sample = diffusion_loss(out, x0, noise, t, self.schedule, self.cfg.diffusion.prediction).double().cpu()
+            q = (t * QUARTILES // self.schedule.timesteps).cpu()
+            sums.index_add_(0, q, per_sample)
+            counts.index_add_(0, q, torch.ones_like(per_sample))
+        metrics = {"val_loss": float(sums.sum() / counts.sum().clamp_min(1))}
+        for i in range(QUARTILES):
+            metrics[f"val_loss_q{i + 1}"] = float(sums[i] / counts[i]) if counts[i] else float("nan")
+        return metrics
+
+    def decoder(self):
+        if self._decoder is None:
+            self._decoder = self.store.load_autoencoder(self.device)
+        return self._decoder
+
+    def write_samples(self, model, epoch, path):
+        images = generate(model, self.cfg, self.schedule, self.decoder(), self.store.scale_factor,
+                          self.store.latent_shape, self.num_classes, seed=self.cfg.seed, device=self.device)
+        rows = self.num_classes or 1
+        per_row = self.cfg.sampling.per_class
+        tiles = to_uint8(images).reshape(rows, per_row, *images.shape[2:], 3)  # (rows, cols, H, W, 3)
+        save_png(grid([tiles[:, c] for c in range(per_row)]), path, upscale=max(1, 64 // images.shape[-1]))
+
+
+@torch.no_grad()
+def generate_latents(model, cfg: DiffusionExperiment, schedule: NoiseSchedule, latent_shape, n: int,
+                     labels: torch.Tensor | None, *, seed: int, device, guidance: float | None = None,
+                     sampling=None) -> torch.Tensor:
+    """Sample n latents (N, C, h, w) in the scaled latent space with the configured sampler."""
+    sampling = sampling or cfg.sampling
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn((n, *latent_shape), generator=gen, device=device)
+    scale = sampling.guidance if guidance is None else guidance
+    null = model.null_label if labels is not None else None
+    denoise = guided(model, labels, scale, null)
+    return sample(denoise, x, schedule, sampling, prediction=cfg.diffusion.prediction, generator=gen)
+
+
+@torch.no_grad()
+def generate(model, cfg, schedule, decoder, scale_factor, latent_shape, num_classes, *, seed, device) -> torch.Tensor:
+    """The epoch grid: ``per_class`` samples for each class (or one row unconditional), decoded (N, 3, H, W)."""
+    per_row = cfg.sampling.per_class
+    labels = None
+    n = per_row
+    if num_classes:
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per_row)
+        n = len(labels)
+    z = generate_latents(model, cfg, schedule, latent_shape, n, labels, seed=seed, device=device)
+    rgb, _ = decoder.decode(z / scale_factor)
+    return rgb
+
+
+def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrides=(), device: str | None = None,
+                    threads: int | None = None, progress: bool | None = None) -> dict:
+    """Train one diffusion experiment on a latent store into OUT_DIR; resumes from its latest checkpoint.
+
+    Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt`` (best = lowest EMA validation loss),
+    ``NAME_metrics.csv`` and ``samples/epoch_NNN.png`` (EMA model, one row per class).
+    """
+    cfg = config if isinstance(config, DiffusionExperiment) else load_config(config, "diffusion", overrides)
+    source = cfg.name if isinstance(config, DiffusionExperiment) else str(config)
+    if threads:
+        torch.set_num_threads(threads)
+    store = LatentStore(latents)
+    dev = get_device(device)
+    train_set = LatentDataset(store, "train", kl_latents=cfg.data.kl_latents)
+    val_set = LatentDataset(store, "val", kl_latents=cfg.data.kl_latents)
+    if len(val_set) == 0:
+        raise ConfigError(f"{latents}: the store has no validation rows; the diffusion stage needs some")
+    num_classes = conditioning_classes(cfg, store)
+    levels = len(cfg.model.channel_mult)
+    if store.latent_shape[1] % 2 ** (levels - 1):
+        raise ConfigError(f"{source}: key 'model.channel_mult' has {levels} levels; latents of side "
+                          f"{store.latent_shape[1]} allow at most {store.latent_shape[1].bit_length()} "
+                          "(the side must divide by 2 ** (levels - 1))")
+    set_deterministic(cfg.seed)
+    model = build_unet(cfg, store.latent_shape[0], num_classes)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    weights = None
+    if cfg.data.balance_power > 0 and train_set.labels is not None and (train_set.labels >= 0).all():
+        weights = class_weights(train_set.labels, cfg.data.balance_power)
+    log.info("%s: %d train / %d val latents %s, %.2fM parameters, %s", cfg.name, len(train_set), len(val_set),
+             tuple(store.latent_shape), count_parameters(model) / 1e6,
+             f"{num_classes} classes" if num_classes else "unconditional")
+    fc = FitConfig(stage="diffusion", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
+                   resolved=to_dict(cfg), extra={**store_provenance(store), "num_classes": num_classes})
+    task = DiffusionTask(cfg, model, store, num_classes, dev)
+    return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev, sample_weights=weights,
+               workers=0, progress=progress)
