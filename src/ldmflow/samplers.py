@@ -30,12 +30,16 @@ Spacing = Literal["trailing", "leading", "linspace"]
 def timestep_spacing(num_train_timesteps: int, steps: int, spacing: Spacing = "trailing") -> torch.Tensor:
     """Decreasing trained timesteps (steps,) at which a sampler evaluates the network.
 
-    ``trailing`` starts at T-1, where x_T ~ N(0, I) is closest to the truth, and steps by T / steps (Lin et
-    al. 2024, "Common diffusion noise schedules and sample steps are flawed"); ``leading`` is DDIM's
-    0, T/steps, ... reversed; ``linspace`` rounds steps evenly spaced points from T-1 down to 0.
+    ``trailing`` (the default) starts at T-1, where x_T ~ N(0, I) is closest to the truth, and steps by
+    T / steps (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed");
+    ``leading`` is DDIM's 0, T/steps, ... reversed; ``linspace`` rounds steps evenly spaced points from
+    T-1 down to 0. The last two end at t = 0, which makes DPM-Solver++'s last step in log-SNR far longer
+    than the one before, so its second-order extrapolation overshoots the variance at few steps; keep
+    ``trailing`` for it.
     """
     if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"sampling steps must be between 1 and the {num_train_timesteps} trained timesteps, got {steps}")
+        raise ValueError(f"sampling steps must be between 1 and the {num_train_timesteps} trained timesteps, "
+                         f"got {steps}")
     T = num_train_timesteps
     if spacing == "trailing":
         t = torch.round(T - torch.arange(steps, dtype=torch.float64) * (T / steps)) - 1
