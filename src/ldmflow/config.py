@@ -248,6 +248,10 @@ class UNetConfig:
                              f"0..{levels - 1} (one per entry of model.channel_mult)")
 
 
+# (beta_start, beta_end) when a file leaves them null: DDPM (Ho et al. 2020) and latent diffusion (Rombach et al.).
+DEFAULT_BETAS: dict[str, tuple[float, float]] = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
 @dataclasses.dataclass
 class NoiseConfig:
     timesteps: int = param(1000, "Number of diffusion timesteps T.", minimum=2)
@@ -257,6 +261,18 @@ class NoiseConfig:
     beta_start: float | None = param(None, "First beta; null: 1e-4 (linear) or 0.00085 (scaled_linear).", exclusiveMinimum=0.0)
     beta_end: float | None = param(None, "Last beta; null: 0.02 (linear) or 0.012 (scaled_linear).", exclusiveMinimum=0.0)
     prediction: Literal["epsilon", "v"] = param("epsilon", "What the network predicts: the noise or v (Salimans & Ho).")
+
+    def __post_init__(self):
+        if self.schedule == "cosine" and (self.beta_start is not None or self.beta_end is not None):
+            raise ValueError("keys 'diffusion.beta_start' and 'diffusion.beta_end' apply to the linear and "
+                             "scaled_linear schedules only; allowed with cosine: null")
+        defaults = DEFAULT_BETAS.get(self.schedule)
+        if defaults:
+            start = defaults[0] if self.beta_start is None else self.beta_start
+            end = defaults[1] if self.beta_end is None else self.beta_end
+            if not start <= end < 1:
+                raise ValueError(f"keys 'diffusion.beta_start' and 'diffusion.beta_end' give {start} and {end}; "
+                                 "allowed: beta_start <= beta_end < 1")
 
 
 @dataclasses.dataclass
