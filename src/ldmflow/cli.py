@@ -73,6 +73,18 @@ def cmd_train_diffusion(args) -> None:
     print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
 
 
+def cmd_train_controlnet(args) -> None:
+    from .train_controlnet import train_controlnet
+
+    result = train_controlnet(args.config, args.latents, args.base, args.out, overrides=args.set or (),
+                              device=args.device, threads=args.threads)
+    print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
+    fidelity = result["control_fidelity"]
+    if fidelity["available"]:
+        print(f"control mIoU {fidelity['controlled']['miou']:.4f} (uncontrolled base "
+              f"{fidelity['uncontrolled_base']['miou']:.4f})")
+
+
 def cmd_sample(args) -> None:
     from .sample import sample_checkpoint
 
@@ -132,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "train one diffusion experiment on a latent store (resumes from RUN_DIR's latest)")
     p.add_argument("--config", required=True, help="diffusion experiment YAML")
     p.add_argument("--latents", required=True, help="latent store (latents.zarr) from `ldmflow embed`")
+    p.add_argument("--out", required=True, help="run folder RUN_DIR")
+    training(p)
+
+    p = command("train-controlnet", cmd_train_controlnet,
+                "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)")
+    p.add_argument("--config", required=True, help="ControlNet experiment YAML")
+    p.add_argument("--latents", required=True, help="latent store (latents.zarr) from `ldmflow embed`")
+    p.add_argument("--base", required=True, help="the base diffusion checkpoint (.pt), e.g. NAME_checkpoint_best.pt")
     p.add_argument("--out", required=True, help="run folder RUN_DIR")
     training(p)
 

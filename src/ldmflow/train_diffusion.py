@@ -72,6 +72,10 @@ class DiffusionTask:
             y = torch.where(mask | (y < 0), self.num_classes, y)
         return y
 
+    def predict(self, model, x_t, t, y, batch):
+        """The network's output on noised latents x_t (N, C, h, w); a subclass adds its conditioning from the batch."""
+        return model(x_t, t, y)
+
     def loss(self, model, batch, step):
         x0, t, noise = self._noised(batch, None)
         if self.cfg.data.hflip:
@@ -91,7 +95,7 @@ class DiffusionTask:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             x0, t, noise = self._noised(batch, gen)
             y = self._labels(batch, 0.0, gen)
-            out = model(self.schedule.add_noise(x0, noise, t), t, y)
+            out = self.predict(model, self.schedule.add_noise(x0, noise, t), t, y, batch)
             # the plain MSE (no min-SNR weights), comparable across experiments
             per_sample = diffusion_loss(out, x0, noise, t, self.schedule, self.cfg.diffusion.prediction).double().cpu()
             q = (t * QUARTILES // self.schedule.timesteps).cpu()
