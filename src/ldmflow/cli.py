@@ -85,10 +85,35 @@ def cmd_train_controlnet(args) -> None:
               f"{fidelity['uncontrolled_base']['miou']:.4f})")
 
 
-def cmd_sample(args) -> None:
-    from .sample import sample_checkpoint
+def parse_scale(text: str | float | list | None) -> float | list[float] | None:
+    """``--scale``: one number, or comma-separated numbers, one per UNet level."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in (text if isinstance(text, list) else str(text).split(","))]
+    except ValueError:
+        raise ConfigError(f"--scale {text!r}: give a number or comma-separated numbers (one per UNet level)") from None
+    if min(values) < 0:
+        raise ConfigError(f"--scale {text!r}: conditioning scales must be >= 0")
+    return values[0] if len(values) == 1 else values
 
-    _apply_sets(args, ("n", "class_id", "guidance", "sampler", "steps", "seed", "batch_size"))
+
+def cmd_sample(args) -> None:
+    from .sample import SamplingError, sample_checkpoint
+    from .sample_controlnet import checkpoint_stage, sample_controlnet
+
+    _apply_sets(args, ("n", "class_id", "guidance", "sampler", "steps", "seed", "batch_size", "control", "scale"))
+    if checkpoint_stage(args.checkpoint) == "controlnet":
+        if args.control is None:
+            raise SamplingError(f"{args.checkpoint} is a ControlNet checkpoint: give --control (a row index of its "
+                                "latent store, or an image file)")
+        result = sample_controlnet(args.checkpoint, args.control, args.n, args.out, scale=parse_scale(args.scale),
+                                   class_id=args.class_id, guidance=args.guidance, sampler=args.sampler,
+                                   steps=args.steps, seed=args.seed, device=args.device, batch_size=args.batch_size)
+        print(f"wrote {result['n']} samples to {result['out']}")
+        return
+    if args.control is not None or args.scale is not None:
+        raise SamplingError("--control and --scale need a ControlNet checkpoint")
     result = sample_checkpoint(args.checkpoint, args.n, args.out, class_id=args.class_id, guidance=args.guidance,
                                sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
                                batch_size=args.batch_size)
@@ -155,14 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder RUN_DIR")
     training(p)
 
-    p = command("sample", cmd_sample, "generate images from a diffusion checkpoint (PNGs, grid.png, samples.zarr)")
-    p.add_argument("--checkpoint", required=True, help="diffusion checkpoint (.pt)")
+    p = command("sample", cmd_sample,
+                "generate images from a diffusion or ControlNet checkpoint (PNGs, grid.png, samples.zarr)")
+    p.add_argument("--checkpoint", required=True, help="diffusion or ControlNet checkpoint (.pt)")
     p.add_argument("--n", type=int, default=16, help="number of samples")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--class", dest="class_id", default=None, help="class name or index (default: cycle classes)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default=None, help="default: config")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
+    p.add_argument("--control", default=None, metavar="PATH_OR_INDEX",
+                   help="ControlNet checkpoints: the control, a row index of the latent store or an image file "
+                   "(a mask PNG, an image for edges, or a control image) of the autoencoder's image size")
+    p.add_argument("--scale", default=None, metavar="S",
+                   help="ControlNet conditioning scale: a number, or one per UNet level as 1,0.5 (default: config)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")

@@ -1,0 +1,182 @@
+"""Sampling from a ControlNet checkpoint with one control: decoded PNGs, a grid, ``samples.zarr``.
+
+The control is a row of the latent store the ControlNet was trained on (its index; the control is made
+as in training, and the row's class is the default class) or an image file of the autoencoder's image
+size: a mask PNG of class ids (signal ``mask``), an image whose Sobel edges are taken (``edges``) or
+the control image itself (``image``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .config import ControlNetExperiment, DiffusionExperiment, SamplingConfig, from_dict, to_dict, validate
+from .control import ControlError, control_preview, edge_controls, edges_from_rgb, manifest_controls, to_model_input
+from .controlnet import ControlledUNet, Scale, build_controlnet
+from .sample import SamplingError, load_verified_autoencoder, resolve_class, write_samples_store
+from .samplers import guided, sample
+from .schedulers import NoiseSchedule
+from .train_ae import file_sha256
+from .training import get_device, inference_weights, load_checkpoint
+from .unet import build_unet
+from .viz import grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_stage(checkpoint: str | Path) -> str | None:
+    """The stage that wrote a checkpoint ('diffusion', 'controlnet', ...)."""
+    return load_checkpoint(checkpoint).get("stage")
+
+
+def load_controlnet(checkpoint: str | Path, device) -> tuple[ControlledUNet, ControlNetExperiment, DiffusionExperiment, dict]:
+    """Rebuild a controlled UNet with its inference (EMA) weights from its checkpoint alone (the base
+    UNet's config and weights are inside)."""
+    state = load_checkpoint(checkpoint, map_location=device)
+    if state.get("stage") != "controlnet":
+        raise SamplingError(f"{checkpoint}: a {state.get('stage')} checkpoint, not a ControlNet checkpoint")
+    cfg = from_dict(ControlNetExperiment, state["config"])
+    extra = state["extra"]
+    base_cfg = from_dict(DiffusionExperiment, extra["base_config"])
+    base = build_unet(base_cfg, extra["latent_channels"], extra["num_classes"])
+    model = build_controlnet(cfg.model, base, extra["control_channels"], extra["downsample"])
+    model.load_state_dict(inference_weights(state))
+    return model.to(device).eval().requires_grad_(False), cfg, base_cfg, extra
+
+
+def _read_image(path: Path, size: int, what: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ControlError(f"control {path}: cannot read it as an image: {exc}") from None
+    if img.size != (size, size):
+        raise ControlError(f"control {path} is {img.size[0]}x{img.size[1]}; this ControlNet takes {what} of "
+                           f"{size}x{size} (the autoencoder's image size)")
+    return img
+
+
+def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tuple[torch.Tensor, int | None, str]:
+    """The control (1, K, H, W) from a store row index or an image file, the row's label (or None), and a
+    description for the outputs' attributes."""
+    signal, size, k = cfg.control.signal, extra["image_size"], extra["control_channels"]
+    text = str(value)
+    if text.isdigit():
+        from .latents import LatentStore
+
+        store = LatentStore(extra["latents"])
+        i = int(text)
+        if i >= store.n:
+            raise ControlError(f"control index {i}: the latent store {store.path} has {store.n} rows (0..{store.n - 1})")
+        if signal == "mask":
+            raw = torch.from_numpy(store.masks[i:i + 1].astype(np.int64))
+        elif signal == "edges":
+            raw = torch.from_numpy(edge_controls([store.paths[i]], size, str(store.path)))
+        else:
+            from .train_controlnet import store_manifest
+
+            manifest = cfg.control.manifest or store_manifest(store)
+            raw = torch.from_numpy(manifest_controls(manifest, [store.paths[i]], size))
+        label = int(store.labels[i])
+        return to_model_input(signal, raw, k), (label if label >= 0 else None), f"{store.path}[{i}]"
+    path = Path(text)
+    if not path.is_file():
+        raise ControlError(f"control {text!r}: neither a row index of the latent store nor an image file")
+    if signal == "mask":
+        img = _read_image(path, size, "masks")
+        if img.mode not in ("L", "P", "I", "I;16", "1"):
+            raise ControlError(f"control {path} has mode {img.mode}; a mask must be single-channel (class ids)")
+        ids = np.asarray(img).astype(np.int64)
+        if ids.max() >= k:
+            raise ControlError(f"control {path} has class id {ids.max()}; this ControlNet knows ids 0..{k - 1}")
+        return to_model_input(signal, torch.from_numpy(ids)[None], k), None, str(path)
+    rgb = np.asarray(_read_image(path, size, "images").convert("RGB"))
+    if signal == "edges":
+        raw = torch.from_numpy(edges_from_rgb(rgb[None]))
+    else:
+        raw = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+    return to_model_input(signal, raw, k), None, str(path)
+
+
+def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: str | Path, *, scale: Scale | None = None,
+                      class_id: str | int | None = None, guidance: float | None = None, sampler: str | None = None,
+                      steps: int | None = None, seed: int = 42, device: str | None = None,
+                      batch_size: int = 64) -> dict:
+    """Generate N samples under one control into OUT: ``sample_NNNNN.png``, ``control.png``, ``grid.png``
+    (each row: the control, then samples), ``samples.zarr``; same seed, same images.
+
+    The class is ``class_id``, else the control row's class, else the classes in turn (class-conditional
+    models only). ``scale`` (one number or one per UNet level) defaults to the experiment's sampling.scale.
+    """
+    if n < 1:
+        raise SamplingError(f"n must be >= 1, got {n}")
+    dev = get_device(device)
+    model, cfg, base_cfg, extra = load_controlnet(checkpoint, dev)
+    sampling = cfg.sampling.base()
+    for key, value in {"sampler": sampler, "steps": steps, "guidance": guidance}.items():
+        if value is not None:
+            setattr(sampling, key, value)
+    validate(to_dict(sampling), SamplingConfig, "--sampler/--steps/--guidance")
+    scale = cfg.sampling.scale if scale is None else scale
+    control, row_label, described = load_control(control, cfg, extra)
+    control = control.to(dev)
+    try:
+        model.level_scales(scale)
+    except ValueError as exc:
+        raise SamplingError(f"--scale: {exc}") from None
+    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
+    schedule = NoiseSchedule.from_config(base_cfg.diffusion).to(dev)
+    num_classes = extra["num_classes"]
+    fixed = resolve_class(class_id, extra["classes"], num_classes)
+    fixed = fixed if fixed is not None else row_label
+    labels = None
+    if num_classes:
+        labels = torch.full((n,), fixed, dtype=torch.long) if fixed is not None else torch.arange(n) % num_classes
+    shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    bound = model.bind(control, scale)
+    all_latents, images = [], []
+    for b in range(math.ceil(n / batch_size)):
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        y = labels[lo:hi].to(dev) if labels is not None else None
+        x = torch.randn((hi - lo, *shape), generator=gen, device=dev)
+        denoise = guided(bound, y, sampling.guidance, model.null_label if y is not None else None)
+        z = sample(denoise, x, schedule, sampling, prediction=base_cfg.diffusion.prediction, generator=gen)
+        z = z / extra["scale_factor"]  # back to the autoencoder's latent space
+        rgb, _ = decoder.decode(z)
+        all_latents.append(z.float().cpu().numpy())
+        images.append(to_uint8(rgb))
+    pixels = np.concatenate(images)
+    for i, img in enumerate(pixels):
+        save_png(img, out / f"sample_{i:05d}.png")
+    preview = control_preview(cfg.control.signal, control.cpu())[0]
+    save_png(preview, out / "control.png")
+    cols = min(n, 8)
+    rows = math.ceil(n / cols)
+    padded = np.concatenate([pixels, np.full((rows * cols - n, *pixels.shape[1:]), 255, np.uint8)])
+    tiles = padded.reshape(rows, cols, *pixels.shape[1:])
+    save_png(grid([np.repeat(preview[None], rows, 0)] + [tiles[:, c] for c in range(cols)]), out / "grid.png",
+             upscale=max(1, 64 // pixels.shape[1]))
+    attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+             "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
+             "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
+             "eta": sampling.eta, "guidance": sampling.guidance, "seed": seed, "classes": extra["classes"],
+             "fusion": cfg.model.fusion, "signal": cfg.control.signal, "control": described, "scale": scale,
+             "ldmflow_version": __version__}
+    lab = labels.numpy() if labels is not None else np.full(n, -1)
+    write_samples_store(out / "samples.zarr", np.concatenate(all_latents), lab, attrs)
+    seconds = time.monotonic() - start
+    log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %g, scale %s)", n, described,
+             out, seconds, sampling.sampler, sampling.steps, sampling.guidance, scale)
+    return {"n": n, "out": str(out), "seconds": seconds, **attrs}
