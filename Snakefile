@@ -12,6 +12,7 @@ validate(config, "config/schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/autoencoder.smk"
+include: "rules/latents.smk"
 
 
 rule all:

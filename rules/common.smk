@@ -20,6 +20,7 @@ def autoencoder_config(wildcards):
 def all_outputs():
     return [
         "results/autoencoder/selected.json",
+        "results/latents/latents.zarr",
     ]
 
 
