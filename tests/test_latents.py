@@ -228,6 +228,11 @@ def test_reader_refuses_missing_foreign_and_inconsistent_stores(stores, tmp_path
     with pytest.raises(LatentError, match="broken.zarr: array 'logvar' is missing"):
         LatentStore(broken)
     shutil.rmtree(broken)
+    shutil.copytree(stores["kl"], broken)
+    del zarr.open_group(broken, mode="r+").attrs["scale_factor"]
+    with pytest.raises(LatentError, match="broken.zarr: attribute.s. scale_factor missing"):
+        LatentStore(broken)
+    shutil.rmtree(broken)
     shutil.copytree(stores["plain"], broken)
     zarr.open_group(broken, mode="r+").create_array("logvar", shape=(40, 4, 4, 4), dtype="float16")
     with pytest.raises(LatentError, match="broken.zarr: unexpected array.s. logvar for a plain store"):

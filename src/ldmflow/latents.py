@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = "ldmflow-latents-v1"
 DTYPES = ("float16", "float32")
+REQUIRED_ATTRS = ("n", "scale_factor", "variant", "image_size", "downsample", "latent_channels", "classes",
+                  "mask_classes", "autoencoder")
 CHUNK_BYTES = 1 << 20  # ~1 MiB uncompressed per chunk: whole chunks per write, cheap random reads
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte shuffle suits float16/32
 
@@ -267,9 +269,12 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         if data.has_masks:
             writers["masks"] = ChunkWriter(array("masks", (n, size, size), "uint8", size * size))
         labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
-        array("labels", (n,), "int64", 8)[:] = labels
-        array("split", (n,), str, 8, compress=False)[:] = data.split.astype(str)
-        array("paths", (n,), str, 256, compress=False)[:] = np.asarray(data.paths, dtype=str)
+        for name, kind, row_bytes, values in (("labels", "int64", 8, labels), ("split", str, 8, data.split),
+                                              ("paths", str, 256, data.paths)):
+            target = array(name, (n,), kind, row_bytes, compress=kind != str)
+            step = target.chunks[0]
+            for i in range(0, n, step):  # chunk by chunk: a fixed-width copy of all paths could be large
+                target[i:i + step] = np.asarray(values[i:i + step], dtype=kind)
 
         train = data.split == "train"
         moments, posterior_var = RunningMoments(c), np.zeros(c, dtype=np.float64)
@@ -349,7 +354,11 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
 
 
 class LatentStore:
-    """A finished latent store, opened read-only and checked: format, array shapes, attributes."""
+    """A finished latent store, opened read-only and checked: format, array shapes, attributes.
+
+    ``attrs`` is the attribute mapping; ``latents``, ``logvar`` and ``masks`` are the zarr arrays
+    (``logvar`` None for a plain autoencoder, ``masks`` None without masks).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -373,6 +382,9 @@ class LatentStore:
 
     def _check(self) -> None:
         a = self.attrs
+        missing = [k for k in REQUIRED_ATTRS if k not in a]
+        if missing:
+            raise LatentError(f"{self.path}: attribute(s) {', '.join(missing)} missing from a {STORE_FORMAT} store")
         n, c, size = a["n"], a["latent_channels"], a["image_size"]
         h = size // a["downsample"]
         expected = {"latents": (n, c, h, h), "labels": (n,), "split": (n,), "paths": (n,)}
