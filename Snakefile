@@ -13,6 +13,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/autoencoder.smk"
 include: "rules/diffusion.smk"
+include: "rules/latents.smk"
 
 
 rule all:

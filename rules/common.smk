@@ -26,6 +26,7 @@ def all_outputs():
     return [
         "results/autoencoder/selected.json",
         *expand("results/diffusion/{name}/eval_samples/grid.png", name=DIFFUSION),
+        "results/latents/latents.zarr",
     ]
 
 
