@@ -31,9 +31,10 @@ def store_provenance(store: LatentStore) -> dict:
         "latent_size": shape[1],
         "classes": store.classes,
         "scale_factor": store.scale_factor,
-        "autoencoder_checkpoint": attrs["autoencoder_checkpoint"],
-        "autoencoder_sha256": attrs["autoencoder_sha256"],
-        "manifest_sha256": attrs.get("manifest_sha256"),
+        "autoencoder_checkpoint": attrs["autoencoder"]["checkpoint"],
+        "autoencoder_sha256": attrs["autoencoder"]["sha256"],
+        "manifest": attrs["manifest"]["path"],
+        "manifest_sha256": attrs["manifest"]["sha256"],
         "mask_classes": store.mask_classes,
         "image_size": attrs.get("image_size"),
     }
