@@ -12,6 +12,8 @@ validate(config, "config/schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/autoencoder.smk"
+include: "rules/diffusion.smk"
+include: "rules/latents.smk"
 
 
 rule all:

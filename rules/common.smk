@@ -3,6 +3,7 @@ from pathlib import Path
 from ldmflow.workflow import experiments, manifest_path
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
+DIFFUSION = experiments(config["diffusion"], "diffusion")
 
 
 wildcard_constraints:
@@ -17,9 +18,15 @@ def autoencoder_config(wildcards):
     return AUTOENCODERS[wildcards.name]
 
 
+def diffusion_config(wildcards):
+    return DIFFUSION[wildcards.name]
+
+
 def all_outputs():
     return [
         "results/autoencoder/selected.json",
+        *expand("results/diffusion/{name}/eval_samples/grid.png", name=DIFFUSION),
+        "results/latents/latents.zarr",
     ]
 
 

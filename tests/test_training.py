@@ -1,9 +1,6 @@
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from ldmflow.training import (
     save_checkpoint,
 )
 
-from .conftest import run_cli
+from .conftest import run_cli, start_cli, wait_for
 
 
 def test_autoencoder_trains_and_writes_its_outputs(tmp_path, demo_manifest, tiny_ae):
@@ -77,22 +74,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, demo_manifest, tiny_
         load_checkpoint(tmp_path / "checkpoints/tiny_checkpoint_best.pt")["best"])
 
 
-def wait_for(predicate, proc, timeout=120):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 def start_training(config, manifest, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ldmflow.cli", "train-ae", "--config", str(config), "--data",
-                             str(manifest), "--out", str(out), "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("train-ae", "--config", str(config), "--data", str(manifest), "--out", str(out), "--threads", "1")
 
 
 def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, tiny_ae):
@@ -106,7 +89,7 @@ def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, ti
     # first kill: mid-epoch, just after a step checkpoint; second kill: later, in another epoch
     for seen in (2, 6):
         proc = start_training(config, demo_manifest, tmp_path / "cut")
-        wait_for(lambda: latest.is_file() and load_or_none(latest, "step") >= seen, proc)
+        wait_for(lambda: load_checkpoint(latest)["step"] >= seen, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     state = load_checkpoint(latest)
@@ -120,13 +103,6 @@ def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, ti
     assert (tmp_path / "whole/tiny_metrics.csv").read_text().splitlines()[0] == \
         (tmp_path / "cut/tiny_metrics.csv").read_text().splitlines()[0]
     assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
-
-
-def load_or_none(path, key):
-    try:
-        return load_checkpoint(path)[key]
-    except Exception:
-        return -1
 
 
 def test_sigterm_saves_and_resumes(tmp_path, demo_manifest, tiny_ae):

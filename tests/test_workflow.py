@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ldmflow.latents import LatentStore
+
 from .conftest import REPO, snakemake_bin
 
 pytestmark = pytest.mark.slow
@@ -60,7 +62,7 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     root = tiny_workflow(tmp_path)
     plan = planned_jobs(smk(root, "-n"))
-    assert plan == {"all": 1, "demo_data": 1, "select_autoencoder": 1, "train_autoencoder": 2}
+    assert plan == {"all": 1, "demo_data": 1, "select_autoencoder": 1, "train_autoencoder": 2, "embed_latents": 1}
     assert "Congratulations" in (smk(root, "--lint").stdout + smk(root, "--lint").stderr)
     dag = smk(root, "--dag").stdout
     assert "digraph" in dag and "train_autoencoder" in dag and "select_autoencoder" in dag
@@ -78,6 +80,9 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     selected = yaml.safe_load((root / "results/autoencoder/selected.json").read_text())
     assert selected["name"] in names and len(selected["candidates"]) == 2
     assert (root / "results/autoencoder/validation_curves.png").is_file()
+    store = LatentStore(root / "results/latents/latents.zarr")
+    assert store.n == 24 and store.attrs["autoencoder"]["name"] == selected["name"]
+    assert (root / "results/benchmarks/latents/embed.tsv").is_file()
     assert "Nothing to be done" in (smk(root, "-n").stdout + smk(root, "-n").stderr)
 
     # editing one experiment reruns that experiment and what depends on it, nothing else
@@ -87,7 +92,7 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     exp["optim"]["lr"] = 1e-3
     edited.write_text(yaml.safe_dump(exp))
     plan = planned_jobs(smk(root, "-n"))
-    assert plan == {"all": 1, "select_autoencoder": 1, "train_autoencoder": 1}
+    assert plan == {"all": 1, "select_autoencoder": 1, "train_autoencoder": 1, "embed_latents": 1}
 
 
 def test_bad_experiment_file_stops_the_plan_naming_file_and_key(tmp_path):

@@ -120,6 +120,14 @@ def cmd_sample(args) -> None:
     print(f"wrote {result['n']} samples to {result['out']}")
 
 
+def cmd_embed(args) -> None:
+    from .latents import embed_latents
+
+    _apply_sets(args, ("batch_size", "dtype"))
+    print(embed_latents(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                        device=args.device, threads=args.threads))
+
+
 def cmd_schemas(args) -> None:
     from .config import schema_documents
 
@@ -197,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+
+    p = command("embed", cmd_embed, "encode every image with an autoencoder into a zarr latent store")
+    p.add_argument("--checkpoint", required=True, help="autoencoder checkpoint .pt, or the selected.json naming one")
+    p.add_argument("--data", required=True, help="manifest CSV or folder of images")
+    p.add_argument("--out", required=True, help="the store to write, e.g. latents.zarr")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="latent dtype (default float16)")
+    training(p)
 
     p = command("schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
     p.add_argument("--out", default="config/schemas", help="output folder (default config/schemas)")

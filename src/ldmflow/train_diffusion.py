@@ -31,9 +31,10 @@ def store_provenance(store: LatentStore) -> dict:
         "latent_size": shape[1],
         "classes": store.classes,
         "scale_factor": store.scale_factor,
-        "autoencoder_checkpoint": attrs["autoencoder_checkpoint"],
-        "autoencoder_sha256": attrs["autoencoder_sha256"],
-        "manifest_sha256": attrs.get("manifest_sha256"),
+        "autoencoder_checkpoint": attrs["autoencoder"]["checkpoint"],
+        "autoencoder_sha256": attrs["autoencoder"]["sha256"],
+        "manifest": attrs["manifest"]["path"],
+        "manifest_sha256": attrs["manifest"]["sha256"],
         "mask_classes": store.mask_classes,
         "image_size": attrs.get("image_size"),
     }
@@ -56,9 +57,9 @@ class DiffusionTask:
 
     def _noised(self, batch, gen: torch.Generator | None):
         x0 = batch["latent"]  # (N, C, h, w), already scaled by the store's scale_factor
-        if "logvar" in batch:  # resample the KL posterior: z = mean + std * eps, in the scaled space
+        if "logvar" in batch:  # resample the KL posterior: z = mean + std * eps (logvar in scaled units)
             eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-            x0 = x0 + torch.exp(0.5 * batch["logvar"]) * self.store.scale_factor * eps
+            x0 = x0 + torch.exp(0.5 * batch["logvar"]) * eps
         t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), generator=gen, device=x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         return x0, t, noise
@@ -108,7 +109,7 @@ class DiffusionTask:
 
     def decoder(self):
         if self._decoder is None:
-            self._decoder = self.store.load_autoencoder(self.device)
+            self._decoder = self.store.load_autoencoder(self.device)[0]
         return self._decoder
 
     def write_samples(self, model, epoch, path):

@@ -249,6 +249,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def isolated_rng(device: torch.device):
+    """Run validation and sample grids without touching the training RNG streams (they may build models
+    or draw noise; a resumed run, which skips them for finished epochs, must stay in step)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -562,7 +568,7 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
             row.update({f"train_{k}": float(v) / max(n_seen, 1) for k, v in sums.items()})
             eval_model = ema.model if ema is not None else model
             eval_model.eval()
-            with torch.no_grad(), autocast(device, tcfg.precision):
+            with torch.no_grad(), autocast(device, tcfg.precision), isolated_rng(device):
                 row.update(task.evaluate(eval_model, val_loader))
             row["grad_norm"] = float(grad_norm_sum) / max(1, micro_per_epoch // ocfg.accumulate)
             row["lr"] = optimizer.param_groups[0]["lr"]
@@ -584,7 +590,7 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
             state["early_stopped"] = bool(es.patience and state["bad_epochs"] >= es.patience)
             last_epoch = state["early_stopped"] or state["epoch"] >= tcfg.epochs
             if writer and ((epoch + 1) % tcfg.sample_every == 0 or last_epoch):
-                with torch.no_grad():
+                with torch.no_grad(), isolated_rng(device):
                     task.write_samples(eval_model, epoch + 1, paths.sample(epoch + 1))
             checkpoint(paths.latest)
             last_save = time.monotonic()

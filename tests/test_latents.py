@@ -1,0 +1,317 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import ldmflow
+from ldmflow.autoencoder import Autoencoder, load_autoencoder
+from ldmflow.data import prepare_data
+from ldmflow.latents import STORE_FORMAT, LatentDataset, LatentError, LatentStore, RunningMoments, embed_latents
+from ldmflow.select import select_autoencoder
+from ldmflow.train_ae import file_sha256, train_autoencoder
+from ldmflow.training import load_checkpoint
+
+from .conftest import TINY_AE, run_cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, demo_manifest) -> dict[str, Path]:
+    """Tiny KL and plain autoencoders (1 epoch each), and a selected.json naming the KL one."""
+    root = tmp_path_factory.mktemp("ae")
+    out = {}
+    for variant in ("kl", "plain"):
+        cfg = json.loads(json.dumps(TINY_AE))
+        cfg["name"] = f"tiny_{variant}"
+        cfg["model"]["variant"] = variant
+        cfg["train"]["epochs"] = 1
+        train_autoencoder(cfg, demo_manifest, root / variant, progress=False)
+        out[variant] = root / variant / "checkpoints" / f"tiny_{variant}_checkpoint_best.pt"
+    select_autoencoder([root / "kl"], root / "selected.json", plot=False)
+    out["selected"] = root / "selected.json"
+    return out
+
+
+@pytest.fixture(scope="module")
+def stores(runs, demo_manifest, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("latents")
+    return {variant: embed_latents(runs[variant], demo_manifest, root / f"{variant}.zarr", batch_size=8, threads=1)
+            for variant in ("kl", "plain")}
+
+
+@pytest.mark.parametrize("variant", ["kl", "plain"])
+def test_store_holds_every_row_as_the_data_layer_sees_it(variant, runs, stores, demo_manifest):
+    model, cfg = load_autoencoder(runs[variant])
+    data = prepare_data(demo_manifest, cfg.data, cfg.seed)  # cached: images and masks in memory
+    group = zarr.open_group(stores[variant], mode="r")
+    n, size = len(data.paths), cfg.data.image_size
+    h = size // cfg.model.downsample
+    assert group["latents"].shape == (n, 4, h, h) and group["latents"].dtype == np.float16
+    assert ("logvar" in group) == (variant == "kl")
+    assert group["masks"].shape == (n, size, size) and group["masks"].dtype == np.uint8
+    np.testing.assert_array_equal(group["masks"][:], data.masks)
+    np.testing.assert_array_equal(group["labels"][:], data.labels)
+    assert group["labels"].dtype == np.int64
+    assert group["split"][:].tolist() == data.split.tolist()
+    assert group["paths"][:].tolist() == data.paths
+    with torch.no_grad():
+        mean, logvar = model.encode(torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    np.testing.assert_allclose(group["latents"][:].astype(np.float32), mean.numpy(), rtol=2e-3, atol=2e-3)
+    if variant == "kl":
+        np.testing.assert_allclose(group["logvar"][:].astype(np.float32), logvar.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_provenance_and_scale_factor(runs, stores, demo_manifest):
+    store = LatentStore(stores["kl"])
+    a = store.attrs
+    state = load_checkpoint(runs["kl"])
+    assert a["format"] == STORE_FORMAT and a["ldmflow_version"] == ldmflow.__version__
+    assert datetime.fromisoformat(a["created"]).tzinfo is not None
+    assert a["autoencoder"]["sha256"] == file_sha256(runs["kl"])
+    assert a["autoencoder"]["checkpoint"] == str(runs["kl"].resolve())
+    assert a["autoencoder"]["config"] == state["config"]
+    assert a["manifest"]["sha256"] == file_sha256(demo_manifest) and a["manifest"]["autoencoder_trained_on_it"]
+    assert a["classes"] == ["circle", "square", "triangle"] and a["mask_classes"] == 4
+    assert (a["image_size"], a["downsample"], a["latent_channels"], a["variant"]) == (16, 4, 4, "kl")
+    assert store.n == 40 and sum(a["counts"].values()) == 40
+
+    train = store.latents[:][store.indices("train")].astype(np.float64)  # (N_train, C, h, w)
+    assert store.scale_factor == pytest.approx(1 / train.std(), rel=1e-9)
+    np.testing.assert_allclose(a["channel_mean"], train.mean(axis=(0, 2, 3)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a["channel_std"], train.std(axis=(0, 2, 3)), rtol=1e-9)
+    logvar = store.logvar[:][store.indices("train")].astype(np.float64)
+    np.testing.assert_allclose(a["posterior_var_mean"], np.exp(logvar).mean(axis=(0, 2, 3)), rtol=1e-9)
+    assert "posterior_var_mean" not in LatentStore(stores["plain"]).attrs
+
+
+def test_running_moments_match_numpy_across_batches():
+    x = np.random.default_rng(0).normal(3.0, 2.0, (37, 3, 4, 4)).astype(np.float32)
+    m = RunningMoments(3)
+    for lo, hi in ((0, 5), (5, 6), (6, 6), (6, 37)):
+        m.update(x[lo:hi])
+    np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(m.channel_std(), x.astype(np.float64).std(axis=(0, 2, 3)), rtol=1e-12)
+    assert m.overall_std() == pytest.approx(x.astype(np.float64).std(), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_every_dtype_and_selected_json(dtype, runs, stores, demo_manifest, tmp_path):
+    out = embed_latents(runs["selected"], demo_manifest, tmp_path / "l.zarr", batch_size=16, dtype=dtype, threads=1)
+    store = LatentStore(out)
+    assert store.latents.dtype == np.dtype(dtype) and store.logvar.dtype == np.dtype(dtype)
+    assert store.attrs["autoencoder"]["selected"] == str(runs["selected"].resolve())
+    reference = LatentStore(stores["kl"])  # float16, batch 8
+    np.testing.assert_allclose(store.latents[:].astype(np.float32), reference.latents[:].astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+    assert store.scale_factor == pytest.approx(reference.scale_factor, rel=1e-3)
+
+
+def test_bad_options_name_the_key_and_the_allowed_values(runs, demo_manifest, tmp_path):
+    with pytest.raises(ValueError, match="key 'dtype' has value 'bfloat16'; allowed: float16, float32"):
+        embed_latents(runs["kl"], demo_manifest, tmp_path / "l.zarr", dtype="bfloat16")
+    with pytest.raises(ValueError, match="key 'batch_size' has value 0; allowed: integer >= 1"):
+        embed_latents(runs["kl"], demo_manifest, tmp_path / "l.zarr", batch_size=0)
+    (tmp_path / "bad.json").write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="bad.json: expected a selected.json .* 'checkpoint'"):
+        embed_latents(tmp_path / "bad.json", demo_manifest, tmp_path / "l.zarr")
+    assert not (tmp_path / "l.zarr").exists()
+
+
+def test_folder_without_labels_or_masks(runs, demo_manifest, tmp_path):
+    out = embed_latents(runs["plain"], demo_manifest.parent / "images", tmp_path / "l.zarr", threads=1)
+    store = LatentStore(out)
+    assert store.masks is None and store.logvar is None and store.classes is None and store.mask_classes is None
+    assert (store.labels == -1).all() and store.attrs["manifest"]["sha256"] is None
+    batch = LatentDataset(store, "train").__getitems__([0, 1])
+    assert set(batch) == {"latent", "index"}
+
+
+def test_refuses_a_store_made_by_another_autoencoder(runs, stores, demo_manifest, tmp_path):
+    store = LatentStore(stores["kl"])
+    assert store.check_autoencoder(runs["kl"]) == runs["kl"]
+    assert store.check_autoencoder(runs["selected"]) == Path(json.loads(runs["selected"].read_text())["checkpoint"])
+    with pytest.raises(LatentError, match=f"{stores['kl']}: made by autoencoder .*tiny_kl_checkpoint_best.pt.* "
+                                          "but .*tiny_plain_checkpoint_best.pt has sha256"):
+        store.check_autoencoder(runs["plain"])
+    model, cfg = store.load_autoencoder("cpu")
+    assert isinstance(model, Autoencoder) and cfg.name == "tiny_kl"
+
+    # the recorded checkpoint replaced after embedding: refused; a moved copy of the right one: accepted
+    copy = tmp_path / "ae.pt"
+    shutil.copy(runs["kl"], copy)
+    moved = tmp_path / "moved.pt"
+    shutil.copy(runs["kl"], moved)
+    made = LatentStore(embed_latents(copy, demo_manifest, tmp_path / "l.zarr", threads=1))
+    shutil.copy(runs["plain"], copy)
+    with pytest.raises(LatentError, match="made by autoencoder"):
+        made.load_autoencoder("cpu")
+    assert made.load_autoencoder("cpu", checkpoint=moved)[1].name == "tiny_kl"
+
+
+def test_a_failed_write_leaves_the_previous_store_and_no_temporary(runs, demo_manifest, tmp_path, monkeypatch):
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "l.zarr", batch_size=8, threads=1)
+    created = LatentStore(out).attrs["created"]
+    calls = {"n": 0}
+    encode = Autoencoder.encode
+
+    def failing(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return encode(self, x)
+
+    monkeypatch.setattr(Autoencoder, "encode", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        embed_latents(runs["kl"], demo_manifest, out, batch_size=8, threads=1)
+    assert calls["n"] == 3
+    assert LatentStore(out).attrs["created"] == created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.zarr"]
+
+
+KILL_MID_WAY = """
+import os, signal, sys
+from ldmflow.autoencoder import Autoencoder
+from ldmflow.latents import embed_latents
+encode, calls = Autoencoder.encode, []
+def dying(self, x):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode(self, x)
+Autoencoder.encode = dying
+embed_latents(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=8, threads=1)
+"""
+
+
+def test_kill_9_mid_way_leaves_nothing_that_looks_complete(runs, demo_manifest, tmp_path):
+    out = tmp_path / "l.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_WAY, str(runs["kl"]), str(demo_manifest), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not out.exists()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".l.zarr.tmp") and (left / "latents").is_dir()
+    with pytest.raises(LatentError, match="not a complete ldmflow latent store"):
+        LatentStore(left)
+    embed_latents(runs["kl"], demo_manifest, out, batch_size=8, threads=1)  # cleans up the dead run's leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["l.zarr"] and LatentStore(out).n == 40
+
+
+def test_reader_refuses_missing_foreign_and_inconsistent_stores(stores, tmp_path):
+    with pytest.raises(FileNotFoundError, match="latent store not found"):
+        LatentStore(tmp_path / "none.zarr")
+    zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3).attrs["format"] = "something-else"
+    with pytest.raises(LatentError, match="other.zarr: not a complete ldmflow latent store"):
+        LatentStore(tmp_path / "other.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(LatentError, match="empty.zarr: not a zarr v3 group"):
+        LatentStore(tmp_path / "empty.zarr")
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(stores["kl"], broken)
+    zarr.open_group(broken, mode="r+").attrs["latent_channels"] = 5
+    with pytest.raises(LatentError, match=r"broken.zarr: array 'latents' has shape \(40, 4, 4, 4\); expected "
+                                          r"\(40, 5, 4, 4\)"):
+        LatentStore(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(stores["kl"], broken)
+    del zarr.open_group(broken, mode="r+")["logvar"]
+    with pytest.raises(LatentError, match="broken.zarr: array 'logvar' is missing"):
+        LatentStore(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(stores["kl"], broken)
+    del zarr.open_group(broken, mode="r+").attrs["scale_factor"]
+    with pytest.raises(LatentError, match="broken.zarr: attribute.s. scale_factor missing"):
+        LatentStore(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(stores["plain"], broken)
+    zarr.open_group(broken, mode="r+").create_array("logvar", shape=(40, 4, 4, 4), dtype="float16")
+    with pytest.raises(LatentError, match="broken.zarr: unexpected array.s. logvar for a plain store"):
+        LatentStore(broken)
+
+
+def test_snakemake_timestamp_in_the_store_is_ignored_quietly(stores, tmp_path):
+    store = tmp_path / "l.zarr"
+    shutil.copytree(stores["kl"], store)
+    (store / ".snakemake_timestamp").touch()  # what Snakemake leaves in a directory() output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LatentDataset(store, "train", max_gb=0).__getitems__([0])
+
+
+@pytest.mark.parametrize("kl_latents", ["mean", "sample"])
+@pytest.mark.parametrize("split", ["train", "val", None])
+def test_latent_dataset_in_memory_and_streamed_give_identical_batches(stores, kl_latents, split):
+    store = LatentStore(stores["kl"])
+    memory = LatentDataset(store, split, kl_latents=kl_latents)
+    streamed = LatentDataset(store, split, kl_latents=kl_latents, max_gb=0)
+    assert memory.in_memory and not streamed.in_memory and len(memory) == len(streamed)
+    rows = memory.rows
+    assert len(rows) == (store.n if split is None else len(store.indices(split)))
+    idx = [len(rows) - 1, 0, 2, 0]  # unsorted, with a repeat
+    a, b = memory.__getitems__(idx), streamed.__getitems__(idx)
+    assert set(a) == set(b) == {"latent", "label", "mask", "index"} | ({"logvar"} if kl_latents == "sample" else set())
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    s = store.scale_factor
+    assert a["latent"].dtype == torch.float32 and a["mask"].dtype == torch.int64 and a["label"].dtype == torch.int64
+    expected = torch.from_numpy(store.latents[:][rows[idx]].astype(np.float32)) * s
+    assert torch.allclose(a["latent"], expected)
+    assert torch.equal(a["label"], torch.from_numpy(store.labels[rows[idx]]))
+    assert torch.equal(a["mask"], torch.from_numpy(store.masks[:][rows[idx]]).long())
+    assert torch.equal(a["index"], torch.tensor(idx))
+    if kl_latents == "sample":
+        # a sample drawn in scaled units has the scaled posterior's std
+        raw = store.logvar[:][rows[idx]].astype(np.float64)
+        np.testing.assert_allclose(torch.exp(a["logvar"] / 2).numpy(), np.exp(raw / 2) * s, rtol=1e-5)
+    one = memory[2]
+    assert one["latent"].shape == a["latent"].shape[1:] and int(one["index"]) == 2
+
+
+def test_latent_dataset_options(stores):
+    with pytest.raises(LatentError, match="kl_latents='sample' needs a KL autoencoder's store"):
+        LatentDataset(stores["plain"], "train", kl_latents="sample")
+    with pytest.raises(ValueError, match="kl_latents 'median'; allowed: 'mean', 'sample'"):
+        LatentDataset(stores["kl"], "train", kl_latents="median")
+    with pytest.raises(ValueError, match="split 'training'; allowed: train, val, test"):
+        LatentDataset(stores["kl"], "training")
+    data = LatentDataset(stores["kl"], "train")
+    assert torch.equal(data.labels, torch.from_numpy(LatentStore(stores["kl"]).labels[data.rows]))
+
+
+def test_streamed_dataset_in_a_dataloader_worker(stores):
+    dataset = LatentDataset(stores["kl"], "train", max_gb=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[3, 1], [0, 5]], collate_fn=lambda b: b,
+                                         num_workers=1)
+    batches = list(loader)
+    assert torch.equal(batches[1]["latent"], dataset.__getitems__([0, 5])["latent"])
+
+
+def test_embed_command(runs, demo_manifest, tmp_path):
+    out = tmp_path / "l.zarr"
+    proc = run_cli("embed", "--checkpoint", str(runs["selected"]), "--data", str(demo_manifest), "--out", str(out),
+                   "--set", "batch_size=16", "--set", "dtype=float32", "--threads", "1", "--device", "cpu")
+    assert proc.stdout.strip() == str(out)
+    store = LatentStore(out)
+    assert store.latents.dtype == np.float32 and store.attrs["autoencoder"]["sha256"] == file_sha256(runs["kl"])
+
+    bad = run_cli("embed", "--checkpoint", str(runs["kl"]), "--data", str(demo_manifest), "--out", str(out),
+                  "--set", "precision=fp16", check=False)
+    assert bad.returncode == 2 and "allowed keys for this command: batch_size, dtype" in bad.stderr
+    bad = run_cli("embed", "--checkpoint", str(runs["kl"]), "--data", str(demo_manifest), "--out", str(out),
+                  "--set", "dtype=int8", check=False)
+    assert bad.returncode == 2 and "key 'dtype' has value 'int8'; allowed: float16, float32" in bad.stderr
+    missing = run_cli("embed", "--checkpoint", str(tmp_path / "no.pt"), "--data", str(demo_manifest), "--out",
+                      str(out), check=False)
+    assert missing.returncode == 2 and "no.pt: autoencoder checkpoint not found" in missing.stderr
+    assert LatentStore(out).latents.dtype == np.float32  # the failed runs left the store alone
+

@@ -1,0 +1,14 @@
+"""Rule embed_latents: encode every image with the selected autoencoder into the zarr latent store."""
+
+from ldmflow.cli import setup_logging
+from ldmflow.latents import embed_latents
+
+
+def main(smk) -> None:
+    setup_logging(smk.log[0])
+    embed_latents(smk.input.selected, smk.input.manifest, smk.output.store, batch_size=smk.params.batch_size,
+                  dtype=smk.params.dtype, threads=smk.threads)
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 (injected by Snakemake)

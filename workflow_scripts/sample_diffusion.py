@@ -1,0 +1,16 @@
+"""Rule sample_diffusion: generate the evaluation samples of a diffusion experiment's best checkpoint."""
+
+import torch
+
+from ldmflow.cli import setup_logging
+from ldmflow.sample import sample_checkpoint
+
+
+def main(smk) -> None:
+    setup_logging(smk.log[0])
+    torch.set_num_threads(smk.threads)
+    sample_checkpoint(smk.input.checkpoint, smk.params.n, smk.params.out_dir, seed=smk.params.seed)
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 (injected by Snakemake)
