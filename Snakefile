@@ -14,6 +14,7 @@ include: "rules/data.smk"
 include: "rules/autoencoder.smk"
 include: "rules/diffusion.smk"
 include: "rules/latents.smk"
+include: "rules/controlnet.smk"
 
 
 rule all:

@@ -1,9 +1,11 @@
 from pathlib import Path
 
-from ldmflow.workflow import experiments, manifest_path
+from ldmflow.workflow import controlnet_bases, experiments, manifest_path
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
+CONTROLNETS = experiments(config["controlnets"], "controlnet")
+CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
 
 
 wildcard_constraints:
@@ -22,11 +24,22 @@ def diffusion_config(wildcards):
     return DIFFUSION[wildcards.name]
 
 
+def controlnet_config(wildcards):
+    return CONTROLNETS[wildcards.name]
+
+
+def controlnet_base_checkpoint(wildcards):
+    """The best checkpoint of the diffusion experiment a ControlNet experiment names as its base."""
+    base = CONTROLNET_BASES[wildcards.name]
+    return f"results/diffusion/{base}/checkpoints/{base}_checkpoint_best.pt"
+
+
 def all_outputs():
     return [
         "results/autoencoder/selected.json",
         *expand("results/diffusion/{name}/eval_samples/grid.png", name=DIFFUSION),
         "results/latents/latents.zarr",
+        *expand("results/controlnet/{name}/control_fidelity.json", name=CONTROLNETS),
     ]
 
 

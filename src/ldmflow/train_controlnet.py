@@ -26,7 +26,8 @@ from .sample import load_diffusion, load_verified_autoencoder
 from .schedulers import diffusion_loss
 from .train_ae import file_sha256
 from .train_diffusion import DiffusionTask, generate_latents, store_provenance
-from .training import FitConfig, atomic_write_bytes, class_weights, fit, get_device, inference_weights, load_checkpoint
+from .training import (FitConfig, atomic_write_bytes, class_weights, fit, get_device, inference_weights, load_checkpoint,
+                       set_deterministic)
 from .unet import count_parameters
 from .viz import grid, save_png, to_uint8
 
@@ -219,8 +220,7 @@ def check_base(cfg: ControlNetExperiment, base_cfg: DiffusionExperiment, base_ex
 
 def store_manifest(store: LatentStore) -> str | None:
     """The manifest the store was embedded from, as its attributes record it."""
-    recorded = store.attrs.get("manifest")
-    return recorded.get("path") if isinstance(recorded, dict) else store.attrs.get("manifest_path")
+    return store.attrs["manifest"]["path"]
 
 
 def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: int):
@@ -271,7 +271,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
     if len(val_set) == 0:
         raise ConfigError(f"{latents}: the store has no validation rows; the ControlNet stage needs some")
 
-    torch.manual_seed(cfg.seed)  # the control branch's initialisation
+    set_deterministic(cfg.seed)  # the control branch's initialisation
     model = build_controlnet(cfg.model, copy.deepcopy(base_model).train(), k, factor)
     weights = None
     if cfg.data.balance_power > 0 and train_set.labels is not None and (train_set.labels >= 0).all():

@@ -19,6 +19,20 @@ def experiments(paths: list[str], stage: str) -> dict[str, str]:
     return out
 
 
+def controlnet_bases(controlnets: dict[str, str], diffusion: dict[str, str]) -> dict[str, str]:
+    """Map each ControlNet experiment's name to its ``base``, which must name one of the workflow's
+    diffusion experiments (``diffusion`` maps their names to their files)."""
+    out: dict[str, str] = {}
+    for name, path in controlnets.items():
+        base = load_config(path, "controlnet").base
+        if base not in diffusion:
+            allowed = ", ".join(sorted(diffusion)) or "none (the config's 'diffusion' list is empty)"
+            given = "is null" if base is None else f"names {base!r}, which is not a diffusion experiment of the workflow"
+            raise ConfigError(f"{path}: key 'base' {given}; allowed: {allowed}")
+        out[name] = base
+    return out
+
+
 def manifest_path(config: dict) -> str:
     """The manifest the workflow trains on: the configured one, or the demo data's."""
     manifest = config["data"].get("manifest")
