@@ -24,7 +24,7 @@ from ldmflow.train_controlnet import FIDELITY_FILE, train_controlnet
 from ldmflow.train_diffusion import train_diffusion
 from ldmflow.training import load_checkpoint
 
-from .conftest import TINY_AE, run_cli, start_cli, wait_for
+from .conftest import REPO, TINY_AE, run_cli, start_cli, wait_for
 from .test_train_diffusion import TINY_DIFFUSION
 
 TINY_CONTROLNET = {
@@ -223,3 +223,25 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, stage):
     assert json.loads((tmp_path / "whole" / FIDELITY_FILE).read_text()) == \
         {**json.loads((tmp_path / "cut" / FIDELITY_FILE).read_text()),
          "checkpoint": str(tmp_path / "whole/checkpoints/tinyc_checkpoint_best.pt")}
+
+
+@pytest.mark.slow
+def test_every_demo_controlnet_beats_the_uncontrolled_base(tmp_path):
+    """The demo as shipped (demo data, the demo's plain autoencoder and tiny UNet, the three demo ControlNet
+    files): each fusion's control mIoU beats the base model's, sampled from the same noise and labels."""
+    from ldmflow.demo import write_demo_data
+    from ldmflow.latents import embed_latents
+
+    manifest = write_demo_data(tmp_path / "data", n=256, size=32, seed=42)
+    train_autoencoder(REPO / "config/autoencoders/demo_plain_c3_f4.yaml", manifest, tmp_path / "ae")
+    store = embed_latents(tmp_path / "ae/checkpoints/demo_plain_c3_f4_checkpoint_best.pt", manifest,
+                          tmp_path / "latents.zarr")
+    train_diffusion(REPO / "config/diffusion/demo_unet_tiny.yaml", store, tmp_path / "base")
+    base = tmp_path / "base/checkpoints/demo_unet_tiny_checkpoint_best.pt"
+    gains = {}
+    for fusion in FUSIONS:
+        result = train_controlnet(REPO / f"config/controlnet/demo_controlnet_{fusion}.yaml", store, base,
+                                  tmp_path / fusion)
+        fidelity = result["control_fidelity"]
+        gains[fusion] = (fidelity["controlled"]["miou"], fidelity["uncontrolled_base"]["miou"])
+    assert all(controlled > base + 0.05 for controlled, base in gains.values()), gains

@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,36 +52,26 @@ def segmentation_scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dic
 
 
 @torch.no_grad()
-def sample_segmentations(model, base_cfg: DiffusionExperiment, schedule, decoder, scale_factor: float,
-                         latent_shape, labels: torch.Tensor | None, n: int, sampling, *, seed: int,
-                         device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample n latents with ``model(x, t, y)`` (a plain or control-bound UNet) and decode them.
+def sample_segmentations(model_for: Callable[[int, int], Callable], base_cfg: DiffusionExperiment, schedule, decoder,
+                         scale_factor: float, latent_shape, labels: torch.Tensor | None, n: int, sampling, *,
+                         seed: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample n latents and decode them; ``model_for(lo, hi)`` is the ``model(x, t, y)`` for rows lo:hi (a
+    plain UNet, or a controlled one bound to those rows' controls).
 
     Returns the images (N, 3, H, W) and the segmentation head's class ids (N, H, W), or None when the
-    autoencoder has no segmentation head. Batches are seeded
-    seed, seed + 1, ..., so two models called with the same arguments start from the same noise.
+    autoencoder has no segmentation head. Batches are seeded seed, seed + 1, ..., so two models called
+    with the same arguments start from the same noise.
     """
     images, segs = [], []
     for b, lo in enumerate(range(0, n, FIDELITY_BATCH)):
         hi = min(n, lo + FIDELITY_BATCH)
-        part = model.part(lo, hi) if hasattr(model, "part") else model
         y = labels[lo:hi] if labels is not None else None
-        z = generate_latents(part, base_cfg, schedule, latent_shape, hi - lo, y, seed=seed + b, device=device,
-                             sampling=sampling)
+        z = generate_latents(model_for(lo, hi), base_cfg, schedule, latent_shape, hi - lo, y, seed=seed + b,
+                             device=device, sampling=sampling)
         rgb, seg = decoder.decode(z / scale_factor, with_seg=True)  # seg None without a segmentation head
         images.append(rgb.float())
         segs.append(None if seg is None else seg.argmax(1))
     return torch.cat(images), (None if segs[0] is None else torch.cat(segs))
-
-
-class _Rows:
-    """A control-bound model restricted to rows lo:hi of its control (for batched sampling)."""
-
-    def __init__(self, model: ControlledUNet, control: torch.Tensor, scale):
-        self.model, self.control, self.scale = model, control, scale
-
-    def part(self, lo: int, hi: int):
-        return self.model.bind(self.control[lo:hi], self.scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,12 +155,16 @@ class ControlNetTask(DiffusionTask):
         y = rows["label"][:n]
         return torch.where(y < 0, self.num_classes, y)  # unlabelled rows take the null label
 
+    def _model_for(self, model, rows: dict, controlled: bool = True) -> Callable[[int, int], Callable]:
+        if not controlled:
+            return lambda lo, hi: self.base
+        return lambda lo, hi: model.bind(rows["control"][lo:hi], self.experiment.sampling.scale)
+
     def scores(self, model, *, controlled: bool = True) -> dict:
         """Control fidelity of the (EMA) model, or of the uncontrolled base when ``controlled`` is false."""
         rows = self.fixed_rows()
         n = min(self.experiment.evaluation.fidelity_samples, len(rows["mask"]))
-        sampler = _Rows(model, rows["control"][:n], self.experiment.sampling.scale) if controlled else self.base
-        _, seg = sample_segmentations(sampler, self.cfg, self.schedule, self.decoder(), self.store.scale_factor,
+        _, seg = sample_segmentations(self._model_for(model, rows, controlled), self.cfg, self.schedule, self.decoder(), self.store.scale_factor,
                                       self.store.latent_shape, self._labels_of(rows, n), n,
                                       self._sampling(self.experiment.evaluation.steps),
                                       seed=self.experiment.seed, device=self.device)
@@ -188,7 +183,7 @@ class ControlNetTask(DiffusionTask):
         rows = self.fixed_rows()
         n = min(self.experiment.sampling.grid_rows, len(rows["control"]))
         images, _ = sample_segmentations(
-            _Rows(model, rows["control"][:n], self.experiment.sampling.scale), self.cfg, self.schedule,
+            self._model_for(model, rows), self.cfg, self.schedule,
             self.decoder(), self.store.scale_factor, self.store.latent_shape, self._labels_of(rows, n), n,
             self._sampling(), seed=self.experiment.seed, device=self.device)
         truth, _ = self.decoder().decode(rows["latent"][:n] / self.store.scale_factor)  # the AE's reconstruction
