@@ -58,6 +58,19 @@ def cmd_select_ae(args) -> None:
     print(f"selected {result['name']} ({result['metric']} = {result['value']:.6g}): {result['checkpoint']}")
 
 
+def cmd_memorization(args) -> None:
+    from .memorization import evaluate_memorization, option_names
+
+    keys = option_names()
+    _apply_sets(args, keys)
+    options = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    summary = evaluate_memorization(args.train, args.samples, args.out, reference=args.reference,
+                                    device=args.device, **options)
+    flagged = summary["memorized"]
+    print(f"{flagged['count']} of {summary['counts']['generated']} samples memorized ({flagged['criterion']}, "
+          f"{summary['feature']} space); wrote {args.out}")
+
+
 def cmd_schemas(args) -> None:
     from .config import schema_documents
 
@@ -102,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="path of selected.json")
     p.add_argument("--metric", default="val_loss", help="metrics column to compare (default val_loss)")
     p.add_argument("--mode", default="min", choices=("min", "max"))
+
+    p = command("memorization", cmd_memorization,
+                "compare generated samples with the training set: memorized copies, similarity, quality")
+    p.add_argument("--train", required=True, help="training manifest CSV or latent store (*.zarr)")
+    p.add_argument("--samples", required=True, help="folder of sample PNGs (and samples.zarr), or a samples store")
+    p.add_argument("--out", required=True, help="output folder (per_sample.csv, summary.json, plots)")
+    p.add_argument("--reference", default=None,
+                   help="held-out real images (manifest or store); default: the training input's val split")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
 
     p = command("schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
     p.add_argument("--out", default="config/schemas", help="output folder (default config/schemas)")
