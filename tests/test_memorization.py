@@ -18,6 +18,7 @@ from ldmflow.memorization import (
     Criterion,
     Feature,
     Features,
+    MemorizationConfig,
     blocked_search,
     brute_force_search,
     check_memorization,
@@ -141,13 +142,30 @@ def test_explicit_reference_and_manifest_without_split(planted, tmp_path):
     frame = pd.read_csv(manifest)
     frame[frame["split"] == "train"].drop(columns="split").to_csv(manifest.parent / "train_only.csv", index=False)
     frame[frame["split"] == "val"].drop(columns="split").to_csv(manifest.parent / "val_only.csv", index=False)
+    # features forced into temporary files (feature_memory_gb=0): same numbers, and the files are removed
     summary = evaluate_memorization(manifest.parent / "train_only.csv", samples, tmp_path,
-                                    reference=manifest.parent / "val_only.csv", image_size=16, quality=False)
+                                    reference=manifest.parent / "val_only.csv", image_size=16, quality=False,
+                                    feature_memory_gb=0)
     assert summary["counts"] == {"generated": 100, "training": 300, "reference": 60}
+    assert not list(tmp_path.glob(".memorization-*"))
+    in_memory = evaluate_memorization(manifest, samples, tmp_path / "a", image_size=16, quality=False)
+    assert in_memory["tests"] == summary["tests"] and in_memory["top_matches"] == summary["top_matches"]
     alone = evaluate_memorization(manifest.parent / "train_only.csv", samples, tmp_path / "b", image_size=16,
                                   quality=False)
     assert alone["counts"]["reference"] == 0 and alone["reference"] is None
     assert any("no held-out reference" in note for note in alone["notes"])
+
+
+@pytest.mark.parametrize("split", typing.get_args(typing.get_type_hints(MemorizationConfig)["reference_split"]))
+def test_every_reference_split(planted, tmp_path, split):
+    manifest, samples, _ = planted
+    frame = pd.read_csv(manifest)
+    frame.loc[frame.index[-20:], "split"] = "test"  # 40 val rows, 20 test rows
+    frame.to_csv(manifest.parent / "three_splits.csv", index=False)
+    summary = evaluate_memorization(manifest.parent / "three_splits.csv", samples, tmp_path, reference_split=split,
+                                    image_size=16, quality=False)
+    assert summary["counts"]["reference"] == {"val": 40, "test": 20}[split]
+    assert summary["inputs"]["reference"].endswith(f"(split '{split}')")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,7 +63,9 @@ PERCENTILES = (50, 75, 90, 95, 99)
 @dataclass
 class MemorizationConfig:
     feature: Feature = param("pixel", "Feature space: pixel (images at image_size) or latent (autoencoder latents).")
-    image_size: int = param(64, "Side of the square images in the pixel feature space and in top_matches.png.", minimum=8)
+    image_size: int = param(
+        64, "Side of the square images in the pixel feature space and in top_matches.png.", minimum=8,
+    )
     tiles: int = param(4, "Tiles per side for the tiled L2 distance (4: 16 tiles, as Carlini et al. 2023).", minimum=1)
     k: int = param(5, "Nearest training images listed per sample in per_sample.csv.", minimum=2)
     n: int = param(50, "Tiled L2 test: the nearest distance is divided by the mean distance to this many "
@@ -200,16 +202,18 @@ class Neighbours:
 def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int) -> int:
     """Bytes a q x t step of :func:`blocked_search` holds at once (dim = tiles x per-tile length).
 
-    Query side: the fp32 block (4 q dim), its tile norms and the running top lists (values and indices,
-    12 q (k + n)). Training side: the block as read (fp16), its device and tile-major fp16 copies and the
-    fp32 block (10 t dim), and its tile norms. Then three (q, t) fp32 matrices (similarity, tiled distance,
-    one tile's products) and the merges of the running lists with the block (a concatenation and topk's
-    workspace, 16 q t, and the index bookkeeping, 64 q (k + n)).
+    Query side: the augmented fp32 block (4 q (dim + 2 tiles)), its norms and the running top lists
+    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy
+    (4 t dim), the augmented fp32 block and its norms. Then three (q, t) fp32 matrices (summed and largest
+    tile distance, one tile's distances) and the merges of the running lists with the block (a
+    concatenation and topk's workspace, 16 q t, and the index bookkeeping, 64 q (k + n)).
     """
-    return 4 * q * dim + 10 * t * dim + 4 * (q + t) * tiles + 28 * q * t + 76 * q * (k + n)
+    aug = dim + 2 * tiles
+    return 4 * q * aug + 4 * t * aug + 4 * t * dim + 8 * (q + t) * tiles + 28 * q * t + 76 * q * (k + n)
 
 
-def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int, memory_bytes: float) -> tuple[int, int]:
+def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int,
+                memory_bytes: float) -> tuple[int, int]:
     """Query and training block sizes whose working set (:func:`block_bytes`) fits the memory budget.
 
     The training set is streamed once per query block, so query blocks are made large (up to 4096) first;
@@ -249,11 +253,25 @@ def _as_tiles(x: Features | np.ndarray | torch.Tensor) -> tuple[int, int, int]:
     raise ValueError(f"features must be (N, D) or (N, tiles, d); got shape {shape}")
 
 
-def _to_device(block, device: torch.device, tiles: int) -> torch.Tensor:
-    """A row block as (T, rows, d) float32 on the device (tile-major, so each tile's matmul is contiguous)."""
-    t = block if torch.is_tensor(block) else torch.from_numpy(np.ascontiguousarray(block))
-    t = t.to(device, non_blocking=True).reshape(len(block), tiles, -1)
-    return t.transpose(0, 1).contiguous().float()  # transposed in the stored dtype: one fp32 copy only
+def _augmented(block, device: torch.device, tiles: int, query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored row block (rows, T, d) -> augmented fp32 tiles (rows, T, d + 2) on the device, and tile norms.
+
+    Per tile a query becomes [a, |a|^2, 1] and a training item [-2 b, 1, |b|^2], so that one product of
+    the two is |a|^2 - 2 a.b + |b|^2 = |a - b|^2: each tile's squared distances come out of one matrix
+    product with nothing to add afterwards.
+    """
+    x = block if torch.is_tensor(block) else torch.from_numpy(np.ascontiguousarray(block))
+    x = x.to(device, non_blocking=True).reshape(len(block), tiles, -1)
+    d = x.shape[-1]
+    out = torch.empty(len(x), tiles, d + 2, device=device)
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square_()  # (rows, T)
+    if query:
+        out[..., :d] = x  # fp16 -> fp32
+        out[..., d], out[..., d + 1] = norms, 1.0
+    else:
+        torch.mul(x, -2.0, out=out[..., :d])
+        out[..., d], out[..., d + 1] = 1.0, norms
+    return out, norms
 
 
 def _nbytes(x) -> int:
@@ -298,31 +316,33 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
         cuda_start = torch.cuda.memory_allocated(device)
     out_sim, out_idx, out_tl2, out_tidx = [], [], [], []
     for qs in range(0, nq, q_block):
-        qb = _to_device(_rows(queries, qs, qs + q_block), device, tiles)  # (T, q, d)
-        qn = qb.pow(2).sum(-1).T.contiguous()  # (q, T) squared tile norms
-        q = qb.shape[1]
-        best_s = qb.new_empty(q, 0)
+        qa, qn = _augmented(_rows(queries, qs, qs + q_block), device, tiles, query=True)  # (q, T, d + 2), (q, T)
+        q = len(qa)
+        q_norm = qn.sum(1, keepdim=True)  # (q, 1) |a|^2 of the whole vector
+        best_s = qa.new_empty(q, 0)
         best_si = torch.empty(q, 0, dtype=torch.long, device=device)
         best_d, best_di = best_s.clone(), best_si.clone()
         for ts in range(0, nt, t_block):
             raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
-            tb = _to_device(raw, device, tiles)  # (T, t, d)
-            tn = tb.pow(2).sum(-1)  # (T, t)
-            sim = qb.new_zeros(q, tb.shape[1])  # (q, t) cosine similarity
-            d2 = qb.new_full((q, tb.shape[1]), -math.inf)  # (q, t) largest squared tile distance so far
+            ta, tn = _augmented(raw, device, tiles, query=False)  # (t, T, d + 2), (t, T)
+            t = len(ta)
+            total = qa.new_zeros(q, t)  # (q, t) sum over tiles of squared tile distances = |a - b|^2
+            d2 = qa.new_full((q, t), -math.inf)  # (q, t) largest squared tile distance
+            x = qa.new_empty(q, t)  # (q, t) one tile's squared distances
             for j in range(tiles):
-                p = qb[j] @ tb[j].T  # (q, t) dot products of tile j
-                sim += p
-                # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, in place to keep three (q, t) matrices
-                torch.maximum(d2, p.mul_(-2).add_(qn[:, j:j + 1]).add_(tn[j][None]), out=d2)
-            # the working set: the tensors alive in this step, the block as read, the conversion's
-            # copies of it (device, tile-major) and the merges' temporaries (sizes from block_bytes)
-            live = [qb, qn, tb, tn, sim, d2, p, best_s, best_si, best_d, best_di]
-            held = sum(_nbytes(x) for x in live) + 3 * _nbytes(raw) + 16 * q * tb.shape[1] + 64 * q * (k + n)
+                torch.mm(qa[:, j], ta[:, j].T, out=x)  # strided views of the tile: no copies
+                total += x
+                torch.maximum(d2, x, out=d2)
+            # cos = a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2, in place
+            sim = total.neg_().add_(q_norm).add_(tn.sum(1)[None]).mul_(0.5)
+            # the working set: the tensors alive in this step, the block as read and its device copy, and
+            # the merges' temporaries (sizes as in block_bytes)
+            live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
+            held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 16 * q * t + 64 * q * (k + n)
             peak = max(peak, held)
             best_s, best_si = _merge(best_s, best_si, sim, ts, k, largest=True)
             best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
-            del tb, tn, sim, d2, p, raw
+            del ta, tn, total, sim, d2, x, raw
         out_sim.append(best_s.cpu())
         out_idx.append(best_si.cpu())
         out_tl2.append(best_d.clamp_min(0).sqrt().cpu())
@@ -364,9 +384,9 @@ def neighbour_tests(nb: Neighbours, cfg: MemorizationConfig) -> dict[str, np.nda
     flag_t, flag_r = tiled_ratio < cfg.alpha, nn_ratio < cfg.ratio
     combined = {"tiled_l2": flag_t, "nn_ratio": flag_r, "either": flag_t | flag_r, "both": flag_t & flag_r}
     # fp16 storage can put a copy's similarity a hair above 1
-    return {"similarity": np.clip(nb.similarity[:, 0].astype(np.float64), -1, 1), "tiled_l2": nb.tiled_l2[:, 0].astype(np.float64),
-            "tiled_ratio": tiled_ratio, "nn_ratio": nn_ratio, "memorized_tiled_l2": flag_t,
-            "memorized_nn_ratio": flag_r, "memorized": combined[cfg.criterion]}
+    return {"similarity": np.clip(nb.similarity[:, 0].astype(np.float64), -1, 1),
+            "tiled_l2": nb.tiled_l2[:, 0].astype(np.float64), "tiled_ratio": tiled_ratio, "nn_ratio": nn_ratio,
+            "memorized_tiled_l2": flag_t, "memorized_nn_ratio": flag_r, "memorized": combined[cfg.criterion]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +454,8 @@ def open_image_set(path: str | Path) -> ImageSet:
     if _is_zarr_group(path):
         return _open_store(path)
     if path.is_dir():
-        files = sorted(path.glob("sample_*.png")) or sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(path.glob("sample_*.png")) or sorted(
+            p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         store = path / "samples.zarr"
         if files:
             out = ImageSet(str(path), [p.name for p in files], [str(p) for p in files], list(range(1, len(files) + 1)))
@@ -442,7 +463,8 @@ def open_image_set(path: str | Path) -> ImageSet:
                 latents = _open_store(store)
                 if len(latents) != len(out):
                     raise DataError(f"{path}: {len(files)} sample PNGs but {store} holds {len(latents)} latents")
-                out.latents, out.latent_index, out.checkpoint = latents.latents, latents.latent_index, latents.checkpoint
+                out.latents, out.latent_index = latents.latents, latents.latent_index
+                out.checkpoint = latents.checkpoint
             return out
         if _is_zarr_group(store):
             return _open_store(store)
@@ -490,7 +512,8 @@ def tensor_image_set(images: torch.Tensor, name: str = "tensor") -> ImageSet:
 class Loader:
     """Decodes, encodes and draws the rows of image sets, loading the autoencoder once when needed."""
 
-    def __init__(self, cfg: MemorizationConfig, device: torch.device, checkpoint: str | None, threads: int | None = None):
+    def __init__(self, cfg: MemorizationConfig, device: torch.device, checkpoint: str | None,
+                 threads: int | None = None):
         self.cfg, self.device, self.checkpoint = cfg, device, checkpoint
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._ae = None
@@ -536,7 +559,8 @@ class Loader:
         model, _ = self.autoencoder
         z = self._stored_latents(s, idx).to(self.device)
         with torch.no_grad():
-            x = torch.cat([model.decode(z[b:b + self.cfg.batch_size])[0] for b in range(0, len(z), self.cfg.batch_size)])
+            bs = self.cfg.batch_size
+            x = torch.cat([model.decode(z[b:b + bs])[0] for b in range(0, len(z), bs)])
         x = x.float().clamp(-1, 1).cpu()
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -545,8 +569,7 @@ class Loader:
     def _stored_latents(self, s: ImageSet, idx: np.ndarray) -> torch.Tensor:
         rows = s.latent_index[np.asarray(idx, np.int64)]
         order = np.argsort(rows)  # zarr reads sorted coordinates fastest; put them back afterwards
-        block = np.asarray(s.latents.get_orthogonal_selection((rows[order],)) if hasattr(s.latents, "get_orthogonal_selection")
-                           else s.latents[rows[order]])
+        block = np.asarray(s.latents.get_orthogonal_selection((rows[order],)))
         out = np.empty_like(block)
         out[order] = block
         return torch.from_numpy(out.astype(np.float32))
@@ -692,19 +715,26 @@ def _quality(loader: Loader, train: ImageSet, samples: ImageSet, reference: Imag
 
     def pick(s: ImageSet) -> np.ndarray:
         idx = np.arange(len(s))
-        return np.sort(rng.choice(idx, cfg.quality_max_images, replace=False)) if len(s) > cfg.quality_max_images else idx
+        if len(s) <= cfg.quality_max_images:
+            return idx
+        return np.sort(rng.choice(idx, cfg.quality_max_images, replace=False))
 
     picks = {"train": pick(train), "generated": pick(samples)}
     sets = {"train": train, "generated": samples}
-    if reference is not None and len(reference) > cfg.pr_k:
+    if reference is not None and len(reference):
         picks["reference"], sets["reference"] = pick(reference), reference
 
     def numbers(feats: dict[str, np.ndarray]) -> dict:
         out: dict[str, Any] = {"images": {k: len(v) for k, v in feats.items()}}
         for name in ("generated", "reference"):
-            if name in feats:
-                out[name] = {"frechet_distance": quality.frechet_distance(feats["train"], feats[name]),
-                             **quality.precision_recall(feats["train"], feats[name], cfg.pr_k, device=loader.device)}
+            if name not in feats:
+                continue
+            if min(len(feats["train"]), len(feats[name])) <= cfg.pr_k:
+                out[name] = {"skipped": f"precision/recall and Fréchet distance need more than pr_k={cfg.pr_k} "
+                                        "images in each set"}
+                continue
+            out[name] = {"frechet_distance": quality.frechet_distance(feats["train"], feats[name]),
+                         **quality.precision_recall(feats["train"], feats[name], cfg.pr_k, device=loader.device)}
         return out
 
     if not cfg.quality:
@@ -815,7 +845,8 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
         write_histogram(out / "histogram.png", tests["similarity"],
                         ref_tests["similarity"] if ref_tests else None, cfg.feature)
         size = cfg.image_size
-        columns = [to_uint8(loader.images(samples, order, size)), to_uint8(loader.images(train, nb.index[order, 0], size))]
+        columns = [to_uint8(loader.images(samples, order, size)),
+                   to_uint8(loader.images(train, nb.index[order, 0], size))]
         save_png(grid(columns), out / "top_matches.png", upscale=max(1, 128 // size))
         log.info("memorization: %d of %d samples flagged (%s); wrote %s", summary["memorized"]["count"],
                  len(samples), cfg.criterion, out)
@@ -893,7 +924,8 @@ def compute_sample_similarity(samples: torch.Tensor, training_data: torch.Tensor
     def prep(x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x).detach().float().cpu()
         if feature_size is not None and x.ndim == 4:
-            x = F.interpolate(x, size=(feature_size, feature_size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(feature_size, feature_size), mode="bilinear", antialias=True,
+                              align_corners=False)
         v = x.reshape(len(x), -1)
         v = v - v.mean(1, keepdim=True)
         return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)

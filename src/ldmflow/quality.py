@@ -152,7 +152,8 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> torc
 
 
 @torch.no_grad()
-def inception_features(net: torch.jit.ScriptModule, images: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
+def inception_features(net: torch.jit.ScriptModule, images: np.ndarray | torch.Tensor,
+                       batch_size: int = 64) -> np.ndarray:
     """Inception pool features (N, 2048) of uint8 images (N, 3, H, W), NVIDIA's calling convention.
 
     NVIDIA's network takes uint8 images of any size, resizes them to 299 itself, and returns its pool3
