@@ -14,6 +14,8 @@ include: "rules/data.smk"
 include: "rules/autoencoder.smk"
 include: "rules/diffusion.smk"
 include: "rules/latents.smk"
+include: "rules/memorization.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -8,6 +8,7 @@ DIFFUSION = experiments(config["diffusion"], "diffusion")
 
 wildcard_constraints:
     name="[A-Za-z0-9_.-]+",
+    stage="autoencoder|diffusion|controlnet",
 
 
 def manifest():
@@ -22,10 +23,29 @@ def diffusion_config(wildcards):
     return DIFFUSION[wildcards.name]
 
 
+def evaluated_experiments():
+    """Every experiment whose samples are checked for memorization, as 'stage/name'."""
+    return [f"diffusion/{name}" for name in DIFFUSION]
+
+
+def memorization_summaries():
+    return [
+        f"results/memorization/{exp}/summary.json" for exp in evaluated_experiments()
+    ]
+
+
+def parent_of_input_grid(wildcards, input):
+    """The folder of a rule's sample grid (the evaluation samples folder)."""
+    return str(Path(input.grid).parent)
+
+
 def all_outputs():
     return [
         "results/autoencoder/selected.json",
         *expand("results/diffusion/{name}/eval_samples/grid.png", name=DIFFUSION),
+        "results/memorization/summary.csv",
+        *expand("results/autoencoder/{name}/{name}_curves.png", name=AUTOENCODERS),
+        *expand("results/diffusion/{name}/{name}_curves.png", name=DIFFUSION),
         "results/latents/latents.zarr",
     ]
 
