@@ -15,6 +15,8 @@ include: "rules/autoencoder.smk"
 include: "rules/diffusion.smk"
 include: "rules/latents.smk"
 include: "rules/controlnet.smk"
+include: "rules/memorization.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -75,11 +75,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bare_samples_per_s(model, data, schedule, batch, steps, device, precision, compile_model) -> float:
+def bare_samples_per_s(model, data, schedule, batch, steps, device, precision, compile_model, cuda_graphs) -> float:
     """A bare forward + backward + AdamW step on the same batches (no loop bookkeeping)."""
     model = copy.deepcopy(model).to(device).train()
     opt = build_optimizer(model.parameters(), load_config({"name": "b"}, "diffusion").optim, device)
-    step_model = torch.compile(model) if compile_model else model
+    mode = "reduce-overhead" if cuda_graphs else None
+    step_model = torch.compile(model, mode=mode) if compile_model else model
     batches = [data.__getitems__(list(range(i * batch, (i + 1) * batch))) for i in range(len(data) // batch)]
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 
@@ -183,6 +184,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=4, help="loop epochs (the first is a warm-up)")
     parser.add_argument("--precision", default=None, help="fp32 / bf16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="with --compile: CUDA graphs (reduce-overhead)")
     parser.add_argument("--diffusers", action="store_true", help="also time diffusers' UNet2DModel")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -193,6 +195,7 @@ def main(argv=None) -> None:
     cfg = load_config({"name": "bench", "model": {"preset": args.preset}, "data": {"batch_size": args.batch},
                        "optim": {"warmup_steps": 0},
                        "train": {"epochs": args.epochs, "precision": precision, "compile": args.compile,
+                                 "cuda_graphs": args.cuda_graphs,
                                  "log_every": 10_000, "ema": {"decay": 0.999}, "checkpoint_every_minutes": 0}},
                       "diffusion")
     torch.manual_seed(0)
@@ -206,7 +209,8 @@ def main(argv=None) -> None:
           f"{', compiled' if args.compile else ''}")
     print(f"model FLOPs per training step (fwd + bwd): {flops / 1e9:.2f} GFLOP")
 
-    bare = bare_samples_per_s(model, data, schedule, args.batch, args.steps, device, precision, args.compile)
+    bare = bare_samples_per_s(model, data, schedule, args.batch, args.steps, device, precision, args.compile,
+                              args.cuda_graphs)
     loop = loop_samples_per_s(cfg, model, data, schedule, device, args.epochs)
     print(f"bare step: {bare:,.0f} samples/s; full training loop: {loop:,.0f} samples/s; "
           f"loop/bare time ratio {bare / loop:.3f} (target <= 1.10)")

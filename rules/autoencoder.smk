@@ -30,7 +30,11 @@ rule select_autoencoder:
         ),
     output:
         selected="results/autoencoder/selected.json",
-        plot="results/autoencoder/validation_curves.png",
+        plot=report(
+            "results/autoencoder/validation_curves.png",
+            category="Autoencoder comparison",
+            labels={"figure": "validation curves of every autoencoder"},
+        ),
     log:
         "logs/autoencoder/select.log",
     localrule: True

@@ -10,6 +10,7 @@ CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
 
 wildcard_constraints:
     name="[A-Za-z0-9_.-]+",
+    stage="autoencoder|diffusion|controlnet",
 
 
 def manifest():
@@ -34,12 +35,32 @@ def controlnet_base_checkpoint(wildcards):
     return f"results/diffusion/{base}/checkpoints/{base}_checkpoint_best.pt"
 
 
+def evaluated_experiments():
+    """Every experiment whose samples are checked for memorization, as 'stage/name'."""
+    return [f"diffusion/{name}" for name in DIFFUSION]
+
+
+def memorization_summaries():
+    return [
+        f"results/memorization/{exp}/summary.json" for exp in evaluated_experiments()
+    ]
+
+
+def parent_of_input_grid(wildcards, input):
+    """The folder of a rule's sample grid (the evaluation samples folder)."""
+    return str(Path(input.grid).parent)
+
+
 def all_outputs():
     return [
         "results/autoencoder/selected.json",
         *expand("results/diffusion/{name}/eval_samples/grid.png", name=DIFFUSION),
+        "results/memorization/summary.csv",
+        *expand("results/autoencoder/{name}/{name}_curves.png", name=AUTOENCODERS),
+        *expand("results/diffusion/{name}/{name}_curves.png", name=DIFFUSION),
         "results/latents/latents.zarr",
         *expand("results/controlnet/{name}/control_fidelity.json", name=CONTROLNETS),
+        *expand("results/controlnet/{name}/{name}_curves.png", name=CONTROLNETS),
     ]
 
 

@@ -23,7 +23,12 @@ rule sample_diffusion:
     input:
         checkpoint="results/diffusion/{name}/checkpoints/{name}_checkpoint_best.pt",
     output:
-        grid="results/diffusion/{name}/eval_samples/grid.png",
+        grid=report(
+            "results/diffusion/{name}/eval_samples/grid.png",
+            category="Sample grids",
+            subcategory="diffusion",
+            labels={"experiment": "{name}"},
+        ),
         samples=directory("results/diffusion/{name}/eval_samples/samples.zarr"),
     log:
         "logs/diffusion/{name}_sample.log",

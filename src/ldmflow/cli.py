@@ -126,6 +126,17 @@ def cmd_embed(args) -> None:
     _apply_sets(args, ("batch_size", "dtype"))
     print(embed_latents(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
                         device=args.device, threads=args.threads))
+def cmd_memorization(args) -> None:
+    from .memorization import evaluate_memorization, option_names
+
+    keys = option_names()
+    _apply_sets(args, keys)
+    options = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    summary = evaluate_memorization(args.train, args.samples, args.out, reference=args.reference,
+                                    device=args.device, **options)
+    flagged = summary["memorized"]
+    print(f"{flagged['count']} of {summary['counts']['generated']} samples memorized ({flagged['criterion']}, "
+          f"{summary['feature']} space); wrote {args.out}")
 
 
 def cmd_schemas(args) -> None:
@@ -213,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="latent dtype (default float16)")
     training(p)
+
+    p = command("memorization", cmd_memorization,
+                "compare generated samples with the training set: memorized copies, similarity, quality")
+    p.add_argument("--train", required=True, help="training manifest CSV or latent store (*.zarr)")
+    p.add_argument("--samples", required=True, help="folder of sample PNGs (and samples.zarr), or a samples store")
+    p.add_argument("--out", required=True, help="output folder (per_sample.csv, summary.json, plots)")
+    p.add_argument("--reference", default=None,
+                   help="held-out real images (manifest or store); default: the training input's val split")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
 
     p = command("schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
     p.add_argument("--out", default="config/schemas", help="output folder (default config/schemas)")

@@ -108,6 +108,10 @@ class TrainConfig:
     )
     ema: EmaConfig = param(EmaConfig, "Exponential moving average of the weights.")
     compile: bool = param(False, "torch.compile the model (CUDA only; ignored on CPU).")
+    cuda_graphs: bool = param(
+        False, "With compile: capture forward and backward in CUDA graphs (mode reduce-overhead); needs static "
+        "shapes, so the last short batch of an epoch is dropped (it always is).",
+    )
     sample_every: int = param(1, "Write samples/epoch_NNN.png every this many epochs.", minimum=1)
     log_every: int = param(50, "Steps between progress updates (each one syncs the host).", minimum=1)
     checkpoint_every_steps: int = param(

@@ -476,7 +476,7 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
     if world > 1:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg.compile and device.type == "cuda":
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model, mode="reduce-overhead" if tcfg.cuda_graphs else None)
 
     bar = Progress(progress if writer else False)
     last_save = time.monotonic()

@@ -1,0 +1,16 @@
+"""Rule evaluate_memorization: compare one experiment's evaluation samples with the training images."""
+
+import torch
+
+from ldmflow.cli import setup_logging
+from ldmflow.memorization import evaluate_memorization
+
+
+def main(smk) -> None:
+    setup_logging(smk.log[0])
+    torch.set_num_threads(smk.threads)
+    evaluate_memorization(smk.input.train, smk.params.samples_dir, smk.params.out_dir, **smk.params.options)
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 (injected by Snakemake)
