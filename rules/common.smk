@@ -61,6 +61,7 @@ def all_outputs():
         "results/latents/latents.zarr",
         *expand("results/controlnet/{name}/control_fidelity.json", name=CONTROLNETS),
         *expand("results/controlnet/{name}/{name}_curves.png", name=CONTROLNETS),
+        *(["results/controlnet/control_fidelity.csv"] if CONTROLNETS else []),
     ]
 
 

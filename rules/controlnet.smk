@@ -19,3 +19,23 @@ rule train_controlnet:
         run_dir=parent_of_output,
     script:
         "../workflow_scripts/train_controlnet.py"
+
+
+rule controlnet_summary:
+    input:
+        fidelity=expand(
+            "results/controlnet/{name}/control_fidelity.json", name=CONTROLNETS
+        ),
+    output:
+        table=report(
+            "results/controlnet/control_fidelity.csv",
+            category="Summary",
+            labels={"figure": "ControlNet control fidelity (mIoU) against the base"},
+        ),
+    log:
+        "logs/controlnet/summary.log",
+    localrule: True
+    conda:
+        "../envs/ldmflow.yaml"
+    script:
+        "../workflow_scripts/controlnet_summary.py"

@@ -20,7 +20,7 @@ from ldmflow.sample import SamplingError, load_diffusion
 from ldmflow.sample_controlnet import load_controlnet, sample_controlnet
 from ldmflow.schedulers import NoiseSchedule
 from ldmflow.train_ae import train_autoencoder
-from ldmflow.train_controlnet import FIDELITY_FILE, train_controlnet
+from ldmflow.train_controlnet import FIDELITY_FILE, summarize_control_fidelity, train_controlnet
 from ldmflow.train_diffusion import train_diffusion
 from ldmflow.training import load_checkpoint
 
@@ -149,6 +149,14 @@ def trained(stage, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     train_controlnet(experiment(train={"epochs": 2}), stage["store"], stage["base"], out)
     return out / "checkpoints/tinyc_checkpoint_best.pt"
+
+
+def test_the_summary_table_has_a_row_per_run(tmp_path, trained):
+    fidelity = json.loads((trained.parents[1] / FIDELITY_FILE).read_text())
+    rows = summarize_control_fidelity([trained.parents[1] / FIDELITY_FILE], tmp_path / "s.csv")
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert lines[0] == "experiment,fusion,signal,base,epoch,rows,controlled_miou,base_miou,gain" and len(lines) == 2
+    assert rows[0]["gain"] == fidelity["gain"] and lines[1].startswith("tinyc,add,mask,tinyd,")
 
 
 def test_sampling_is_seeded_and_takes_a_scale(tmp_path, trained, stage):

@@ -112,3 +112,66 @@ def test_bad_workflow_config_is_refused(tmp_path):
     root = tiny_workflow(tmp_path)
     proc = smk(root, "-n", "--config", "selection={'mode': 'best'}", check=False)
     assert proc.returncode != 0 and "best" in (proc.stdout + proc.stderr)
+
+
+def tiny_controlnet_workflow(root: Path) -> Path:
+    """The tiny workflow with 2-epoch diffusion and ControlNet experiments (one base)."""
+    tiny_workflow(root)
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    config["diffusion"] = config["diffusion"][:1]
+    for path in config["diffusion"]:
+        exp = yaml.safe_load((root / path).read_text())
+        exp["data"]["batch_size"] = 8
+        exp["optim"]["warmup_steps"] = 2
+        exp["train"].update(epochs=2, sample_every=1)
+        exp["sampling"].update(steps=3, per_class=1)
+        (root / path).write_text(yaml.safe_dump(exp))
+    for path in config["controlnets"]:
+        exp = yaml.safe_load((root / path).read_text())
+        exp["data"]["batch_size"] = 8
+        exp["train"].update(epochs=2, sample_every=1)
+        exp["sampling"].update(steps=3, grid_rows=2)
+        exp["evaluation"]["fidelity_samples"] = 4
+        (root / path).write_text(yaml.safe_dump(exp))
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_workflow_trains_every_controlnet_on_its_base(tmp_path):
+    root = tiny_controlnet_workflow(tmp_path)
+    target = "results/controlnet/control_fidelity.csv"
+    plan = planned_jobs(smk(root, "-n", target))
+    assert plan["train_controlnet"] == 3 and plan["controlnet_summary"] == 1 and plan["train_diffusion"] == 1
+    smk(root, target)
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    names = [yaml.safe_load((root / p).read_text())["name"] for p in config["controlnets"]]
+    for name in names:
+        run = root / "results/controlnet" / name
+        for part in (f"checkpoints/{name}_checkpoint_best.pt", f"checkpoints/{name}_checkpoint_latest.pt",
+                     f"{name}_metrics.csv", "control_fidelity.json", "samples/epoch_002.png"):
+            assert (run / part).is_file(), part
+        assert (root / f"results/benchmarks/controlnet/{name}.tsv").is_file()
+        assert "epoch 2/2" in (root / f"logs/controlnet/{name}.log").read_text()
+    table = (root / target).read_text().splitlines()
+    assert table[0].startswith("experiment,fusion,signal,base") and len(table) == 4
+    assert "Nothing to be done" in (smk(root, "-n", target).stdout + smk(root, "-n", target).stderr)
+
+    # editing one ControlNet file reruns that ControlNet and the summary, nothing upstream
+    edited = root / config["controlnets"][0]
+    exp = yaml.safe_load(edited.read_text())
+    exp["optim"]["lr"] = 1e-3
+    edited.write_text(yaml.safe_dump(exp))
+    assert planned_jobs(smk(root, "-n", target)) == {"train_controlnet": 1, "controlnet_summary": 1}
+
+
+def test_a_controlnet_whose_base_is_not_in_the_workflow_stops_the_plan(tmp_path):
+    root = tiny_workflow(tmp_path)
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    path = root / config["controlnets"][0]
+    exp = yaml.safe_load(path.read_text())
+    exp["base"] = "no_such_unet"
+    path.write_text(yaml.safe_dump(exp))
+    proc = smk(root, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and config["controlnets"][0] in out
+    assert "key 'base' names 'no_such_unet', which is not a diffusion experiment of the workflow" in out

@@ -314,3 +314,27 @@ def write_control_fidelity(task: ControlNetTask, out_dir: Path, name: str, resul
                  summary["gain"])
     atomic_write_bytes(out_dir / FIDELITY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def summarize_control_fidelity(fidelity_files: list[str | Path], out_csv: str | Path) -> list[dict]:
+    """One row per ControlNet run from its ``control_fidelity.json``: fusion, signal, base, the control mIoU of
+    the best checkpoint and of the uncontrolled base, and the gain; written as CSV."""
+    import csv
+    import io
+
+    columns = ["experiment", "fusion", "signal", "base", "epoch", "rows", "controlled_miou", "base_miou", "gain"]
+    rows = []
+    for path in fidelity_files:
+        f = json.loads(Path(path).read_text())
+        available = f.get("available", False)
+        rows.append({"experiment": f["experiment"], "fusion": f["fusion"], "signal": f["signal"], "base": f["base"],
+                     "epoch": f["epoch"], "rows": f.get("rows"),
+                     "controlled_miou": f["controlled"]["miou"] if available else None,
+                     "base_miou": f["uncontrolled_base"]["miou"] if available else None,
+                     "gain": f["gain"] if available else None})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+    atomic_write_bytes(out_csv, buf.getvalue().encode())
+    return rows
