@@ -63,9 +63,10 @@ def loopback_site_profile(out_dir: Path, partition: str) -> Path:
     profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
     profile["default-resources"].pop("slurm_account")
     profile["slurm-no-account"] = True
-    for resources in (profile["default-resources"], *profile["set-resources"].values()):
-        resources["slurm_partition"] = partition
-        resources["mem_mb"] = resources["mem_mb"].replace("16000", "500").replace("2000", "300")
+    # sizes for a small test node (runtimes stay the profile's own)
+    profile["default-resources"].update(slurm_partition=partition, mem_mb="300 * attempt")
+    for resources in profile["set-resources"].values():
+        resources.update(slurm_partition=partition, mem_mb="500 * attempt")
         if "cpus_per_gpu" in resources:
             resources["cpus_per_gpu"] = 1  # a 2-core node runs both training jobs at once
     profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
