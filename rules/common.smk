@@ -55,6 +55,13 @@ def parent_of_output(wildcards, output):
     return str(Path(output[0]).parent)
 
 
+def best_checkpoint_of_metrics(wildcards, input):
+    """The best checkpoint beside a run's metrics CSV (RUN/NAME_metrics.csv -> RUN/checkpoints/NAME_...)."""
+    metrics = Path(input.metrics)
+    name = metrics.name.removesuffix("_metrics.csv")
+    return str(metrics.parent / "checkpoints" / f"{name}_checkpoint_best.pt")
+
+
 def run_dirs_of_metrics(wildcards, input):
     """The run folders of the metrics files a rule takes as input."""
     return [str(Path(p).parent) for p in input.metrics]
