@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 import shlex
 import shutil
 import signal
@@ -77,6 +78,15 @@ def loopback_site_profile(out_dir: Path, partition: str) -> Path:
     out_dir.mkdir(parents=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return out_dir
+
+
+GPU_RULES = ("train_autoencoder", "embed_latents", "train_diffusion", "sample_diffusion", "evaluate_memorization",
+             "train_controlnet")
+
+
+def rule_of(comment: str) -> str:
+    """The rule of an sbatch --comment (rule_NAME or rule_NAME_wildcards_...)."""
+    return next(r for r in GPU_RULES if comment == f"rule_{r}" or comment.startswith(f"rule_{r}_wildcards_"))
 
 
 def sbatch_calls(log: str) -> list[str]:
@@ -151,19 +161,22 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
     calls = sbatch_calls(out)
     print("\n".join(calls))
     rules = [option(call, "--comment") for call in calls]
-    assert sorted(rules) == sorted([f"rule_train_autoencoder_wildcards_{name}"] * 2
-                                   + [f"rule_train_autoencoder_wildcards_{other}"]), rules
+    # every GPU-class job went through sbatch (one training job twice: it was cancelled and retried) ...
+    assert Counter(map(rule_of, rules)) == {"train_autoencoder": 3, "embed_latents": 1, "train_diffusion": 2,
+                                            "sample_diffusion": 2, "evaluate_memorization": 2}, rules
+    assert sorted(r for r in rules if rule_of(r) == "train_autoencoder") == sorted(
+        [f"rule_train_autoencoder_wildcards_{name}"] * 2 + [f"rule_train_autoencoder_wildcards_{other}"])
     for call in calls:  # the GPU request of profiles/slurm, and the loopback site's partition
         assert option(call, "--gpus=") == "1" and option(call, "--cpus-per-gpu=") == "1"
         assert option(call, "-p") == partition
-    retried = [call for call in calls if option(call, "--comment").endswith(name)]
+    retried = [call for call in calls if option(call, "--comment") == f"rule_train_autoencoder_wildcards_{name}"]
     assert [(option(c, "--mem"), option(c, "-t")) for c in retried] == [("500", "240"), ("1000", "480")]
 
     # the cheap rules ran here, not on the cluster; the scheduler saw the GPU requests
     jobs = scheduler_jobs(cluster)
     assert sorted(job["Comment"] for job in jobs) == sorted(rules)
     assert all(job["TresPerJob"] == "gres:gpu:1" for job in jobs)
-    assert sorted(job["JobState"] for job in jobs) == ["CANCELLED", "COMPLETED", "COMPLETED"]
+    assert sorted(job["JobState"] for job in jobs) == ["CANCELLED"] + ["COMPLETED"] * (len(jobs) - 1)
     cancelled = next(job for job in jobs if job["JobState"] == "CANCELLED")
     slurm_log = next((cluster / ".snakemake/slurm_logs").rglob(f"{cancelled['JobId']}.log")).read_text()
     # mid-epoch: "signal 15 received; saved PATH at epoch N, step S"; at an epoch's end: "... after epoch N"
@@ -180,6 +193,9 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
             for kind in ("best", "latest"):
                 ckpt = f"{run.name}/checkpoints/{run.name}_checkpoint_{kind}.pt"
                 assert same_weights(local / "results/autoencoder" / ckpt, cluster / "results/autoencoder" / ckpt)
+    for run in (local / "results/diffusion").iterdir():
+        ckpt = f"{run.name}/checkpoints/{run.name}_checkpoint_best.pt"
+        assert same_weights(local / "results/diffusion" / ckpt, cluster / "results/diffusion" / ckpt)
     assert load_checkpoint(latest)["epoch"] == load_checkpoint(
         local / f"results/autoencoder/{name}/checkpoints/{name}_checkpoint_latest.pt")["epoch"]
 
