@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast dag lint clean
+.PHONY: setup demo test test-fast dag lint clean slurm-up slurm-down
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ test-fast: setup
 
 dag: setup
 	PATH=$(abspath $(BIN)):$$PATH snakemake --dag | dot -Tsvg > dag.svg
+
+# The one-node SLURM cluster the `slurm` tests run on (root; apt-get install slurm-wlm munge). CI starts it.
+slurm-up:
+	tests/cluster/slurm_up.sh
+
+slurm-down:
+	tests/cluster/slurm_down.sh
 
 lint: setup
 	PATH=$(abspath $(BIN)):$$PATH snakemake --lint

@@ -2,9 +2,11 @@ rule train_autoencoder:
     input:
         config=autoencoder_config,
         manifest=manifest(),
+    # Only the metrics CSV is declared: Snakemake deletes the declared outputs of a failed job and of a
+    # job it reruns, and the run rebuilds this file from its latest checkpoint. The checkpoints (best
+    # and latest) are not declared, so a killed or preempted job resumes, with its best checkpoint.
     output:
         metrics="results/autoencoder/{name}/{name}_metrics.csv",
-        best="results/autoencoder/{name}/checkpoints/{name}_checkpoint_best.pt",
     log:
         "logs/autoencoder/{name}.log",
     benchmark:
@@ -12,8 +14,10 @@ rule train_autoencoder:
     conda:
         "../envs/ldmflow.yaml"
     threads: 2
+    resources:
+        # a GPU-class rule: profiles/ size it (gpu, memory, runtime, partition) per machine
+        gpu=1,
     params:
-        # the latest checkpoint is not a declared output, so a failed job keeps it and a rerun resumes
         run_dir=parent_of_output,
     script:
         "../workflow_scripts/train_autoencoder.py"
@@ -21,10 +25,7 @@ rule train_autoencoder:
 
 rule select_autoencoder:
     input:
-        best=expand(
-            "results/autoencoder/{name}/checkpoints/{name}_checkpoint_best.pt",
-            name=AUTOENCODERS,
-        ),
+        # each run folder's metrics CSV stands for the run (its best checkpoint is beside it)
         metrics=expand(
             "results/autoencoder/{name}/{name}_metrics.csv", name=AUTOENCODERS
         ),

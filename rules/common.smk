@@ -29,8 +29,14 @@ def controlnet_config(wildcards):
     return CONTROLNETS[wildcards.name]
 
 
+def controlnet_base_metrics(wildcards):
+    """The metrics CSV of the diffusion run a ControlNet experiment names as its base (it stands for the run)."""
+    base = CONTROLNET_BASES[wildcards.name]
+    return f"results/diffusion/{base}/{base}_metrics.csv"
+
+
 def controlnet_base_checkpoint(wildcards):
-    """The best checkpoint of the diffusion experiment a ControlNet experiment names as its base."""
+    """The best checkpoint of a ControlNet experiment's base diffusion run."""
     base = CONTROLNET_BASES[wildcards.name]
     return f"results/diffusion/{base}/checkpoints/{base}_checkpoint_best.pt"
 
@@ -68,6 +74,13 @@ def all_outputs():
 def parent_of_output(wildcards, output):
     """The folder of a rule's first output (a run folder, the demo data folder)."""
     return str(Path(output[0]).parent)
+
+
+def best_checkpoint_of_metrics(wildcards, input):
+    """The best checkpoint beside a run's metrics CSV (RUN/NAME_metrics.csv -> RUN/checkpoints/NAME_...)."""
+    metrics = Path(input.metrics)
+    name = metrics.name.removesuffix("_metrics.csv")
+    return str(metrics.parent / "checkpoints" / f"{name}_checkpoint_best.pt")
 
 
 def run_dirs_of_metrics(wildcards, input):

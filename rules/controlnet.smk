@@ -2,10 +2,12 @@ rule train_controlnet:
     input:
         config=controlnet_config,
         latents="results/latents/latents.zarr",
-        base=controlnet_base_checkpoint,
+        # the base diffusion run's metrics CSV stands for the run; its best checkpoint is beside it
+        base_metrics=controlnet_base_metrics,
+    # Only files written at the end are declared (see train_autoencoder): the checkpoints survive a
+    # failed job, which resumes from its latest.
     output:
         metrics="results/controlnet/{name}/{name}_metrics.csv",
-        best="results/controlnet/{name}/checkpoints/{name}_checkpoint_best.pt",
         fidelity="results/controlnet/{name}/control_fidelity.json",
     log:
         "logs/controlnet/{name}.log",
@@ -14,9 +16,11 @@ rule train_controlnet:
     conda:
         "../envs/ldmflow.yaml"
     threads: 2
+    resources:
+        gpu=1,
     params:
-        # the latest checkpoint is not a declared output, so a failed job keeps it and a rerun resumes
         run_dir=parent_of_output,
+        base_checkpoint=controlnet_base_checkpoint,
     script:
         "../workflow_scripts/train_controlnet.py"
 

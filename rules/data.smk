@@ -3,6 +3,7 @@ rule demo_data:
         manifest="results/data/demo/manifest.csv",
     log:
         "logs/data/demo_data.log",
+    localrule: True
     conda:
         "../envs/ldmflow.yaml"
     params:

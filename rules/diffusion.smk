@@ -2,9 +2,9 @@ rule train_diffusion:
     input:
         config=diffusion_config,
         latents="results/latents/latents.zarr",
+    # Only the metrics CSV is declared (see train_autoencoder): the checkpoints survive a failed job.
     output:
         metrics="results/diffusion/{name}/{name}_metrics.csv",
-        best="results/diffusion/{name}/checkpoints/{name}_checkpoint_best.pt",
     log:
         "logs/diffusion/{name}.log",
     benchmark:
@@ -12,8 +12,9 @@ rule train_diffusion:
     conda:
         "../envs/ldmflow.yaml"
     threads: 2
+    resources:
+        gpu=1,
     params:
-        # the latest checkpoint is not a declared output, so a failed job keeps it and a rerun resumes
         run_dir=parent_of_output,
     script:
         "../workflow_scripts/train_diffusion.py"
@@ -21,7 +22,8 @@ rule train_diffusion:
 
 rule sample_diffusion:
     input:
-        checkpoint="results/diffusion/{name}/checkpoints/{name}_checkpoint_best.pt",
+        # the metrics CSV stands for the run; its best checkpoint is beside it
+        metrics="results/diffusion/{name}/{name}_metrics.csv",
     output:
         grid=report(
             "results/diffusion/{name}/eval_samples/grid.png",
@@ -37,7 +39,10 @@ rule sample_diffusion:
     conda:
         "../envs/ldmflow.yaml"
     threads: 2
+    resources:
+        gpu=1,
     params:
+        checkpoint=best_checkpoint_of_metrics,
         out_dir=parent_of_output,
         n=config["sampling"]["n"],
         seed=config["sampling"]["seed"],

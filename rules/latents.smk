@@ -11,6 +11,8 @@ rule embed_latents:
     conda:
         "../envs/ldmflow.yaml"
     threads: 2
+    resources:
+        gpu=1,
     params:
         batch_size=config["latents"]["batch_size"],
         dtype=config["latents"]["dtype"],

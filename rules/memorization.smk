@@ -30,6 +30,8 @@ rule evaluate_memorization:
     conda:
         "../envs/ldmflow.yaml"
     threads: 2
+    resources:
+        gpu=1,
     params:
         samples_dir=parent_of_input_grid,
         out_dir=parent_of_output,

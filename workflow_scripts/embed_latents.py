@@ -1,13 +1,17 @@
 """Rule embed_latents: encode every image with the selected autoencoder into the zarr latent store."""
 
+import os
+
 from ldmflow.cli import setup_logging
+from ldmflow.devices import claim_gpu
 from ldmflow.latents import embed_latents
 
 
 def main(smk) -> None:
     setup_logging(smk.log[0])
-    embed_latents(smk.input.selected, smk.input.manifest, smk.output.store, batch_size=smk.params.batch_size,
-                  dtype=smk.params.dtype, threads=smk.threads)
+    with claim_gpu(os.environ) as device:
+        embed_latents(smk.input.selected, smk.input.manifest, smk.output.store, batch_size=smk.params.batch_size,
+                      dtype=smk.params.dtype, device=device, threads=smk.threads)
 
 
 if __name__ == "__main__":

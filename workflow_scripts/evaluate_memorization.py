@@ -1,15 +1,20 @@
 """Rule evaluate_memorization: compare one experiment's evaluation samples with the training images."""
 
+import os
+
 import torch
 
 from ldmflow.cli import setup_logging
+from ldmflow.devices import claim_gpu
 from ldmflow.memorization import evaluate_memorization
 
 
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    evaluate_memorization(smk.input.train, smk.params.samples_dir, smk.params.out_dir, **smk.params.options)
+    with claim_gpu(os.environ) as device:
+        evaluate_memorization(smk.input.train, smk.params.samples_dir, smk.params.out_dir, device=device,
+                              **smk.params.options)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Rule train_autoencoder: train one autoencoder experiment (resuming from its latest checkpoint)."""
 
-from ldmflow.cli import setup_logging
-from ldmflow.train_ae import train_autoencoder
+import os
+
+from ldmflow.distributed import run_training
 
 
 def main(smk) -> None:
-    setup_logging(smk.log[0])
-    train_autoencoder(smk.input.config, smk.input.manifest, smk.params.run_dir, threads=smk.threads, progress=False)
+    run_training(["--log-file", smk.log[0], "train-ae", "--config", smk.input.config, "--data", smk.input.manifest,
+                  "--out", smk.params.run_dir, "--threads", str(smk.threads)],
+                 gpus=int(smk.resources.gpu), environ=os.environ)
 
 
 if __name__ == "__main__":

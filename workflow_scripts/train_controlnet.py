@@ -1,13 +1,15 @@
 """Rule train_controlnet: train one ControlNet experiment on the latent store and its base diffusion checkpoint."""
 
-from ldmflow.cli import setup_logging
-from ldmflow.train_controlnet import train_controlnet
+import os
+
+from ldmflow.distributed import run_training
 
 
 def main(smk) -> None:
-    setup_logging(smk.log[0])
-    train_controlnet(smk.input.config, smk.input.latents, smk.input.base, smk.params.run_dir, threads=smk.threads,
-                     progress=False)
+    run_training(["--log-file", smk.log[0], "train-controlnet", "--config", smk.input.config, "--latents",
+                  smk.input.latents, "--base", smk.params.base_checkpoint, "--out", smk.params.run_dir,
+                  "--threads", str(smk.threads)],
+                 gpus=int(smk.resources.gpu), environ=os.environ)
 
 
 if __name__ == "__main__":

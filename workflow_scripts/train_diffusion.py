@@ -1,12 +1,14 @@
 """Rule train_diffusion: train one diffusion experiment on the latent store (resuming from its latest)."""
 
-from ldmflow.cli import setup_logging
-from ldmflow.train_diffusion import train_diffusion
+import os
+
+from ldmflow.distributed import run_training
 
 
 def main(smk) -> None:
-    setup_logging(smk.log[0])
-    train_diffusion(smk.input.config, smk.input.latents, smk.params.run_dir, threads=smk.threads, progress=False)
+    run_training(["--log-file", smk.log[0], "train-diffusion", "--config", smk.input.config, "--latents",
+                  smk.input.latents, "--out", smk.params.run_dir, "--threads", str(smk.threads)],
+                 gpus=int(smk.resources.gpu), environ=os.environ)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,19 @@ def run_cli(argv: list[str], nproc: int = 1) -> None:
         code = subprocess.run(cmd).returncode
     if code:
         raise SystemExit(code)
+
+
+def run_training(argv: list[str], gpus: int, environ) -> None:
+    """What a training rule runs: ``ldmflow ARGV`` on the job's GPUs.
+
+    ``gpus`` > 1 (the rule's ``gpu`` resource): torchrun with that many processes, rank r on cuda:r of
+    the devices the scheduler gave the job (DDP). Otherwise one process on a GPU no other job on this
+    machine holds (:func:`ldmflow.devices.claim_gpu`), or on the CPU when there is none.
+    """
+    from .devices import claim_gpu
+
+    if gpus > 1:
+        run_cli(argv, nproc=gpus)
+        return
+    with claim_gpu(environ) as device:
+        run_cli([*argv, *(["--device", device] if device else [])])

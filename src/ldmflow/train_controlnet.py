@@ -22,6 +22,7 @@ from .autoencoder import confusion, miou
 from .config import ConfigError, ControlNetExperiment, DiffusionExperiment, load_config, to_dict
 from .control import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
 from .controlnet import ControlledUNet, build_controlnet
+from .distributed import rank
 from .latents import LatentDataset, LatentStore
 from .sample import load_diffusion, load_verified_autoencoder
 from .schedulers import diffusion_loss
@@ -283,7 +284,10 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
     task = ControlNetTask(cfg, base_cfg, model, base_model, store, num_classes, dev, val_set, provenance)
     result = fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev, sample_weights=weights, workers=0,
                  progress=progress)
-    result["control_fidelity"] = write_control_fidelity(task, Path(out_dir), cfg.name, result)
+    if rank() == 0:  # under DDP the other processes only trained
+        result["control_fidelity"] = write_control_fidelity(task, Path(out_dir), cfg.name, result)
+    else:
+        result["control_fidelity"] = {"available": False, "reason": f"measured by rank 0, not rank {rank()}"}
     return result
 
 
