@@ -49,6 +49,13 @@ def tiny_workflow(root: Path) -> Path:
         exp["optim"]["warmup_steps"] = 2
         exp["train"].update(epochs=2, sample_every=2)
         (root / path).write_text(yaml.safe_dump(exp))
+    for path in config.get("controlnets", []):
+        exp = yaml.safe_load((root / path).read_text())
+        exp["data"]["batch_size"] = 8
+        exp["sampling"].update(steps=3, grid_rows=2)
+        exp["evaluation"]["fidelity_samples"] = 4
+        exp["train"].update(epochs=2, sample_every=1)
+        (root / path).write_text(yaml.safe_dump(exp))
     config["sampling"] = {"n": 6, "seed": 1}
     config["memorization"] = {"image_size": 16, "tiles": 2, "n": 5}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
@@ -139,7 +146,7 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 FULL_PLAN = {"all": 1, "demo_data": 1, "train_autoencoder": 2, "select_autoencoder": 1, "embed_latents": 1,
              "train_diffusion": 2, "sample_diffusion": 2, "evaluate_memorization": 2, "memorization_summary": 1,
-             "training_curves": 4}
+             "train_controlnet": 3, "controlnet_summary": 1, "training_curves": 7}
 
 
 def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
@@ -194,7 +201,7 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     exp = yaml.safe_load(edited.read_text())
     exp["optim"]["lr"] = 1e-3
     edited.write_text(yaml.safe_dump(exp))
-    expected = {**FULL_PLAN, "train_autoencoder": 1, "training_curves": 3}
+    expected = {**FULL_PLAN, "train_autoencoder": 1, "training_curves": 6}
     del expected["demo_data"]
     assert planned_jobs(smk(root, "-n")) == expected
 
@@ -257,24 +264,10 @@ def test_a_killed_training_job_resumes_when_the_workflow_reruns(tmp_path):
 
 
 def tiny_controlnet_workflow(root: Path) -> Path:
-    """The tiny workflow with 2-epoch diffusion and ControlNet experiments (one base)."""
+    """The tiny workflow with one diffusion experiment, the base of every ControlNet."""
     tiny_workflow(root)
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     config["diffusion"] = config["diffusion"][:1]
-    for path in config["diffusion"]:
-        exp = yaml.safe_load((root / path).read_text())
-        exp["data"]["batch_size"] = 8
-        exp["optim"]["warmup_steps"] = 2
-        exp["train"].update(epochs=2, sample_every=1)
-        exp["sampling"].update(steps=3, per_class=1)
-        (root / path).write_text(yaml.safe_dump(exp))
-    for path in config["controlnets"]:
-        exp = yaml.safe_load((root / path).read_text())
-        exp["data"]["batch_size"] = 8
-        exp["train"].update(epochs=2, sample_every=1)
-        exp["sampling"].update(steps=3, grid_rows=2)
-        exp["evaluation"]["fidelity_samples"] = 4
-        (root / path).write_text(yaml.safe_dump(exp))
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
     return root
 
