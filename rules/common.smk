@@ -43,7 +43,9 @@ def controlnet_base_checkpoint(wildcards):
 
 def evaluated_experiments():
     """Every experiment whose samples are checked for memorization, as 'stage/name'."""
-    return [f"diffusion/{name}" for name in DIFFUSION]
+    return [f"diffusion/{name}" for name in DIFFUSION] + [
+        f"controlnet/{name}" for name in CONTROLNETS
+    ]
 
 
 def memorization_summaries():
@@ -66,6 +68,7 @@ def all_outputs():
         *expand("results/diffusion/{name}/{name}_curves.png", name=DIFFUSION),
         "results/latents/latents.zarr",
         *expand("results/controlnet/{name}/control_fidelity.json", name=CONTROLNETS),
+        *expand("results/controlnet/{name}/eval_samples/grid.png", name=CONTROLNETS),
         *expand("results/controlnet/{name}/{name}_curves.png", name=CONTROLNETS),
         *(["results/controlnet/control_fidelity.csv"] if CONTROLNETS else []),
     ]

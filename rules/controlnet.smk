@@ -43,3 +43,33 @@ rule controlnet_summary:
         "../envs/ldmflow.yaml"
     script:
         "../workflow_scripts/controlnet_summary.py"
+
+
+rule sample_controlnet:
+    input:
+        # the metrics CSV stands for the run; its best checkpoint is beside it
+        metrics="results/controlnet/{name}/{name}_metrics.csv",
+    output:
+        grid=report(
+            "results/controlnet/{name}/eval_samples/grid.png",
+            category="Sample grids",
+            subcategory="controlnet",
+            labels={"experiment": "{name}"},
+        ),
+        samples=directory("results/controlnet/{name}/eval_samples/samples.zarr"),
+    log:
+        "logs/controlnet/{name}_sample.log",
+    benchmark:
+        "results/benchmarks/controlnet/{name}_sample.tsv"
+    conda:
+        "../envs/ldmflow.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        checkpoint=best_checkpoint_of_metrics,
+        out_dir=parent_of_output,
+        n=config["sampling"]["n"],
+        seed=config["sampling"]["seed"],
+    script:
+        "../workflow_scripts/sample_controlnet.py"

@@ -81,7 +81,7 @@ def loopback_site_profile(out_dir: Path, partition: str) -> Path:
 
 
 GPU_RULES = ("train_autoencoder", "embed_latents", "train_diffusion", "sample_diffusion", "evaluate_memorization",
-             "train_controlnet")
+             "train_controlnet", "sample_controlnet")
 
 
 def rule_of(comment: str) -> str:
@@ -129,12 +129,23 @@ def kill_strays(root: Path) -> None:
             continue
 
 
+def one_of_each_later_stage(root: Path) -> None:
+    """Keep one diffusion and one ControlNet experiment (every rule still runs; fewer sbatch jobs)."""
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    config["diffusion"] = config["diffusion"][:1]
+    base = yaml.safe_load((root / config["diffusion"][0]).read_text())["name"]
+    config["controlnets"] = [p for p in config["controlnets"]
+                             if yaml.safe_load((root / p).read_text())["base"] == base][:1]
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+
+
 @pytest.mark.slurm
 def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries_and_resumes(tmp_path):
     partition = slurm_partition()
     local, cluster = tiny_workflow(tmp_path / "local"), tiny_workflow(tmp_path / "slurm")
     for root in (local, cluster):  # long enough to be cancelled mid-run
         name = edit_experiment(root, epochs=30)
+        one_of_each_later_stage(root)
     other, _ = experiment(cluster, 1)
     smk(local)
 
@@ -162,8 +173,9 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
     print("\n".join(calls))
     rules = [option(call, "--comment") for call in calls]
     # every GPU-class job went through sbatch (one training job twice: it was cancelled and retried) ...
-    assert Counter(map(rule_of, rules)) == {"train_autoencoder": 3, "embed_latents": 1, "train_diffusion": 2,
-                                            "sample_diffusion": 2, "evaluate_memorization": 2}, rules
+    assert Counter(map(rule_of, rules)) == {"train_autoencoder": 3, "embed_latents": 1, "train_diffusion": 1,
+                                            "sample_diffusion": 1, "train_controlnet": 1, "sample_controlnet": 1,
+                                            "evaluate_memorization": 2}, rules
     assert sorted(r for r in rules if rule_of(r) == "train_autoencoder") == sorted(
         [f"rule_train_autoencoder_wildcards_{name}"] * 2 + [f"rule_train_autoencoder_wildcards_{other}"])
     for call in calls:  # the GPU request of profiles/slurm, and the loopback site's partition
@@ -193,9 +205,11 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
             for kind in ("best", "latest"):
                 ckpt = f"{run.name}/checkpoints/{run.name}_checkpoint_{kind}.pt"
                 assert same_weights(local / "results/autoencoder" / ckpt, cluster / "results/autoencoder" / ckpt)
-    for run in (local / "results/diffusion").iterdir():
-        ckpt = f"{run.name}/checkpoints/{run.name}_checkpoint_best.pt"
-        assert same_weights(local / "results/diffusion" / ckpt, cluster / "results/diffusion" / ckpt)
+    for stage in ("diffusion", "controlnet"):
+        for run in (local / "results" / stage).iterdir():
+            if run.is_dir():
+                ckpt = f"{run.name}/checkpoints/{run.name}_checkpoint_best.pt"
+                assert same_weights(local / "results" / stage / ckpt, cluster / "results" / stage / ckpt)
     assert load_checkpoint(latest)["epoch"] == load_checkpoint(
         local / f"results/autoencoder/{name}/checkpoints/{name}_checkpoint_latest.pt")["epoch"]
 

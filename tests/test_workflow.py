@@ -145,8 +145,8 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 FULL_PLAN = {"all": 1, "demo_data": 1, "train_autoencoder": 2, "select_autoencoder": 1, "embed_latents": 1,
-             "train_diffusion": 2, "sample_diffusion": 2, "evaluate_memorization": 2, "memorization_summary": 1,
-             "train_controlnet": 3, "controlnet_summary": 1, "training_curves": 7}
+             "train_diffusion": 2, "sample_diffusion": 2, "evaluate_memorization": 5, "memorization_summary": 1,
+             "train_controlnet": 3, "sample_controlnet": 3, "controlnet_summary": 1, "training_curves": 7}
 
 
 def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
@@ -186,8 +186,12 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
         for out in ("per_sample.csv", "histogram.png", "top_matches.png"):
             assert (root / f"results/memorization/diffusion/{name}" / out).is_file()
     table = pd.read_csv(root / "results/memorization/summary.csv")
-    assert sorted(table["experiment"]) == sorted(f"diffusion/{yaml.safe_load((root / p).read_text())['name']}"
-                                                 for p in config["diffusion"])
+    evaluated = [f"{stage}/{yaml.safe_load((root / p).read_text())['name']}"
+                 for stage, key in (("diffusion", "diffusion"), ("controlnet", "controlnets")) for p in config[key]]
+    assert sorted(table["experiment"]) == sorted(evaluated)
+    for exp in evaluated:  # ControlNet samples too: each under another held-out control
+        assert (root / f"results/memorization/{exp}/summary.json").is_file()
+    assert len(list((root / "results/controlnet").glob("*/eval_samples/sample_*.png"))) == 6 * 3
     assert "Nothing to be done" in (smk(root, "-n").stdout + smk(root, "-n").stderr)
 
     smk(root, "--report", "report.html")

@@ -75,6 +75,25 @@ def write_samples_store(path: Path, latents: np.ndarray, labels: np.ndarray, att
     tmp.rename(path)
 
 
+def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.ndarray, attrs: dict,
+                 controls: np.ndarray | None = None) -> None:
+    """Write ``sample_NNNNN.png``, ``grid.png`` and ``samples.zarr`` for N decoded samples.
+
+    pixels (N, H, W, 3) uint8; latents (N, C, h, w) in the autoencoder's space; labels (N,) (-1: none).
+    With ``controls`` (N, H, W, 3) uint8 previews, the grid pairs each control with its sample.
+    """
+    n = len(pixels)
+    for i, img in enumerate(pixels):
+        save_png(img, out / f"sample_{i:05d}.png")
+    tiles = pixels if controls is None else np.stack([controls, pixels], 1).reshape(2 * n, *pixels.shape[1:])
+    cols = min(len(tiles), 8)
+    rows = math.ceil(len(tiles) / cols)
+    padded = np.concatenate([tiles, np.full((rows * cols - len(tiles), *tiles.shape[1:]), 255, np.uint8)])
+    table = padded.reshape(rows, cols, *tiles.shape[1:])
+    save_png(grid([table[:, c] for c in range(cols)]), out / "grid.png", upscale=max(1, 64 // pixels.shape[1]))
+    write_samples_store(out / "samples.zarr", latents, labels, attrs)
+
+
 def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_id: str | int | None = None,
                       guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                       seed: int = 42, device: str | None = None, batch_size: int = 64) -> dict:
@@ -115,21 +134,13 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
         rgb, _ = decoder.decode(z)
         all_latents.append(z.float().cpu().numpy())
         images.append(to_uint8(rgb))
-    pixels = np.concatenate(images)
-    for i, img in enumerate(pixels):
-        save_png(img, out / f"sample_{i:05d}.png")
-    cols = min(n, 8)
-    rows = math.ceil(n / cols)
-    padded = np.concatenate([pixels, np.full((rows * cols - n, *pixels.shape[1:]), 255, np.uint8)])
-    tiles = padded.reshape(rows, cols, *pixels.shape[1:])
-    save_png(grid([tiles[:, c] for c in range(cols)]), out / "grid.png", upscale=max(1, 64 // pixels.shape[1]))
     attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
              "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
              "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
              "eta": sampling.eta, "guidance": sampling.guidance, "seed": seed, "classes": extra["classes"],
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
-    write_samples_store(out / "samples.zarr", np.concatenate(all_latents), lab, attrs)
+    save_samples(out, np.concatenate(images), np.concatenate(all_latents), lab, attrs)
     seconds = time.monotonic() - start
     log.info("wrote %d samples to %s in %.1f s (%s, %d steps, guidance %g)", n, out, seconds, sampling.sampler,
              sampling.steps, sampling.guidance)

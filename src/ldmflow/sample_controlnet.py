@@ -21,13 +21,13 @@ from . import __version__
 from .config import ControlNetExperiment, DiffusionExperiment, SamplingConfig, from_dict, to_dict, validate
 from .control import ControlError, control_preview, edge_controls, edges_from_rgb, manifest_controls, to_model_input
 from .controlnet import ControlledUNet, Scale, build_controlnet
-from .sample import SamplingError, load_verified_autoencoder, resolve_class, write_samples_store
+from .sample import SamplingError, load_verified_autoencoder, resolve_class, save_samples
 from .samplers import guided, sample
 from .schedulers import NoiseSchedule
 from .train_ae import file_sha256
 from .training import get_device, inference_weights, load_checkpoint
 from .unet import build_unet
-from .viz import grid, save_png, to_uint8
+from .viz import save_png, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,41 @@ def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tu
     return to_model_input(signal, raw, k), None, str(path)
 
 
+def load_controls(value: str | int, n: int, cfg: ControlNetExperiment, extra: dict
+                  ) -> tuple[torch.Tensor, list[int | None], str]:
+    """N controls (N, K, H, W), each sample's row label (or None) and a description.
+
+    ``value`` is one control (a store row index or an image file, used for every sample) or a split name
+    (``val``, ``train``, ``test``): sample i then takes the i-th row of that split of the latent store, in
+    turn, so a set of samples covers many held-out controls (what the workflow evaluates).
+    """
+    from .data import SPLITS
+
+    if str(value) in SPLITS:
+        from .latents import LatentStore
+
+        rows = LatentStore(extra["latents"]).indices(str(value))
+        if not len(rows):
+            raise ControlError(f"control {value!r}: the latent store {extra['latents']} has no {value} rows")
+        picks = [int(rows[i % len(rows)]) for i in range(n)]
+        loaded = [load_control(str(i), cfg, extra) for i in picks]
+        return (torch.cat([c for c, _, _ in loaded]), [lab for _, lab, _ in loaded],
+                f"{extra['latents']} split {value} (rows {picks[0]}..., in turn)")
+    control, label, described = load_control(value, cfg, extra)
+    return control.expand(n, *control.shape[1:]), [label] * n, described
+
+
 def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: str | Path, *, scale: Scale | None = None,
                       class_id: str | int | None = None, guidance: float | None = None, sampler: str | None = None,
                       steps: int | None = None, seed: int = 42, device: str | None = None,
                       batch_size: int = 64) -> dict:
-    """Generate N samples under one control into OUT: ``sample_NNNNN.png``, ``control.png``, ``grid.png``
-    (each row: the control, then samples), ``samples.zarr``; same seed, same images.
+    """Generate N samples into OUT: ``sample_NNNNN.png``, ``grid.png`` (each control beside its sample),
+    ``samples.zarr``; same seed, same images.
 
-    The class is ``class_id``, else the control row's class, else the classes in turn (class-conditional
-    models only). ``scale`` (one number or one per UNet level) defaults to the experiment's sampling.scale.
+    ``control``: one control for all samples (a store row index or an image file), or a split name (each
+    sample takes the next row of that split). The class is ``class_id``, else each control row's class,
+    else the classes in turn (class-conditional models only). ``scale`` (one number or one per UNet level)
+    defaults to the experiment's sampling.scale.
     """
     if n < 1:
         raise SamplingError(f"n must be >= 1, got {n}")
@@ -126,8 +152,7 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
             setattr(sampling, key, value)
     validate(to_dict(sampling), SamplingConfig, "--sampler/--steps/--guidance")
     scale = cfg.sampling.scale if scale is None else scale
-    control, row_label, described = load_control(control, cfg, extra)
-    control = control.to(dev)
+    controls, row_labels, described = load_controls(control, n, cfg, extra)
     try:
         model.level_scales(scale)
     except ValueError as exc:
@@ -136,38 +161,29 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
     schedule = NoiseSchedule.from_config(base_cfg.diffusion).to(dev)
     num_classes = extra["num_classes"]
     fixed = resolve_class(class_id, extra["classes"], num_classes)
-    fixed = fixed if fixed is not None else row_label
     labels = None
     if num_classes:
-        labels = torch.full((n,), fixed, dtype=torch.long) if fixed is not None else torch.arange(n) % num_classes
+        labels = torch.tensor([fixed if fixed is not None else (lab if lab is not None else i % num_classes)
+                               for i, lab in enumerate(row_labels)], dtype=torch.long)
     shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    bound = model.bind(control, scale)
     all_latents, images = [], []
     for b in range(math.ceil(n / batch_size)):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         y = labels[lo:hi].to(dev) if labels is not None else None
         x = torch.randn((hi - lo, *shape), generator=gen, device=dev)
+        bound = model.bind(controls[lo:hi].to(dev), scale)
         denoise = guided(bound, y, sampling.guidance, model.null_label if y is not None else None)
         z = sample(denoise, x, schedule, sampling, prediction=base_cfg.diffusion.prediction, generator=gen)
         z = z / extra["scale_factor"]  # back to the autoencoder's latent space
         rgb, _ = decoder.decode(z)
         all_latents.append(z.float().cpu().numpy())
         images.append(to_uint8(rgb))
-    pixels = np.concatenate(images)
-    for i, img in enumerate(pixels):
-        save_png(img, out / f"sample_{i:05d}.png")
-    preview = control_preview(cfg.control.signal, control.cpu())[0]
-    save_png(preview, out / "control.png")
-    cols = min(n, 8)
-    rows = math.ceil(n / cols)
-    padded = np.concatenate([pixels, np.full((rows * cols - n, *pixels.shape[1:]), 255, np.uint8)])
-    tiles = padded.reshape(rows, cols, *pixels.shape[1:])
-    save_png(grid([np.repeat(preview[None], rows, 0)] + [tiles[:, c] for c in range(cols)]), out / "grid.png",
-             upscale=max(1, 64 // pixels.shape[1]))
+    previews = control_preview(cfg.control.signal, controls.cpu())  # (N, H, W, 3)
+    save_png(previews[0], out / "control.png")
     attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
              "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
              "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
@@ -175,7 +191,7 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
              "fusion": cfg.model.fusion, "signal": cfg.control.signal, "control": described, "scale": scale,
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
-    write_samples_store(out / "samples.zarr", np.concatenate(all_latents), lab, attrs)
+    save_samples(out, np.concatenate(images), np.concatenate(all_latents), lab, attrs, controls=previews)
     seconds = time.monotonic() - start
     log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %g, scale %s)", n, described,
              out, seconds, sampling.sampler, sampling.steps, sampling.guidance, scale)
