@@ -49,12 +49,21 @@ def cmd_demo_data(args) -> None:
     print(path)
 
 
+def print_best(result: dict) -> None:
+    """The best epoch of a training run, printed once (by rank 0 under DDP)."""
+    from .distributed import rank
+
+    if rank() == 0:
+        best = result["best"]
+        print(f"best {best['metric']} = {best['value']:.6g} at epoch {best['epoch']}")
+
+
 def cmd_train_ae(args) -> None:
     from .train_ae import train_autoencoder
 
     result = train_autoencoder(args.config, args.data, args.out, overrides=args.set or (), device=args.device,
                                threads=args.threads)
-    print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
+    print_best(result)
 
 
 def cmd_select_ae(args) -> None:
@@ -70,7 +79,7 @@ def cmd_train_diffusion(args) -> None:
 
     result = train_diffusion(args.config, args.latents, args.out, overrides=args.set or (), device=args.device,
                              threads=args.threads)
-    print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
+    print_best(result)
 
 
 def cmd_train_controlnet(args) -> None:
@@ -78,9 +87,9 @@ def cmd_train_controlnet(args) -> None:
 
     result = train_controlnet(args.config, args.latents, args.base, args.out, overrides=args.set or (),
                               device=args.device, threads=args.threads)
-    print(f"best {result['best']['metric']} = {result['best']['value']:.6g} at epoch {result['best']['epoch']}")
+    print_best(result)
     fidelity = result["control_fidelity"]
-    if fidelity["available"]:
+    if fidelity["available"] and "controlled" in fidelity:
         print(f"control mIoU {fidelity['controlled']['miou']:.4f} (uncontrolled base "
               f"{fidelity['uncontrolled_base']['miou']:.4f})")
 
