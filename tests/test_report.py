@@ -11,8 +11,8 @@ def test_gather_memorization_writes_one_row_per_experiment(tmp_path):
         summary = {"feature": "pixel", "counts": {"generated": 10, "training": 50},
                    "memorized": {"count": i, "fraction": i / 10},
                    "tests": {"tiled_l2": {"fraction": i / 10}, "nn_ratio": {"fraction": 0.0}},
-                   "similarity_percentiles": {"generated": {"50": 0.5, "95": 0.8 + i / 10},
-                                              "reference": {"50": 0.4, "95": 0.85}},
+                   "similarity_percentiles": {"generated": {"p50": 0.5, "p95": 0.8 + i / 10},
+                                              "reference": {"p50": 0.4, "p95": 0.85}},
                    "quality": {"generated": {"frechet_distance": 3.0 - i, "precision": 0.7, "recall": 0.6}}}
         path = tmp_path / f"{i}.json"
         path.write_text(json.dumps(summary))
@@ -21,6 +21,7 @@ def test_gather_memorization_writes_one_row_per_experiment(tmp_path):
     on_disk = pd.read_csv(tmp_path / "s.csv")
     assert list(on_disk["experiment"]) == ["diffusion/a", "controlnet/b"]
     assert list(on_disk["memorized"]) == [0, 1] and on_disk["frechet_distance"].tolist() == [3.0, 2.0]
+    assert on_disk["similarity_p95"].tolist() == [0.8, 0.9] and on_disk["reference_similarity_p95"].tolist() == [0.85] * 2
     assert (tmp_path / "s.png").stat().st_size > 1000 and len(table) == 2
 
 

