@@ -235,16 +235,19 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, stage):
 
 @pytest.mark.slow
 def test_every_demo_controlnet_beats_the_uncontrolled_base(tmp_path):
-    """The demo as shipped (demo data, the demo's plain autoencoder and tiny UNet, the three demo ControlNet
-    files): each fusion's control mIoU beats the base model's, sampled from the same noise and labels."""
+    """The demo's data, autoencoder and UNet files (trained for fewer epochs, to keep CI short) and the three
+    demo ControlNet files as shipped: each fusion's control mIoU beats the base model's, sampled from the
+    same noise and labels."""
     from ldmflow.demo import write_demo_data
     from ldmflow.latents import embed_latents
 
     manifest = write_demo_data(tmp_path / "data", n=256, size=32, seed=42)
-    train_autoencoder(REPO / "config/autoencoders/demo_plain_c3_f4.yaml", manifest, tmp_path / "ae")
+    train_autoencoder(REPO / "config/autoencoders/demo_plain_c3_f4.yaml", manifest, tmp_path / "ae",
+                      overrides=["train.epochs=25"])
     store = embed_latents(tmp_path / "ae/checkpoints/demo_plain_c3_f4_checkpoint_best.pt", manifest,
                           tmp_path / "latents.zarr")
-    train_diffusion(REPO / "config/diffusion/demo_unet_tiny.yaml", store, tmp_path / "base")
+    train_diffusion(REPO / "config/diffusion/demo_unet_tiny.yaml", store, tmp_path / "base",
+                    overrides=["train.epochs=60"])
     base = tmp_path / "base/checkpoints/demo_unet_tiny_checkpoint_best.pt"
     gains = {}
     for fusion in FUSIONS:
