@@ -39,13 +39,16 @@ def store(tmp_path_factory, demo_manifest):
 
 
 def test_training_loss_falls_and_outputs_are_written(tmp_path, store):
-    cfg = {**TINY_DIFFUSION, "train": {**TINY_DIFFUSION["train"], "epochs": 24, "sample_every": 12},
+    cfg = {**TINY_DIFFUSION, "train": {**TINY_DIFFUSION["train"], "epochs": 40, "sample_every": 20},
            "optim": {**TINY_DIFFUSION["optim"], "lr": 4e-3}}
     result = train_diffusion(cfg, store, tmp_path)
     losses = [r["train_loss"] for r in result["history"]]
-    assert losses[-1] < 0.7 * losses[0], losses
+    # epochs are 4 steps at random timesteps: compare the first and last few epochs, not single ones
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses  # seen: 0.96 -> 0.66
+    assert result["best"]["value"] < result["history"][0]["val_loss"]
     for name in ("checkpoints/tinyd_checkpoint_best.pt", "checkpoints/tinyd_checkpoint_latest.pt",
-                 "tinyd_metrics.csv", "samples/epoch_012.png", "samples/epoch_024.png"):
+                 "tinyd_metrics.csv", "samples/epoch_020.png", "samples/epoch_040.png"):
         assert (tmp_path / name).is_file(), name
     header = (tmp_path / "tinyd_metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("train_loss", "val_loss", "val_loss_q1", "val_loss_q4", "grad_norm", "lr", "samples_per_s", "seconds"):
