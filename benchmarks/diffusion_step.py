@@ -20,7 +20,6 @@ import argparse
 import copy
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

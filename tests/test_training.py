@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from ldmflow.config import EmaConfig, OptimConfig
+from ldmflow.config import OptimConfig
 from ldmflow.train_ae import train_autoencoder
 from ldmflow.training import (
     Ema,

@@ -75,6 +75,34 @@ def write_samples_store(path: Path, latents: np.ndarray, labels: np.ndarray, att
     tmp.rename(path)
 
 
+@torch.no_grad()
+def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict, schedule: NoiseSchedule,
+                     sampling: SamplingConfig, prediction: str, decoder, *, seed: int, device,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample N latents batch by batch from one seeded generator and decode them.
+
+    ``model_for(lo, hi)`` is the conditional model for samples lo..hi (a UNet, or a ControlNet bound to
+    those samples' controls). Returns latents (N, C, h, w) in the autoencoder's (unscaled) space and
+    images (N, H, W, 3) uint8.
+    """
+    from .samplers import guided, sample
+
+    shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    latents, images = [], []
+    for b in range(math.ceil(n / batch_size)):
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        model = model_for(lo, hi)
+        y = labels[lo:hi].to(device) if labels is not None else None
+        x = torch.randn((hi - lo, *shape), generator=gen, device=device)
+        denoise = guided(model, y, sampling.guidance, model.null_label if y is not None else None)
+        z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen) / extra["scale_factor"]
+        rgb, _ = decoder.decode(z)
+        latents.append(z.float().cpu().numpy())
+        images.append(to_uint8(rgb))
+    return np.concatenate(latents), np.concatenate(images)
+
+
 def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.ndarray, attrs: dict,
                  controls: np.ndarray | None = None) -> None:
     """Write ``sample_NNNNN.png``, ``grid.png`` and ``samples.zarr`` for N decoded samples.
@@ -101,8 +129,6 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
 
     Without ``class_id`` a class-conditional model cycles through the classes (sample i has class i mod K).
     """
-    from .samplers import guided, sample
-
     if n < 1:
         raise SamplingError(f"n must be >= 1, got {n}")
     dev = get_device(device)
@@ -118,29 +144,19 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
     labels = None
     if num_classes:
         labels = torch.full((n,), fixed, dtype=torch.long) if fixed is not None else torch.arange(n) % num_classes
-    shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
-    gen = torch.Generator(device=dev).manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    all_latents, images = [], []
-    for b in range(math.ceil(n / batch_size)):
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        y = labels[lo:hi].to(dev) if labels is not None else None
-        x = torch.randn((hi - lo, *shape), generator=gen, device=dev)
-        denoise = guided(model, y, sampling.guidance, model.null_label if y is not None else None)
-        z = sample(denoise, x, schedule, sampling, prediction=cfg.diffusion.prediction, generator=gen)
-        z = z / extra["scale_factor"]  # back to the autoencoder's latent space
-        rgb, _ = decoder.decode(z)
-        all_latents.append(z.float().cpu().numpy())
-        images.append(to_uint8(rgb))
+    latents, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, schedule, sampling,
+                                       cfg.diffusion.prediction, decoder, seed=seed, device=dev,
+                                       batch_size=batch_size)
     attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
              "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
              "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
              "eta": sampling.eta, "guidance": sampling.guidance, "seed": seed, "classes": extra["classes"],
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
-    save_samples(out, np.concatenate(images), np.concatenate(all_latents), lab, attrs)
+    save_samples(out, pixels, latents, lab, attrs)
     seconds = time.monotonic() - start
     log.info("wrote %d samples to %s in %.1f s (%s, %d steps, guidance %g)", n, out, seconds, sampling.sampler,
              sampling.steps, sampling.guidance)

@@ -9,7 +9,6 @@ the control image itself (``image``).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,13 +20,12 @@ from . import __version__
 from .config import ControlNetExperiment, DiffusionExperiment, SamplingConfig, from_dict, to_dict, validate
 from .control import ControlError, control_preview, edge_controls, edges_from_rgb, manifest_controls, to_model_input
 from .controlnet import ControlledUNet, Scale, build_controlnet
-from .sample import SamplingError, load_verified_autoencoder, resolve_class, save_samples
-from .samplers import guided, sample
+from .sample import SamplingError, generate_decoded, load_verified_autoencoder, resolve_class, save_samples
 from .schedulers import NoiseSchedule
 from .train_ae import file_sha256
 from .training import get_device, inference_weights, load_checkpoint
 from .unet import build_unet
-from .viz import save_png, to_uint8
+from .viz import save_png
 
 log = logging.getLogger(__name__)
 
@@ -165,23 +163,12 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
     if num_classes:
         labels = torch.tensor([fixed if fixed is not None else (lab if lab is not None else i % num_classes)
                                for i, lab in enumerate(row_labels)], dtype=torch.long)
-    shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
-    gen = torch.Generator(device=dev).manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    all_latents, images = [], []
-    for b in range(math.ceil(n / batch_size)):
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        y = labels[lo:hi].to(dev) if labels is not None else None
-        x = torch.randn((hi - lo, *shape), generator=gen, device=dev)
-        bound = model.bind(controls[lo:hi].to(dev), scale)
-        denoise = guided(bound, y, sampling.guidance, model.null_label if y is not None else None)
-        z = sample(denoise, x, schedule, sampling, prediction=base_cfg.diffusion.prediction, generator=gen)
-        z = z / extra["scale_factor"]  # back to the autoencoder's latent space
-        rgb, _ = decoder.decode(z)
-        all_latents.append(z.float().cpu().numpy())
-        images.append(to_uint8(rgb))
+    latents, pixels = generate_decoded(lambda lo, hi: model.bind(controls[lo:hi].to(dev), scale), n, labels, extra,
+                                       schedule, sampling, base_cfg.diffusion.prediction, decoder, seed=seed,
+                                       device=dev, batch_size=batch_size)
     previews = control_preview(cfg.control.signal, controls.cpu())  # (N, H, W, 3)
     save_png(previews[0], out / "control.png")
     attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
@@ -191,7 +178,7 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
              "fusion": cfg.model.fusion, "signal": cfg.control.signal, "control": described, "scale": scale,
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
-    save_samples(out, np.concatenate(images), np.concatenate(all_latents), lab, attrs, controls=previews)
+    save_samples(out, pixels, latents, lab, attrs, controls=previews)
     seconds = time.monotonic() - start
     log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %g, scale %s)", n, described,
              out, seconds, sampling.sampler, sampling.steps, sampling.guidance, scale)
