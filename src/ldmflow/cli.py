@@ -251,11 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .distributed import init_from_env, shutdown
     from .sample import SamplingError
     from .select import SelectionError
     from .training import Preempted, TrainingError
-
-    from .distributed import init_from_env, shutdown
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)

@@ -634,3 +634,12 @@ def schema_documents() -> dict[str, str]:
         docs[f"{stage}.schema.json"] = json.dumps(schema, indent=2) + "\n"
     return docs
 
+
+def resolve_experiment(config, stage: str, overrides=()) -> tuple[object, str]:
+    """A stage's experiment: an experiment object as given, or a file/mapping loaded and validated.
+    Returns it and the name errors cite (the file, or the experiment's name)."""
+    cls = STAGES[stage]
+    if isinstance(config, cls):
+        return config, config.name
+    return load_config(config, stage, overrides), str(config)
+

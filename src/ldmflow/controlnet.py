@@ -83,6 +83,12 @@ class ControlledUNet(nn.Module):
         self.factor = factor
         self.levels = len(base.cfg.channel_mult)
 
+    def freeze_base(self, train_decoder: bool) -> None:
+        """Freeze the base UNet; with ``train_decoder`` its decoder (after the middle block) still trains."""
+        self.base.requires_grad_(False)
+        for m in _decoder_modules(self.base) if train_decoder else ():
+            m.requires_grad_(True)
+
     @property
     def null_label(self) -> int | None:
         return self.base.null_label
@@ -154,9 +160,7 @@ class AddControlNet(ControlledUNet):
         self.hint = HintEncoder(control_channels, base.skip_channels()[0], factor, hint_channels)
         self.zero_convs = nn.ModuleList(zero_module(nn.Conv2d(c, c, 1))
                                         for c in base.skip_channels() + [base.mid_channels])
-        base.requires_grad_(False)
-        for m in _decoder_modules(base) if train_base_decoder else ():
-            m.requires_grad_(True)
+        self.freeze_base(train_base_decoder)
 
     def forward(self, x, t, y=None, *, control, scale=1.0):
         self.check_control(control, x)
@@ -215,9 +219,7 @@ class FiLMControl(ControlledUNet):
         # each output gives (gamma, beta) for one skip, the last for the middle block; zero: the identity
         self.film = nn.ModuleList(zero_module(nn.Conv2d(w, 2 * c, 1))
                                   for c in base.skip_channels() + [base.mid_channels])
-        base.requires_grad_(False)
-        for m in _decoder_modules(base) if train_base_decoder else ():
-            m.requires_grad_(True)
+        self.freeze_base(train_base_decoder)
 
     def forward(self, x, t, y=None, *, control, scale=1.0):
         self.check_control(control, x)

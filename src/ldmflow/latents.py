@@ -36,7 +36,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from . import __version__
-from .autoencoder import Autoencoder, load_autoencoder as load_autoencoder_checkpoint
+from .autoencoder import Autoencoder
+from .autoencoder import load_autoencoder as load_autoencoder_checkpoint
 from .config import AutoencoderExperiment, ConfigError, to_dict
 from .data import SPLITS, DataError, ImageDataset, prepare_data
 from .train_ae import file_sha256

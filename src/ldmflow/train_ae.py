@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .autoencoder import AutoencoderLoss, build_autoencoder, confusion, miou, psnr
-from .config import AutoencoderExperiment, ConfigError, load_config, to_dict
+from .config import AutoencoderExperiment, ConfigError, resolve_experiment, to_dict
 from .data import ImageDataset, PreparedData, prepare_data
 from .training import FitConfig, fit, get_device, set_deterministic
 from .viz import colorize, grid, save_png, to_uint8
@@ -104,8 +104,7 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
     Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt``, ``NAME_metrics.csv`` and
     ``samples/epoch_NNN.png``; returns the run summary (best metric, history, resume point).
     """
-    cfg = config if isinstance(config, AutoencoderExperiment) else load_config(config, "autoencoder", overrides)
-    source = str(config) if not isinstance(config, AutoencoderExperiment) else cfg.name
+    cfg, source = resolve_experiment(config, "autoencoder", overrides)
     if threads:
         torch.set_num_threads(threads)
     data = prepare_data(manifest, cfg.data, cfg.seed, threads)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .autoencoder import confusion, miou
-from .config import ConfigError, ControlNetExperiment, DiffusionExperiment, load_config, to_dict
+from .config import ConfigError, ControlNetExperiment, DiffusionExperiment, resolve_experiment, to_dict
 from .control import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
 from .controlnet import ControlledUNet, build_controlnet
 from .distributed import rank
@@ -28,8 +28,16 @@ from .sample import load_diffusion, load_verified_autoencoder
 from .schedulers import diffusion_loss
 from .train_ae import file_sha256
 from .train_diffusion import DiffusionTask, generate_latents, store_provenance
-from .training import (FitConfig, atomic_write_bytes, class_weights, fit, get_device, inference_weights, load_checkpoint,
-                       set_deterministic)
+from .training import (
+    FitConfig,
+    atomic_write_bytes,
+    class_weights,
+    fit,
+    get_device,
+    inference_weights,
+    load_checkpoint,
+    set_deterministic,
+)
 from .unet import count_parameters
 from .viz import grid, save_png, to_uint8
 
@@ -244,8 +252,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
     ``val_control_miou``), ``samples/epoch_NNN.png`` (control | generated | ground truth, EMA model) and
     ``control_fidelity.json`` (the best checkpoint's control mIoU against the uncontrolled base's).
     """
-    cfg = config if isinstance(config, ControlNetExperiment) else load_config(config, "controlnet", overrides)
-    source = cfg.name if isinstance(config, ControlNetExperiment) else str(config)
+    cfg, source = resolve_experiment(config, "controlnet", overrides)
     if threads:
         torch.set_num_threads(threads)
     dev = get_device(device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DiffusionExperiment, load_config, to_dict
+from .config import ConfigError, DiffusionExperiment, resolve_experiment, to_dict
 from .latents import LatentDataset, LatentStore
 from .samplers import guided, sample
 from .schedulers import NoiseSchedule, diffusion_loss
@@ -156,8 +156,7 @@ def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrid
     Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt`` (best = lowest EMA validation loss),
     ``NAME_metrics.csv`` and ``samples/epoch_NNN.png`` (EMA model, one row per class).
     """
-    cfg = config if isinstance(config, DiffusionExperiment) else load_config(config, "diffusion", overrides)
-    source = cfg.name if isinstance(config, DiffusionExperiment) else str(config)
+    cfg, source = resolve_experiment(config, "diffusion", overrides)
     if threads:
         torch.set_num_threads(threads)
     store = LatentStore(latents)
