@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldmflow.config import load_config
-from ldmflow.schedulers import NoiseSchedule, diffusion_loss
-from ldmflow.training import FitConfig, autocast, build_optimizer, fit, get_device
-from ldmflow.unet import build_unet, count_parameters
+from ldmflow.config.loading import load_config
+from ldmflow.diffusion.schedules import NoiseSchedule, diffusion_loss
+from ldmflow.models.unet import build_unet, count_parameters
+from ldmflow.training.devices import get_device
+from ldmflow.training.loop import FitConfig, autocast, fit
+from ldmflow.training.optim import build_optimizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 

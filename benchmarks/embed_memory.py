@@ -28,7 +28,7 @@ def child(checkpoint: str, manifest: str, out: str, threads: int, batch_size: in
     """Embed one dataset in this process and print its timing and peak memory as JSON."""
     import zarr
 
-    from ldmflow.latents import embed_latents
+    from ldmflow.stages.embed import embed_latents
 
     baseline_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
     t0 = time.perf_counter()
@@ -63,9 +63,9 @@ def main() -> None:
         child(*args.child, threads=args.threads, batch_size=args.batch_size)
         return
 
-    from ldmflow.config import load_config
-    from ldmflow.demo import write_demo_data
-    from ldmflow.train_ae import train_autoencoder
+    from ldmflow.config.loading import load_config
+    from ldmflow.data.demo import write_demo_data
+    from ldmflow.stages.train_autoencoder import train_autoencoder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ldmflow-embed-bench-"))
     sizes = (args.n, 10 * args.n)

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from ldmflow.memorization import blocked_search, plan_blocks
-from ldmflow.training import get_device
+from ldmflow.evaluation.search import blocked_search, plan_blocks
+from ldmflow.training.devices import get_device
 
 
 def sync(device: torch.device) -> None:
@@ -61,7 +61,7 @@ def main() -> None:
 
     a = torch.from_numpy(queries.reshape(args.queries, -1)).to(device).float()
     b = torch.from_numpy(train.reshape(args.train, -1)).to(device).float()
-    t_matmul = best_time(lambda: a @ b.T, device, args.repeats)
+    t_matmul = best_time(lambda: a @ b.T, device, args.repeats)  # noqa: F821 (a, b are deleted after)
     del a, b
     result = {}
 

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory) -> Path:
-    from ldmflow.demo import write_demo_data
+    from ldmflow.data.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo") / "data", n=40, size=16, seed=3)
 

@@ -3,8 +3,10 @@ import typing
 import pytest
 import torch
 
-from ldmflow.autoencoder import AutoencoderLoss, build_autoencoder, confusion, dice_loss, miou, psnr
-from ldmflow.config import AutoencoderModelConfig, ReconstructionLossConfig, load_config
+from ldmflow.config.autoencoder import AutoencoderModelConfig, ReconstructionLossConfig
+from ldmflow.config.loading import load_config
+from ldmflow.evaluation.metrics import confusion, miou, psnr
+from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder, dice_loss
 
 
 def make(variant="kl", downsample=4, **loss):

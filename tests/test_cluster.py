@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 import shlex
 import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ldmflow.training import load_checkpoint
+from ldmflow.artifacts import load_checkpoint
 
 from .conftest import REPO, snakemake_bin
 from .test_workflow import (

@@ -4,15 +4,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldmflow.config import (
-    STAGES,
-    AutoencoderExperiment,
-    AutoencoderModelConfig,
-    ConfigError,
-    load_config,
-    schema_documents,
-    to_dict,
-)
+from ldmflow.config.autoencoder import AutoencoderExperiment, AutoencoderModelConfig
+from ldmflow.config.loading import STAGES, load_config, schema_documents
+from ldmflow.config.schema import to_dict
+from ldmflow.errors import ConfigError
 
 from .conftest import REPO
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmflow.config import ControlConfig
-from ldmflow.control import (
+from ldmflow.config.controlnet import ControlConfig
+from ldmflow.data.controls import (
     SIGNALS,
-    ControlError,
     Signal,
     control_channels,
     control_preview,
@@ -17,6 +16,7 @@ from ldmflow.control import (
     sobel_edges,
     to_model_input,
 )
+from ldmflow.errors import ControlError
 
 
 def test_signals_match_the_config_type():

@@ -4,9 +4,9 @@ import typing
 import pytest
 import torch
 
-from ldmflow.config import ControlNetModelConfig
-from ldmflow.controlnet import FUSIONS, AddControlNet, ConcatControl, FiLMControl, Fusion, build_controlnet
-from ldmflow.unet import UNet
+from ldmflow.config.controlnet import ControlNetModelConfig
+from ldmflow.models.controlnet import FUSIONS, AddControlNet, ConcatControl, FiLMControl, Fusion, build_controlnet
+from ldmflow.models.unet import UNet
 
 from .test_unet import randomized, tiny
 
@@ -136,7 +136,7 @@ def test_add_copies_the_encoder_only():
 
 
 def test_bind_repeats_the_control_for_guidance_batches():
-    from ldmflow.samplers import guided
+    from ldmflow.diffusion.samplers import guided
 
     model, _ = controlled("add")
     model = perturbed(model)

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ldmflow.config import DataConfig
-from ldmflow.data import DataError, ImageDataset, assign_split, prepare_data, read_manifest, resize_center_crop
-from ldmflow.demo import CLASSES, write_demo_data
+from ldmflow.config.common import DataConfig
+from ldmflow.data.demo import CLASSES, write_demo_data
+from ldmflow.data.manifest import ImageDataset, assign_split, prepare_data, read_manifest, resize_center_crop
+from ldmflow.errors import DataError
 
 
 def digest(folder):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from ldmflow.training import load_checkpoint
+from ldmflow.artifacts import load_checkpoint
 
 from .conftest import TINY_AE
 
@@ -25,7 +25,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, demo_manif
         path.write_text(yaml.safe_dump(cfg))
         args = ["train-ae", "--config", str(path), "--data", str(demo_manifest), "--out", str(tmp_path / out),
                 "--threads", "1"]
-        code = ("from ldmflow.distributed import run_cli; import sys; "
+        code = ("from ldmflow.training.distributed import run_cli; import sys; "
                 f"run_cli(sys.argv[1:], nproc={nproc})")
         proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                               timeout=600)
@@ -37,8 +37,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, demo_manif
     assert two["step"] == one["step"] and two["epoch"] == one["epoch"] == 2
     # Compare what the models compute, not raw weights: a conv bias right before a per-channel GroupNorm
     # has no effect and a gradient of pure rounding noise, which AdamW turns into arbitrary steps.
-    from ldmflow.autoencoder import build_autoencoder
-    from ldmflow.config import AutoencoderExperiment, from_dict
+    from ldmflow.config.autoencoder import AutoencoderExperiment
+    from ldmflow.config.schema import from_dict
+    from ldmflow.models.autoencoder import build_autoencoder
 
     x = torch.rand(6, 3, 16, 16) * 2 - 1
     outs = []

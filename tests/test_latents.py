@@ -13,12 +13,14 @@ import torch
 import zarr
 
 import ldmflow
-from ldmflow.autoencoder import Autoencoder, load_autoencoder
-from ldmflow.data import prepare_data
-from ldmflow.latents import STORE_FORMAT, LatentDataset, LatentError, LatentStore, RunningMoments, embed_latents
-from ldmflow.select import select_autoencoder
-from ldmflow.train_ae import file_sha256, train_autoencoder
-from ldmflow.training import load_checkpoint
+from ldmflow.artifacts import file_sha256, load_checkpoint
+from ldmflow.data.latent_store import STORE_FORMAT, LatentDataset, LatentStore
+from ldmflow.data.manifest import prepare_data
+from ldmflow.errors import LatentError
+from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
+from ldmflow.stages.embed import RunningMoments, embed_latents
+from ldmflow.stages.select_autoencoder import select_autoencoder
+from ldmflow.stages.train_autoencoder import train_autoencoder
 
 from .conftest import TINY_AE, run_cli
 
@@ -178,8 +180,8 @@ def test_a_failed_write_leaves_the_previous_store_and_no_temporary(runs, demo_ma
 
 KILL_MID_WAY = """
 import os, signal, sys
-from ldmflow.autoencoder import Autoencoder
-from ldmflow.latents import embed_latents
+from ldmflow.models.autoencoder import Autoencoder
+from ldmflow.stages.embed import embed_latents
 encode, calls = Autoencoder.encode, []
 def dying(self, x):
     calls.append(1)

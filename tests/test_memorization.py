@@ -11,23 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmflow.config import ConfigError
-from ldmflow.data import DataError
-from ldmflow.demo import write_demo_data
-from ldmflow.memorization import (
-    Criterion,
-    Feature,
-    Features,
-    MemorizationConfig,
-    blocked_search,
-    brute_force_search,
-    check_memorization,
-    compute_sample_similarity,
-    evaluate_memorization,
-    memorization_config,
-    plan_blocks,
-    tile_features,
-)
+from ldmflow.config.memorization import Criterion, Feature, MemorizationConfig, memorization_config
+from ldmflow.data.demo import write_demo_data
+from ldmflow.errors import ConfigError, DataError
+from ldmflow.evaluation.features import Features, tile_features
+from ldmflow.evaluation.search import blocked_search, brute_force_search, plan_blocks
+from ldmflow.stages.memorization import check_memorization, compute_sample_similarity, evaluate_memorization
 
 from .conftest import REPO, run_cli
 
@@ -223,7 +212,7 @@ def test_blocked_search_memory_stays_within_the_budget_as_training_grows():
 PEAK_SCRIPT = textwrap.dedent("""
     import re, sys
     import numpy as np, torch
-    from ldmflow.memorization import Features, blocked_search
+    from ldmflow.evaluation.features import Features; from ldmflow.evaluation.search import blocked_search
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
 
@@ -265,7 +254,7 @@ def test_peak_memory_of_a_search_does_not_grow_with_the_training_set(tmp_path):
 
 @pytest.fixture(scope="module")
 def autoencoder_run(tmp_path_factory, demo_manifest):
-    from ldmflow.train_ae import train_autoencoder
+    from ldmflow.stages.train_autoencoder import train_autoencoder
 
     from .conftest import TINY_AE
 
@@ -278,8 +267,8 @@ def write_store(path, checkpoint, manifest, copies: int = 6):
     """A latent store (posterior means of the demo images) and a sample folder with PNGs and samples.zarr."""
     import zarr
 
-    from ldmflow.autoencoder import load_autoencoder
-    from ldmflow.data import load_row, read_manifest
+    from ldmflow.data.manifest import load_row, read_manifest
+    from ldmflow.models.autoencoder import load_autoencoder
 
     model, cfg = load_autoencoder(checkpoint)
     frame = read_manifest(manifest)

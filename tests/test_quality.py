@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldmflow.quality import (
+from ldmflow.evaluation.quality import (
     autoencoder_features,
     frechet_distance,
     frechet_distance_from_stats,
@@ -71,8 +71,8 @@ def test_precision_and_recall_on_shifted_and_collapsed_distributions():
 
 
 def test_autoencoder_features_are_pooled_encoder_features():
-    from ldmflow.autoencoder import Autoencoder
-    from ldmflow.config import AutoencoderModelConfig
+    from ldmflow.config.autoencoder import AutoencoderModelConfig
+    from ldmflow.models.autoencoder import Autoencoder
 
     model = Autoencoder(AutoencoderModelConfig(base_channels=8)).eval()
     feats = autoencoder_features(model, torch.rand(5, 3, 16, 16) * 2 - 1, batch_size=2)
@@ -108,7 +108,7 @@ def test_inception_path_reads_a_local_torchscript_file(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_inception_fid_is_skipped_with_a_note_and_computed_with_weights(tmp_path):
-    from ldmflow.memorization import check_memorization
+    from ldmflow.stages.memorization import check_memorization
 
     gen = torch.Generator().manual_seed(0)
     train = torch.rand(40, 3, 16, 16, generator=gen) * 2 - 1

@@ -2,7 +2,7 @@ import json
 
 import pandas as pd
 
-from ldmflow.report import gather_memorization, plot_training_curves
+from ldmflow.stages.summaries import gather_memorization, plot_training_curves
 
 
 def test_gather_memorization_writes_one_row_per_experiment(tmp_path):

@@ -5,9 +5,9 @@ import typing
 import pytest
 import torch
 
-from ldmflow.config import NoiseConfig, SamplingConfig
-from ldmflow.samplers import SAMPLERS, Spacing, guided, sample, sample_ddim, sample_ddpm, timestep_spacing
-from ldmflow.schedulers import NoiseSchedule
+from ldmflow.config.diffusion import NoiseConfig, SamplingConfig
+from ldmflow.diffusion.samplers import SAMPLERS, Spacing, guided, sample, sample_ddim, sample_ddpm, timestep_spacing
+from ldmflow.diffusion.schedules import NoiseSchedule
 
 SAMPLER_NAMES = typing.get_args(typing.get_type_hints(SamplingConfig)["sampler"])
 SCHEDULES = typing.get_args(typing.get_type_hints(NoiseConfig)["schedule"])
@@ -188,8 +188,8 @@ def test_classifier_free_guidance():
 
 
 def test_guided_unet_drives_a_sampler():
-    from ldmflow.config import UNET_PRESETS, UNetConfig
-    from ldmflow.unet import UNet
+    from ldmflow.config.diffusion import UNET_PRESETS, UNetConfig
+    from ldmflow.models.unet import UNet
 
     unet = UNet(UNetConfig(**{**UNET_PRESETS["demo_tiny"], "base_channels": 8, "head_channels": 8}), 4, 3).eval()
     denoise = guided(unet, torch.tensor([0, 2]), 2.0, unet.null_label)
@@ -198,7 +198,7 @@ def test_guided_unet_drives_a_sampler():
 
 
 def test_schedulers_and_samplers_never_import_models():
-    models = ("ldmflow.unet", "ldmflow.autoencoder", "ldmflow.controlnet")
-    code = f"import sys, ldmflow.samplers, ldmflow.schedulers; print(sorted(set(sys.modules) & set({models})))"
+    models = ("ldmflow.models.unet", "ldmflow.models.autoencoder", "ldmflow.models.controlnet")
+    code = f"import sys, ldmflow.diffusion.samplers, ldmflow.diffusion.schedules; print(sorted(set(sys.modules) & set({models})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -4,8 +4,10 @@ import typing
 import pytest
 import torch
 
-from ldmflow.config import ConfigError, NoiseConfig, load_config
-from ldmflow.schedulers import NoiseSchedule, Prediction, diffusion_loss, make_betas, min_snr_weights
+from ldmflow.config.diffusion import NoiseConfig
+from ldmflow.config.loading import load_config
+from ldmflow.diffusion.schedules import NoiseSchedule, Prediction, diffusion_loss, make_betas, min_snr_weights
+from ldmflow.errors import ConfigError
 
 SCHEDULES = typing.get_args(typing.get_type_hints(NoiseConfig)["schedule"])
 PREDICTIONS = typing.get_args(typing.get_type_hints(NoiseConfig)["prediction"])

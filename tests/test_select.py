@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from ldmflow.select import SelectionError, select_autoencoder
+from ldmflow.errors import SelectionError
+from ldmflow.stages.select_autoencoder import select_autoencoder
 
 
 def fake_run(root, name, values, psnr):

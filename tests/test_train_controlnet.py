@@ -12,17 +12,18 @@ import pytest
 import torch
 import yaml
 
-from ldmflow.config import ConfigError
-from ldmflow.control import SIGNALS, ControlDataset, ControlError
-from ldmflow.controlnet import FUSIONS
-from ldmflow.latents import LatentDataset
-from ldmflow.sample import SamplingError, load_diffusion
-from ldmflow.sample_controlnet import load_controlnet, sample_controlnet
-from ldmflow.schedulers import NoiseSchedule
-from ldmflow.train_ae import train_autoencoder
-from ldmflow.train_controlnet import FIDELITY_FILE, summarize_control_fidelity, train_controlnet
-from ldmflow.train_diffusion import train_diffusion
-from ldmflow.training import load_checkpoint
+from ldmflow.artifacts import load_checkpoint
+from ldmflow.data.controls import SIGNALS, ControlDataset
+from ldmflow.data.latent_store import LatentDataset
+from ldmflow.diffusion.schedules import NoiseSchedule
+from ldmflow.errors import ConfigError, ControlError, SamplingError
+from ldmflow.models.controlnet import FUSIONS
+from ldmflow.stages.sample import load_diffusion
+from ldmflow.stages.sample_controlnet import load_controlnet, sample_controlnet
+from ldmflow.stages.summaries import summarize_control_fidelity
+from ldmflow.stages.train_autoencoder import train_autoencoder
+from ldmflow.stages.train_controlnet import FIDELITY_FILE, train_controlnet
+from ldmflow.stages.train_diffusion import train_diffusion
 
 from .conftest import REPO, TINY_AE, run_cli, start_cli, wait_for
 from .test_train_diffusion import TINY_DIFFUSION
@@ -49,7 +50,7 @@ def experiment(**sections) -> dict:
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory, demo_manifest) -> dict:
     """A tiny autoencoder (with its segmentation head), its latent store and a base diffusion model."""
-    from ldmflow.latents import embed_latents
+    from ldmflow.stages.embed import embed_latents
 
     root = tmp_path_factory.mktemp("controlnet")
     train_autoencoder({**TINY_AE, "train": {"epochs": 2}}, demo_manifest, root / "ae")
@@ -168,7 +169,7 @@ def test_sampling_is_seeded_and_takes_a_scale(tmp_path, trained, stage):
 
     za = zarr.open_group(str(tmp_path / "a/samples.zarr"), mode="r")
     labels = za["labels"][:]
-    from ldmflow.latents import LatentStore
+    from ldmflow.data.latent_store import LatentStore
 
     assert (labels == LatentStore(stage["store"]).labels[5]).all()  # the row's class by default
     sample_controlnet(trained, 5, 4, tmp_path / "c", seed=3, scale=[1.0, 0.0])
@@ -238,8 +239,8 @@ def test_every_demo_controlnet_beats_the_uncontrolled_base(tmp_path):
     """The demo's data, autoencoder and UNet files (trained for fewer epochs, to keep CI short) and the three
     demo ControlNet files as shipped: each fusion's control mIoU beats the base model's, sampled from the
     same noise and labels."""
-    from ldmflow.demo import write_demo_data
-    from ldmflow.latents import embed_latents
+    from ldmflow.data.demo import write_demo_data
+    from ldmflow.stages.embed import embed_latents
 
     manifest = write_demo_data(tmp_path / "data", n=256, size=32, seed=42)
     train_autoencoder(REPO / "config/autoencoders/demo_plain_c3_f4.yaml", manifest, tmp_path / "ae",

@@ -10,10 +10,11 @@ import torch
 import yaml
 import zarr
 
-from ldmflow.sample import SamplingError, sample_checkpoint
-from ldmflow.train_ae import train_autoencoder
-from ldmflow.train_diffusion import train_diffusion
-from ldmflow.training import load_checkpoint
+from ldmflow.artifacts import load_checkpoint
+from ldmflow.errors import SamplingError
+from ldmflow.stages.sample import sample_checkpoint
+from ldmflow.stages.train_autoencoder import train_autoencoder
+from ldmflow.stages.train_diffusion import train_diffusion
 
 from .conftest import TINY_AE, run_cli, start_cli, wait_for
 
@@ -31,7 +32,7 @@ TINY_DIFFUSION = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, demo_manifest):
-    from ldmflow.latents import embed_latents
+    from ldmflow.stages.embed import embed_latents
 
     root = tmp_path_factory.mktemp("diffusion")
     train_autoencoder({**TINY_AE, "train": {"epochs": 1}}, demo_manifest, root / "ae")

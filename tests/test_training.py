@@ -6,17 +6,12 @@ import pytest
 import torch
 import yaml
 
-from ldmflow.config import OptimConfig
-from ldmflow.train_ae import train_autoencoder
-from ldmflow.training import (
-    Ema,
-    EpochBatchSampler,
-    TrainingError,
-    class_weights,
-    load_checkpoint,
-    lr_factor,
-    save_checkpoint,
-)
+from ldmflow.artifacts import load_checkpoint, save_checkpoint
+from ldmflow.config.common import OptimConfig
+from ldmflow.errors import TrainingError
+from ldmflow.stages.train_autoencoder import train_autoencoder
+from ldmflow.training.batching import EpochBatchSampler, class_weights
+from ldmflow.training.optim import Ema, lr_factor
 
 from .conftest import run_cli, start_cli, wait_for
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from ldmflow.config import UNET_PRESETS, UNetConfig, load_config
-from ldmflow.layers import zero_module
-from ldmflow.unet import UNet, build_unet, count_parameters
+from ldmflow.config.diffusion import UNET_PRESETS, UNetConfig
+from ldmflow.config.loading import load_config
+from ldmflow.models.layers import zero_module
+from ldmflow.models.unet import UNet, build_unet, count_parameters
 
 
 def tiny(preset: str = "demo_tiny", **kw) -> UNetConfig:

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from ldmflow.latents import LatentStore
-from ldmflow.training import load_checkpoint
+from ldmflow.artifacts import load_checkpoint
+from ldmflow.data.latent_store import LatentStore
 
 from .conftest import REPO, run_cli, snakemake_bin
 

@@ -1,7 +1,7 @@
 """Rule controlnet_summary: one table of every ControlNet's control fidelity against its uncontrolled base."""
 
 from ldmflow.cli import setup_logging
-from ldmflow.train_controlnet import summarize_control_fidelity
+from ldmflow.stages.summaries import summarize_control_fidelity
 
 
 def main(smk) -> None:

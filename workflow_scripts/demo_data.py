@@ -1,7 +1,7 @@
 """Rule demo_data: write the built-in demo dataset."""
 
 from ldmflow.cli import setup_logging
-from ldmflow.demo import write_demo_data
+from ldmflow.data.demo import write_demo_data
 
 
 def main(smk) -> None:

@@ -1,7 +1,7 @@
 """Rule memorization_summary: one table and one plot over every experiment's memorization summary."""
 
 from ldmflow.cli import setup_logging
-from ldmflow.report import gather_memorization
+from ldmflow.stages.summaries import gather_memorization
 
 
 def main(smk) -> None:

@@ -1,7 +1,7 @@
 """Rule select_autoencoder: pick the best autoencoder checkpoint."""
 
 from ldmflow.cli import setup_logging
-from ldmflow.select import select_autoencoder
+from ldmflow.stages.select_autoencoder import select_autoencoder
 
 
 def main(smk) -> None:

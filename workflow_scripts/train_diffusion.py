@@ -2,7 +2,7 @@
 
 import os
 
-from ldmflow.distributed import run_training
+from ldmflow.training.distributed import run_training
 
 
 def main(smk) -> None:

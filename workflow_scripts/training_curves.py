@@ -1,7 +1,7 @@
 """Rule training_curves: plot a run's metrics CSV."""
 
 from ldmflow.cli import setup_logging
-from ldmflow.report import plot_training_curves
+from ldmflow.stages.summaries import plot_training_curves
 
 
 def main(smk) -> None:

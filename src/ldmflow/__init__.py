@@ -8,15 +8,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import load_config
-from .data import build_dataset
-from .training import get_device, set_deterministic
+from ldmflow.config.loading import load_config
+from ldmflow.data.manifest import build_dataset
+from ldmflow.training.devices import get_device, set_deterministic
 
 
 def build_model(config):
     """The model an experiment config describes (its data-derived fields resolved)."""
-    from .autoencoder import build_autoencoder
-    from .config import AutoencoderExperiment
+    from ldmflow.config.autoencoder import AutoencoderExperiment
+    from ldmflow.models.autoencoder import build_autoencoder
 
     if isinstance(config, AutoencoderExperiment):
         return build_autoencoder(config)
@@ -25,8 +25,8 @@ def build_model(config):
 
 def build_loss(config):
     """The loss an experiment config describes."""
-    from .autoencoder import build_loss as build_ae_loss
-    from .config import AutoencoderExperiment
+    from ldmflow.config.autoencoder import AutoencoderExperiment
+    from ldmflow.models.autoencoder import build_loss as build_ae_loss
 
     if isinstance(config, AutoencoderExperiment):
         return build_ae_loss(config)
@@ -35,7 +35,7 @@ def build_loss(config):
 
 def build_optimizer(model, config):
     """AdamW over the model's trainable parameters with the config's ``optim`` section."""
-    from .training import build_optimizer as _build
+    from ldmflow.training.optim import build_optimizer as _build
 
     return _build(model.parameters(), config.optim, next(model.parameters()).device)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from ldmflow.errors import ConfigError
 
 log = logging.getLogger("ldmflow")
 
@@ -19,7 +19,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
 
     Under DDP only rank 0 logs below WARNING, so a log file reads like a single-process run's.
     """
-    from .distributed import rank
+    from ldmflow.training.distributed import rank
 
     if rank() > 0:
         level = max(level, logging.WARNING)
@@ -42,7 +42,7 @@ def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...]) -> None:
 
 
 def cmd_demo_data(args) -> None:
-    from .demo import write_demo_data
+    from ldmflow.data.demo import write_demo_data
 
     _apply_sets(args, ("n", "size", "seed"))
     path = write_demo_data(args.out, n=args.n, size=args.size, seed=args.seed)
@@ -51,7 +51,7 @@ def cmd_demo_data(args) -> None:
 
 def print_best(result: dict) -> None:
     """The best epoch of a training run, printed once (by rank 0 under DDP)."""
-    from .distributed import rank
+    from ldmflow.training.distributed import rank
 
     if rank() == 0:
         best = result["best"]
@@ -59,7 +59,7 @@ def print_best(result: dict) -> None:
 
 
 def cmd_train_ae(args) -> None:
-    from .train_ae import train_autoencoder
+    from ldmflow.stages.train_autoencoder import train_autoencoder
 
     result = train_autoencoder(args.config, args.data, args.out, overrides=args.set or (), device=args.device,
                                threads=args.threads)
@@ -67,7 +67,7 @@ def cmd_train_ae(args) -> None:
 
 
 def cmd_select_ae(args) -> None:
-    from .select import select_autoencoder
+    from ldmflow.stages.select_autoencoder import select_autoencoder
 
     _apply_sets(args, ("metric", "mode"))
     result = select_autoencoder(args.runs, args.out, metric=args.metric, mode=args.mode)
@@ -75,7 +75,7 @@ def cmd_select_ae(args) -> None:
 
 
 def cmd_train_diffusion(args) -> None:
-    from .train_diffusion import train_diffusion
+    from ldmflow.stages.train_diffusion import train_diffusion
 
     result = train_diffusion(args.config, args.latents, args.out, overrides=args.set or (), device=args.device,
                              threads=args.threads)
@@ -83,7 +83,7 @@ def cmd_train_diffusion(args) -> None:
 
 
 def cmd_train_controlnet(args) -> None:
-    from .train_controlnet import train_controlnet
+    from ldmflow.stages.train_controlnet import train_controlnet
 
     result = train_controlnet(args.config, args.latents, args.base, args.out, overrides=args.set or (),
                               device=args.device, threads=args.threads)
@@ -108,8 +108,9 @@ def parse_scale(text: str | float | list | None) -> float | list[float] | None:
 
 
 def cmd_sample(args) -> None:
-    from .sample import SamplingError, sample_checkpoint
-    from .sample_controlnet import checkpoint_stage, sample_controlnet
+    from ldmflow.errors import SamplingError
+    from ldmflow.stages.sample import sample_checkpoint
+    from ldmflow.stages.sample_controlnet import checkpoint_stage, sample_controlnet
 
     _apply_sets(args, ("n", "class_id", "guidance", "sampler", "steps", "seed", "batch_size", "control", "scale"))
     if checkpoint_stage(args.checkpoint) == "controlnet":
@@ -130,13 +131,14 @@ def cmd_sample(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .latents import embed_latents
+    from ldmflow.stages.embed import embed_latents
 
     _apply_sets(args, ("batch_size", "dtype"))
     print(embed_latents(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
                         device=args.device, threads=args.threads))
 def cmd_memorization(args) -> None:
-    from .memorization import evaluate_memorization, option_names
+    from ldmflow.config.memorization import option_names
+    from ldmflow.stages.memorization import evaluate_memorization
 
     keys = option_names()
     _apply_sets(args, keys)
@@ -149,7 +151,7 @@ def cmd_memorization(args) -> None:
 
 
 def cmd_schemas(args) -> None:
-    from .config import schema_documents
+    from ldmflow.config.loading import schema_documents
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,11 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .distributed import init_from_env, shutdown
-    from .sample import SamplingError
-    from .select import SelectionError
-    from .training import Preempted, TrainingError
+    from ldmflow.errors import DataError, Preempted, SamplingError, SelectionError, TrainingError
+    from ldmflow.training.distributed import init_from_env, shutdown
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)

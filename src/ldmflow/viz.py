@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .training import atomic_write_bytes
+from ldmflow.artifacts import atomic_write_bytes
 
 # A fixed palette: the same class gets the same colour in every grid.
 PALETTE = np.array(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from ldmflow.config.loading import load_config
+from ldmflow.errors import ConfigError
 
 
 def experiments(paths: list[str], stage: str) -> dict[str, str]:

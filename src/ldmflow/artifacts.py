@@ -1,0 +1,155 @@
+"""What runs leave on disk: run-folder paths (in one place), checkpoints, sha256, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldmflow.errors import ConfigError, TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder of a store to disk before the rename makes it visible."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove temporary stores of earlier runs that were killed (their process no longer exists)."""
+    for kind in ("tmp", "old"):
+        for tmp in out.parent.glob(f".{out.name}.{kind}*"):
+            pid = tmp.name.rsplit(f".{kind}", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                log.info("removing %s, left by an interrupted run", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a finished store to its final name, replacing an older store only once the new one is whole."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "ldmflow-checkpoint-v1"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Atomically save a checkpoint dict (tensors, numbers, strings, lists and dicts only)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint as untrusted input (``weights_only=True``), with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        raise TrainingError(f"{path}: not a readable ldmflow checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: not an ldmflow checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return state
+
+
+def inference_weights(state: dict) -> dict:
+    """The weights to sample or evaluate with: the EMA weights when the run kept them."""
+    return state["ema"] if state.get("ema") is not None else state["model"]
+
+
+@dataclass
+class RunPaths:
+    out_dir: Path
+    name: str
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "checkpoints" / f"{self.name}_checkpoint_best.pt"
+
+    @property
+    def latest(self) -> Path:
+        return self.out_dir / "checkpoints" / f"{self.name}_checkpoint_latest.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out_dir / f"{self.name}_metrics.csv"
+
+    def sample(self, epoch: int) -> Path:
+        return self.out_dir / "samples" / f"epoch_{epoch:03d}.png"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
+    """An autoencoder checkpoint path from a ``.pt`` file or a ``selected.json``: (checkpoint, selected)."""
+    path = Path(checkpoint)
+    if path.suffix != ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: autoencoder checkpoint not found")
+        return path, None
+    try:
+        chosen = json.loads(path.read_text())["checkpoint"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: selection file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{path}: expected a selected.json written by `ldmflow select-ae`, with the key "
+                          "'checkpoint'") from None
+    if not Path(chosen).is_file():
+        raise FileNotFoundError(f"{path}: key 'checkpoint' names {chosen}, which does not exist")
+    return Path(chosen), path

@@ -1,0 +1,86 @@
+"""The autoencoder stage's experiment config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
+from ldmflow.config.schema import param
+
+# --------------------------------------------------------------------------------------------------
+# Autoencoder stage
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AutoencoderModelConfig:
+    variant: Literal["plain", "kl"] = param("kl", "Plain autoencoder, or KL-regularised (VAE) latent.")
+    downsample: Literal[4, 8] = param(4, "Spatial downsampling factor from image to latent.")
+    latent_channels: int = param(4, "Channels of the latent.", minimum=1)
+    base_channels: int = param(32, "Channels of the first level; later levels multiply it.", minimum=8)
+    channel_mult: list[int] | None = param(
+        None, "Channel multiplier per level (log2(downsample) + 1 entries); null: 1, 2, 2, ...",
+    )
+    num_res_blocks: int = param(1, "ResNet blocks per level.", minimum=1)
+    dropout: float = param(0.0, "Dropout inside ResNet blocks.", minimum=0.0, maximum=0.9)
+
+    def __post_init__(self):
+        levels = {4: 3, 8: 4}[self.downsample]
+        if self.channel_mult is None:
+            self.channel_mult = [1] + [2] * (levels - 1)
+        if len(self.channel_mult) != levels or min(self.channel_mult) < 1:
+            raise ValueError(
+                f"key 'model.channel_mult' has {self.channel_mult}; allowed: {levels} positive integers "
+                f"for downsample {self.downsample} (one per level)"
+            )
+
+
+@dataclasses.dataclass
+class HeadLossConfig:
+    enabled: bool = param(True, "Train this head.")
+    weight: float = param(1.0, "Weight of this head's loss in the total.", minimum=0.0)
+
+
+@dataclasses.dataclass
+class ReconstructionLossConfig(HeadLossConfig):
+    kind: Literal["l1", "mse"] = param("l1", "Per-pixel reconstruction loss.")
+
+
+@dataclasses.dataclass
+class SegmentationLossConfig(HeadLossConfig):
+    weight: float = param(0.5, "Weight of this head's loss in the total.", minimum=0.0)
+    dice: float = param(0.0, "Weight of the soft Dice loss added to the cross-entropy; 0 disables.", minimum=0.0)
+
+
+@dataclasses.dataclass
+class ClassificationLossConfig(HeadLossConfig):
+    weight: float = param(0.1, "Weight of this head's loss in the total.", minimum=0.0)
+
+
+@dataclasses.dataclass
+class AutoencoderLossConfig:
+    reconstruction: ReconstructionLossConfig = param(ReconstructionLossConfig, "RGB reconstruction head.")
+    segmentation: SegmentationLossConfig = param(
+        SegmentationLossConfig, "Segmentation head (a light decoder of its own, latent to mask logits); needs masks.",
+    )
+    classification: ClassificationLossConfig = param(
+        ClassificationLossConfig, "Classification head (pooled latent to class logits); needs labels.",
+    )
+    kl_weight: float = param(1e-6, "Weight of the KL term (KL variant only).", minimum=0.0)
+
+
+@dataclasses.dataclass
+class AutoencoderTrainConfig(TrainConfig):
+    epochs: int = param(20, "Maximum number of epochs.", minimum=1)
+
+
+@dataclasses.dataclass
+class AutoencoderExperiment:
+    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = param(42, "Seed of every random choice (initialisation, split, shuffling).", minimum=0)
+    data: DataConfig = param(DataConfig, "Data loading.")
+    model: AutoencoderModelConfig = param(AutoencoderModelConfig, "Autoencoder architecture.")
+    loss: AutoencoderLossConfig = param(AutoencoderLossConfig, "Heads and their weights.")
+    optim: OptimConfig = param(OptimConfig, "Optimizer (AdamW) and learning-rate schedule.")
+    train: AutoencoderTrainConfig = param(AutoencoderTrainConfig, "Training loop.")

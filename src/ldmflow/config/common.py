@@ -1,0 +1,93 @@
+"""Config sections shared by every stage: data, optimisation, EMA, early stopping, training."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ldmflow.config.schema import param
+
+# --------------------------------------------------------------------------------------------------
+# Sections shared by every stage
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    image_size: int = param(32, "Side of the square training images: resize the short side, centre-crop.", minimum=8)
+    batch_size: int = param(16, "Images per optimizer step (per process; DDP multiplies it).", minimum=1)
+    val_fraction: float = param(
+        0.15, "Fraction of rows held out for validation when the manifest has no split column.",
+        minimum=0.0, maximum=0.9,
+    )
+    mask_classes: int | None = param(
+        None, "Number of segmentation classes (mask ids 0..K-1); null infers max id + 1 from the masks.",
+        minimum=2,
+    )
+    classes: list[str] | None = param(
+        None, "Class names; integer labels index into this list. null infers the sorted unique labels.",
+    )
+    hflip: bool = param(False, "Random horizontal flips of training images (seeded per epoch and image).")
+    skip_bad_rows: bool = param(
+        False, "Skip manifest rows with missing or corrupt files instead of stopping; the count is logged "
+        "and written to skipped_rows.json next to the outputs.",
+    )
+    cache_max_gb: float = param(
+        4.0, "Hold the decoded dataset in memory when it is smaller than this; else decode per batch.",
+        minimum=0.0,
+    )
+
+
+@dataclasses.dataclass
+class EarlyStoppingConfig:
+    metric: str = param("val_loss", "Metrics column that decides 'best' and early stopping.")
+    mode: Literal["min", "max"] = param("min", "Whether lower or higher values of the metric are better.")
+    patience: int = param(5, "Epochs without improvement before stopping; 0 disables early stopping.", minimum=0)
+    min_delta: float = param(0.0, "Smallest change of the metric that counts as an improvement.", minimum=0.0)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = param(1e-4, "Peak learning rate of AdamW.", exclusiveMinimum=0.0)
+    weight_decay: float = param(0.01, "AdamW decoupled weight decay.", minimum=0.0)
+    betas: list[float] = param([0.9, 0.999], "AdamW betas.", minItems=2, maxItems=2)
+    warmup_steps: int = param(0, "Linear learning-rate warm-up, in optimizer steps.", minimum=0)
+    schedule: Literal["constant", "cosine"] = param("constant", "Learning-rate decay after warm-up.")
+    min_lr_ratio: float = param(0.1, "Cosine decay floor, as a fraction of lr.", minimum=0.0, maximum=1.0)
+    grad_clip: float | None = param(1.0, "Clip the global gradient norm to this value; null disables.", exclusiveMinimum=0.0)
+    accumulate: int = param(1, "Micro-batches per optimizer step (gradient accumulation).", minimum=1)
+
+
+@dataclasses.dataclass
+class EmaConfig:
+    decay: float = param(0.0, "EMA decay of the weights; 0 disables EMA.", minimum=0.0, maximum=1.0)
+    warmup: int = param(
+        100, "EMA warm-up: the decay used at step s is min(decay, (1 + s) / (10 + s)) until it reaches "
+        "decay, so early averages are not dominated by random initial weights.", minimum=0,
+    )
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = param(10, "Maximum number of epochs.", minimum=1)
+    early_stopping: EarlyStoppingConfig = param(EarlyStoppingConfig, "When to stop and what 'best' means.")
+    precision: Literal["fp32", "bf16", "fp16"] = param(
+        "bf16", "Mixed precision on CUDA (fp16 uses a grad scaler). CPU always runs fp32.",
+    )
+    ema: EmaConfig = param(EmaConfig, "Exponential moving average of the weights.")
+    compile: bool = param(False, "torch.compile the model (CUDA only; ignored on CPU).")
+    cuda_graphs: bool = param(
+        False, "With compile: capture forward and backward in CUDA graphs (mode reduce-overhead); needs static "
+        "shapes, so the last short batch of an epoch is dropped (it always is).",
+    )
+    sample_every: int = param(1, "Write samples/epoch_NNN.png every this many epochs.", minimum=1)
+    log_every: int = param(50, "Steps between progress updates (each one syncs the host).", minimum=1)
+    checkpoint_every_steps: int = param(
+        0, "Also save the latest checkpoint every this many optimizer steps; 0: only at epoch ends.", minimum=0,
+    )
+    checkpoint_every_minutes: float = param(
+        30.0, "Also save the latest checkpoint after this many minutes of training; 0 disables.", minimum=0.0,
+    )
+    max_bad_steps: int = param(
+        0, "Optimizer steps with a NaN or inf loss to skip before stopping with an error.", minimum=0,
+    )

@@ -1,0 +1,94 @@
+"""Loading experiment files: YAML, presets, ``--set`` overrides, validation, the stage registry."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from ldmflow.config.autoencoder import AutoencoderExperiment
+from ldmflow.config.controlnet import ControlNetExperiment
+from ldmflow.config.diffusion import UNET_PRESETS, DiffusionExperiment
+from ldmflow.config.schema import from_dict, json_schema, validate
+from ldmflow.errors import ConfigError
+
+STAGES: dict[str, type] = {"autoencoder": AutoencoderExperiment, "diffusion": DiffusionExperiment,
+                           "controlnet": ControlNetExperiment}
+
+
+def apply_presets(data: dict, stage: str, source: str) -> dict:
+    """Fill a diffusion experiment's model keys from its named preset (keys the file sets win)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if stage != "diffusion" or not isinstance(model, dict) or model.get("preset") is None:
+        return data
+    preset = model["preset"]
+    if preset not in UNET_PRESETS:
+        raise ConfigError(f"{source}: key 'model.preset' has value {preset!r}; allowed: {', '.join(UNET_PRESETS)}")
+    return {**data, "model": {**UNET_PRESETS[preset], **model}}
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: str = "--set") -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return {} if data is None else data
+
+
+def load_config(path_or_dict: str | Path | dict, stage: str = "autoencoder", overrides: list[str] | tuple[str, ...] = ()):
+    """Load, override and validate an experiment config; returns the typed experiment dataclass."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    if isinstance(path_or_dict, dict):
+        data, source = path_or_dict, "<config>"
+    else:
+        data, source = read_yaml(path_or_dict), str(path_or_dict)
+    data = apply_presets(apply_overrides(data, overrides), stage, source)
+    cls = STAGES[stage]
+    validate(data, cls, source)
+    try:
+        return from_dict(cls, data)
+    except ValueError as exc:  # cross-field checks in __post_init__
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def schema_documents() -> dict[str, str]:
+    """The JSON schema of each stage's experiment files, as written to ``config/schemas/<stage>.schema.json``."""
+    import json
+
+    docs = {}
+    for stage, cls in STAGES.items():
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                  "title": f"ldmflow {stage} experiment", **json_schema(cls)}
+        docs[f"{stage}.schema.json"] = json.dumps(schema, indent=2) + "\n"
+    return docs
+
+
+def resolve_experiment(config, stage: str, overrides=()) -> tuple[object, str]:
+    """A stage's experiment: an experiment object as given, or a file/mapping loaded and validated.
+    Returns it and the name errors cite (the file, or the experiment's name)."""
+    cls = STAGES[stage]
+    if isinstance(config, cls):
+        return config, config.name
+    return load_config(config, stage, overrides), str(config)

@@ -1,0 +1,74 @@
+"""Generation: sample latents with a denoiser, then decode them with the autoencoder."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
+from ldmflow.diffusion.samplers import guided, sample
+from ldmflow.diffusion.schedules import NoiseSchedule
+from ldmflow.viz import to_uint8
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_latents(model, cfg: DiffusionExperiment, schedule: NoiseSchedule, latent_shape, n: int,
+                     labels: torch.Tensor | None, *, seed: int, device, guidance: float | None = None,
+                     sampling=None) -> torch.Tensor:
+    """Sample n latents (N, C, h, w) in the scaled latent space with the configured sampler."""
+    sampling = sampling or cfg.sampling
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn((n, *latent_shape), generator=gen, device=device)
+    scale = sampling.guidance if guidance is None else guidance
+    null = model.null_label if labels is not None else None
+    denoise = guided(model, labels, scale, null)
+    return sample(denoise, x, schedule, sampling, prediction=cfg.diffusion.prediction, generator=gen)
+
+
+@torch.no_grad()
+def generate(model, cfg, schedule, decoder, scale_factor, latent_shape, num_classes, *, seed, device) -> torch.Tensor:
+    """The epoch grid: ``per_class`` samples for each class (or one row unconditional), decoded (N, 3, H, W)."""
+    per_row = cfg.sampling.per_class
+    labels = None
+    n = per_row
+    if num_classes:
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per_row)
+        n = len(labels)
+    z = generate_latents(model, cfg, schedule, latent_shape, n, labels, seed=seed, device=device)
+    rgb, _ = decoder.decode(z / scale_factor)
+    return rgb
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict, schedule: NoiseSchedule,
+                     sampling: SamplingConfig, prediction: str, decoder, *, seed: int, device,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample N latents batch by batch from one seeded generator and decode them.
+
+    ``model_for(lo, hi)`` is the conditional model for samples lo..hi (a UNet, or a ControlNet bound to
+    those samples' controls). Returns latents (N, C, h, w) in the autoencoder's (unscaled) space and
+    images (N, H, W, 3) uint8.
+    """
+    from ldmflow.diffusion.samplers import guided, sample
+
+    shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    latents, images = [], []
+    for b in range(math.ceil(n / batch_size)):
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        model = model_for(lo, hi)
+        y = labels[lo:hi].to(device) if labels is not None else None
+        x = torch.randn((hi - lo, *shape), generator=gen, device=device)
+        denoise = guided(model, y, sampling.guidance, model.null_label if y is not None else None)
+        z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen) / extra["scale_factor"]
+        rgb, _ = decoder.decode(z)
+        latents.append(z.float().cpu().numpy())
+        images.append(to_uint8(rgb))
+    return np.concatenate(latents), np.concatenate(images)

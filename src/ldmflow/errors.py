@@ -1,0 +1,38 @@
+"""The errors a user can cause: each message names the file, key or row and what is allowed.
+
+The command line turns each into one line on stderr and an exit code (see ``cli.py``)."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file, the key and what is allowed."""
+
+
+class Preempted(RuntimeError):
+    """A scheduler signal arrived; the latest checkpoint was saved and the run can be resumed."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses, a checkpoint that does not fit the config)."""
+
+
+class SamplingError(ValueError):
+    """A sampling request cannot be served (unknown class, moved autoencoder, wrong checkpoint)."""
+
+
+class SelectionError(ValueError):
+    """No run can be selected (missing files, unknown metric)."""
+
+
+class DataError(ValueError):
+    """A manifest row or file is invalid; the message names the manifest row and the file."""
+
+
+class LatentError(DataError):
+    """A latent store is incomplete, inconsistent, or was made by another autoencoder; names the path."""
+
+
+class ControlError(DataError):
+    """A control signal cannot be made or does not fit the model (missing column, wrong size, bad index)."""
+

@@ -1,0 +1,95 @@
+"""Writers of the memorization stage's outputs: per-sample CSV, histogram, JSON-safe values."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ldmflow.artifacts import atomic_write_bytes
+from ldmflow.evaluation.image_sets import ImageSet
+from ldmflow.evaluation.search import Neighbours
+
+log = logging.getLogger(__name__)
+PERCENTILES = (50, 75, 90, 95, 99)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+def _percentiles(x: np.ndarray) -> dict[str, float] | None:
+    if len(x) == 0:
+        return None
+    return {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(x, PERCENTILES))}
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _flags(mask: np.ndarray) -> dict:
+    return {"count": int(mask.sum()), "fraction": float(mask.mean()) if len(mask) else None}
+
+
+def _bool_text(mask: np.ndarray) -> list[str]:
+    return ["true" if m else "false" for m in mask]
+
+
+def write_per_sample(path: Path, samples: ImageSet, train: ImageSet, nb: Neighbours, tests: dict,
+                     above_reference: np.ndarray | None) -> None:
+    """per_sample.csv: one row per generated sample with its nearest training images and the tests."""
+    frame = pd.DataFrame({
+        "sample": samples.names,
+        "nearest": [train.names[i] for i in nb.index[:, 0]],
+        "nearest_index": nb.index[:, 0],
+        "similarity": tests["similarity"],
+        "distance_ratio": tests["tiled_ratio"],
+        "tiled_l2": tests["tiled_l2"],
+        "nn_ratio": tests["nn_ratio"],
+        "memorized": _bool_text(tests["memorized"]),
+        "memorized_tiled_l2": _bool_text(tests["memorized_tiled_l2"]),
+        "memorized_nn_ratio": _bool_text(tests["memorized_nn_ratio"]),
+        "above_reference": _bool_text(above_reference) if above_reference is not None else "",
+    })
+    for j in range(nb.index.shape[1]):
+        frame[f"neighbour_{j + 1}"] = [train.names[i] for i in nb.index[:, j]]
+        frame[f"similarity_{j + 1}"] = np.clip(nb.similarity[:, j], -1, 1)
+    atomic_write_bytes(path, frame.to_csv(index=False, float_format="%.6g").encode())
+
+
+def write_histogram(path: Path, generated: np.ndarray, reference: np.ndarray | None, feature: str) -> None:
+    """histogram.png: nearest-training-image similarity of generated samples and of held-out images."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    values = [generated] + ([reference] if reference is not None and len(reference) else [])
+    lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+    bins = np.linspace(lo, hi + 1e-6, 41)
+    ax.hist(generated, bins=bins, alpha=0.6, density=True, label=f"generated ({len(generated)})")
+    if len(values) > 1:
+        ax.hist(reference, bins=bins, alpha=0.6, density=True, label=f"held-out real ({len(reference)})")
+        ax.axvline(float(reference.max()), color="k", linestyle="--", linewidth=1, label="held-out maximum")
+    ax.set_xlabel(f"cosine similarity to the nearest training image ({feature} space)")
+    ax.set_ylabel("density")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,43 @@
+"""Image metrics shared by the stages: PSNR, confusion matrices and mean IoU."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (compared in [0, 1]): (N, ...) -> (N,)."""
+    mse = ((pred.float().clamp(-1, 1) - target.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Confusion counts (K, K) of integer predictions against targets, rows = target."""
+    return torch.bincount(target.flatten() * k + pred.flatten(), minlength=k * k).reshape(k, k)
+
+
+def miou(conf: torch.Tensor) -> float:
+    """Mean IoU over the classes that occur in target or prediction, from a confusion matrix."""
+    conf = conf.double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else math.nan
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Control fidelity
+# --------------------------------------------------------------------------------------------------
+
+
+def segmentation_scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (null for classes absent from both) of (N, H, W) class ids."""
+    conf = confusion(pred.cpu(), target.cpu(), k).double()
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    return {"miou": miou(conf), "pixel_accuracy": float(inter.sum() / conf.sum()),
+            "per_class_iou": [float(i / u) if u > 0 else None for i, u in zip(inter, union)]}

@@ -1,0 +1,309 @@
+"""Memorization evaluation: is a generated sample a copy of a training image?
+
+Each generated sample is compared with every training image in one feature space (``pixel``: the image
+at ``image_size`` pixels; ``latent``: the autoencoder's latent), with a blocked nearest-neighbour search
+that never holds more than a memory budget's worth of the samples x training similarity matrix.
+
+Every image becomes a feature vector that is **zero-mean and unit-norm** (so a global brightness or
+contrast change of a copy does not hide it, and the dot product of two vectors is their cosine
+similarity), stored cut into ``tiles`` x ``tiles`` spatial tiles. On these vectors:
+
+* **similarity**: cosine similarity; the nearest training image is the most similar one.
+* **tiled L2** (Carlini et al. 2023, "Extracting Training Data from Diffusion Models"): the distance of
+  two images is the *largest* L2 distance between corresponding tiles, so a copy must match everywhere,
+  not only on average. A sample is memorized when its tiled-L2 distance to the nearest training image,
+  divided by the mean tiled-L2 distance to its ``n`` (50) nearest training images, is below ``alpha``
+  (0.5). Carlini et al. use raw pixels at 512 x 512 with 16 tiles; here the tiles are of the normalised
+  vectors at ``image_size``.
+* **nearest / second-nearest ratio**: d1 / d2 of the (global) L2 distances ``sqrt(2 - 2 cos)`` to the
+  nearest and second-nearest training images; memorized when below ``ratio`` (1/3). Two identical
+  training images make d2 = d1, so duplicates in the training set hide copies of them from this test.
+
+**Reference**: held-out real images (the validation split, or ``reference``) are compared with the
+training set in the same way. They were never trained on, so their similarities show how close an image
+can be to the training set by chance: a generated sample closer than any held-out image is the
+memorization signal (``above_reference``), and the reference's own flag rate estimates false positives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmflow.artifacts import atomic_write_bytes
+from ldmflow.config.memorization import MemorizationConfig, memorization_config
+from ldmflow.config.schema import to_dict
+from ldmflow.errors import DataError
+from ldmflow.evaluation.image_sets import ImageSet, Loader, open_image_set, tensor_image_set
+from ldmflow.evaluation.memorization_report import _flags, _json_safe, _percentiles, write_histogram, write_per_sample
+from ldmflow.evaluation.search import blocked_search, neighbour_tests
+from ldmflow.training.devices import get_device
+from ldmflow.viz import grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+SUMMARY_FORMAT = "ldmflow-memorization-v1"
+
+
+def _quality(loader: Loader, train: ImageSet, samples: ImageSet, reference: ImageSet | None,
+             cfg: MemorizationConfig) -> tuple[dict, dict]:
+    """Fréchet distance and precision/recall in autoencoder features, and Inception FID when weights are given."""
+    from ldmflow.evaluation import quality
+
+    rng = np.random.default_rng(cfg.seed)
+
+    def pick(s: ImageSet) -> np.ndarray:
+        idx = np.arange(len(s))
+        if len(s) <= cfg.quality_max_images:
+            return idx
+        return np.sort(rng.choice(idx, cfg.quality_max_images, replace=False))
+
+    picks = {"train": pick(train), "generated": pick(samples)}
+    sets = {"train": train, "generated": samples}
+    if reference is not None and len(reference):
+        picks["reference"], sets["reference"] = pick(reference), reference
+
+    def numbers(feats: dict[str, np.ndarray]) -> dict:
+        out: dict[str, Any] = {"images": {k: len(v) for k, v in feats.items()}}
+        for name in ("generated", "reference"):
+            if name not in feats:
+                continue
+            if min(len(feats["train"]), len(feats[name])) <= cfg.pr_k:
+                out[name] = {"skipped": f"precision/recall and Fréchet distance need more than pr_k={cfg.pr_k} "
+                                        "images in each set"}
+                continue
+            out[name] = {"frechet_distance": quality.frechet_distance(feats["train"], feats[name]),
+                         **quality.precision_recall(feats["train"], feats[name], cfg.pr_k, device=loader.device)}
+        return out
+
+    if not cfg.quality:
+        ae = {"skipped": "quality=false"}
+    elif loader.checkpoint is None:
+        ae = {"skipped": "no autoencoder checkpoint (give a latent store, or --set autoencoder=CHECKPOINT)"}
+    else:
+        model, _ = loader.autoencoder
+        feats = {}
+        for name, s in sets.items():
+            parts = [quality.autoencoder_features(model, loader.images(s, picks[name][b:b + 256], loader.ae_size),
+                                                  cfg.batch_size) for b in range(0, len(picks[name]), 256)]
+            feats[name] = np.concatenate(parts)
+        ae = {"feature": f"autoencoder encoder features, average-pooled ({feats['train'].shape[1]} dims)",
+              "checkpoint": loader.checkpoint, **numbers(feats)}
+
+    if not cfg.inception:
+        inception = {"skipped": "no Inception weights given: set inception=PATH to a local TorchScript Inception "
+                                "(e.g. NVIDIA's inception-2015-12-05.pt) for Inception FID"}
+    else:
+        net = quality.load_inception(cfg.inception, loader.device)
+        feats = {}
+        for name, s in sets.items():
+            parts = []
+            for b in range(0, len(picks[name]), 256):
+                x = loader.images(s, picks[name][b:b + 256], cfg.image_size)
+                parts.append(quality.inception_features(net, torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2),
+                                                        cfg.batch_size))
+            feats[name] = np.concatenate(parts)
+        inception = {"weights": str(cfg.inception), "image_size": cfg.image_size, **numbers(feats)}
+    return ae, inception
+
+
+def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cfg: MemorizationConfig,
+              out: Path | None, device: str | torch.device | None, inputs: dict, notes: list[str]) -> dict:
+    device = get_device(str(device) if device else None)
+    checkpoint = cfg.autoencoder or train.checkpoint or samples.checkpoint
+    loader = Loader(cfg, device, checkpoint)
+    if len(train) < 2:
+        raise DataError(f"{train.source}: {len(train)} training image(s); the tests need at least 2")
+    if len(train) < cfg.n:
+        notes.append(f"{len(train)} training images: the tiled L2 test averages over {len(train)}, not n={cfg.n}")
+    t0 = time.monotonic()
+    work = Path(out) if out is not None else Path(tempfile.gettempdir())
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".memorization-", dir=work) as tmp:
+        tmp_dir = Path(tmp)
+        f_train = loader.features(train, tmp_dir, "train")
+        f_samples = loader.features(samples, tmp_dir, "samples")
+        t_feat = time.monotonic()
+        nb = blocked_search(f_samples, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
+        ref_nb = None
+        if reference is not None and len(reference):
+            f_ref = loader.features(reference, tmp_dir, "reference")
+            ref_nb = blocked_search(f_ref, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
+        t_search = time.monotonic()
+    tests = neighbour_tests(nb, cfg)
+    ref_tests = neighbour_tests(ref_nb, cfg) if ref_nb is not None else None
+    above = tests["similarity"] > ref_tests["similarity"].max() if ref_tests is not None else None
+    if ref_tests is None:
+        notes.append("no held-out reference images: give --reference, or a training manifest/store with a "
+                     f"'{cfg.reference_split}' split, to calibrate the similarities")
+    ae_quality, inception = _quality(loader, train, samples, reference, cfg)
+
+    order = np.argsort(-tests["similarity"], kind="stable")[:cfg.top_matches]
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "inputs": inputs,
+        "feature": cfg.feature,
+        "counts": {"generated": len(samples), "training": len(train), "reference": len(reference or [])},
+        "memorized": {**_flags(tests["memorized"]), "criterion": cfg.criterion},
+        "tests": {
+            "tiled_l2": {**_flags(tests["memorized_tiled_l2"]), "alpha": cfg.alpha, "n": min(cfg.n, len(train)),
+                         "tiles": cfg.tiles * cfg.tiles,
+                         "distance": "largest L2 distance between corresponding tiles of the zero-mean, unit-norm "
+                                     "feature vectors; memorized when the distance to the nearest training image "
+                                     "/ the mean distance to the n nearest < alpha (Carlini et al. 2023)"},
+            "nn_ratio": {**_flags(tests["memorized_nn_ratio"]), "threshold": cfg.ratio,
+                         "distance": "global L2 distance of the zero-mean, unit-norm feature vectors, sqrt(2 - 2 cos); "
+                                     "memorized when nearest / second-nearest < threshold"},
+            "above_reference": (None if above is None else
+                                {**_flags(above), "threshold": float(ref_tests["similarity"].max()),
+                                 "meaning": "similarity to the nearest training image above every held-out image's"}),
+        },
+        "similarity": "cosine similarity of the zero-mean, unit-norm feature vectors (1: identical up to brightness "
+                      "and contrast)",
+        "similarity_percentiles": {"generated": _percentiles(tests["similarity"]),
+                                   "reference": _percentiles(ref_tests["similarity"]) if ref_tests else None},
+        "reference": None if ref_tests is None else {
+            "memorized_tiled_l2": _flags(ref_tests["memorized_tiled_l2"]),
+            "memorized_nn_ratio": _flags(ref_tests["memorized_nn_ratio"]),
+            "memorized": _flags(ref_tests["memorized"]),
+            "max_similarity": float(ref_tests["similarity"].max()),
+        },
+        "quality": ae_quality,
+        "inception_fid": inception,
+        "top_matches": [{"sample": samples.names[i], "nearest": train.names[nb.index[i, 0]],
+                         "similarity": float(tests["similarity"][i])} for i in order],
+        "search": {**nb.stats, "feature_seconds": t_feat - t0, "search_seconds": t_search - t_feat},
+        "config": to_dict(cfg),
+        "notes": notes,
+    }
+    summary = _json_safe(summary)
+    if out is not None:
+        out = Path(out)
+        write_per_sample(out / "per_sample.csv", samples, train, nb, tests, above)
+        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        write_histogram(out / "histogram.png", tests["similarity"],
+                        ref_tests["similarity"] if ref_tests else None, cfg.feature)
+        size = cfg.image_size
+        columns = [to_uint8(loader.images(samples, order, size)),
+                   to_uint8(loader.images(train, nb.index[order, 0], size))]
+        save_png(grid(columns), out / "top_matches.png", upscale=max(1, 128 // size))
+        log.info("memorization: %d of %d samples flagged (%s); wrote %s", summary["memorized"]["count"],
+                 len(samples), cfg.criterion, out)
+    return summary
+
+
+def evaluate_memorization(train: str | Path, samples: str | Path, out: str | Path, *,
+                          reference: str | Path | None = None, config: MemorizationConfig | dict | None = None,
+                          device: str | torch.device | None = None, **options: Any) -> dict:
+    """Compare generated samples with the training set; write per_sample.csv, summary.json and the plots.
+
+    ``train``: a manifest CSV (its ``train`` split, or every row without a split column) or a latent store
+    (rows with split ``train``). ``samples``: a folder of PNGs (with or without ``samples.zarr``), a
+    samples store or a manifest. ``reference``: held-out real images (every row); by default the
+    ``reference_split`` rows of ``train``. Options are :class:`MemorizationConfig` keys (``feature="latent"``
+    ...). Returns the summary written to ``OUT/summary.json``.
+    """
+    cfg = memorization_config(config, **options)
+    everything = open_image_set(train)
+    notes: list[str] = []
+    if everything.split is not None:
+        train_set = everything.subset(np.flatnonzero(everything.split == "train"))
+        if not len(train_set):
+            raise DataError(f"{everything.source}: no rows with split 'train'")
+    else:
+        train_set = everything
+        notes.append(f"{everything.source} has no split column: every row counts as a training image")
+    if reference is not None:
+        ref_set = open_image_set(reference)
+        overlap = len(set(p for p in ref_set.paths if p) & set(p for p in train_set.paths if p))
+        if overlap:
+            notes.append(f"{overlap} reference image file(s) are also training images")
+            log.warning("%s: %d reference image(s) are also training images", ref_set.source, overlap)
+        ref_desc = str(reference)
+    elif everything.split is not None and (everything.split == cfg.reference_split).any():
+        ref_set = everything.subset(np.flatnonzero(everything.split == cfg.reference_split))
+        ref_desc = f"{train} (split '{cfg.reference_split}')"
+    else:
+        ref_set, ref_desc = None, None
+    sample_set = open_image_set(samples)
+    inputs = {"train": str(train), "samples": str(samples), "reference": ref_desc}
+    return _evaluate(train_set, sample_set, ref_set, cfg, Path(out), device, inputs, notes)
+
+
+
+
+def _generate(model, n: int, batch: int) -> torch.Tensor:
+    """n images (N, 3, H, W) in [-1, 1] from ``model.sample(n)`` or a callable ``n -> images``."""
+    fn = model.sample if hasattr(model, "sample") else model
+    if not callable(fn):
+        raise TypeError("model must have a sample(n) method or be a callable n -> images (N, 3, H, W) in [-1, 1]")
+    out, left = [], n
+    while left > 0:
+        x = fn(min(batch, left))
+        x = x["image"] if isinstance(x, dict) else x
+        out.append(torch.as_tensor(x).detach().float().cpu())
+        left -= len(out[-1])
+    return torch.cat(out)[:n]
+
+
+def _collect(batches: Iterable, limit: int | None) -> torch.Tensor:
+    """Images (N, 3, H, W) from a dataloader yielding tensors or dicts with "image" (at most ``limit``)."""
+    out, count = [], 0
+    for batch in batches:
+        x = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+        out.append(torch.as_tensor(x).detach().float().cpu())
+        count += len(out[-1])
+        if limit is not None and count >= limit:
+            break
+    if not out:
+        raise ValueError("the dataloader yielded no images")
+    return torch.cat(out)[:limit]
+
+
+def check_memorization(model: Any, dataloader: Iterable, num_generate: int = 100, num_training: int | None = None,
+                       *, reference: Iterable | None = None, out: str | Path | None = None,
+                       device: str | torch.device | None = None, **options: Any) -> dict:
+    """Generate ``num_generate`` images with ``model`` and test them against ``num_training`` training images.
+
+    ``model`` has a ``sample(n)`` method or is a callable ``n -> images`` (N, 3, H, W) in [-1, 1];
+    ``dataloader`` (and ``reference``, held-out images) yield image batches or dicts with ``"image"``.
+    Options are :class:`MemorizationConfig` keys. Returns the summary dict; writes the report files too
+    when ``out`` is given.
+    """
+    cfg = memorization_config(None, **options)
+    samples = tensor_image_set(_generate(model, num_generate, cfg.batch_size), "sample")
+    train = tensor_image_set(_collect(dataloader, num_training), "train")
+    ref = tensor_image_set(_collect(reference, None), "reference") if reference is not None else None
+    inputs = {"train": "dataloader", "samples": "model", "reference": "dataloader" if ref is not None else None}
+    return _evaluate(train, samples, ref, cfg, Path(out) if out is not None else None, device, inputs, [])
+
+
+def compute_sample_similarity(samples: torch.Tensor, training_data: torch.Tensor, *, feature_size: int | None = None,
+                              memory_gb: float = 1.0, device: str | torch.device | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest training item of each sample: indices (N,) and cosine similarities (N,) of the normalised vectors.
+
+    Takes images (N, 3, H, W) or any (N, ...) tensors; with ``feature_size`` images are resized to it first.
+    """
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).detach().float().cpu()
+        if feature_size is not None and x.ndim == 4:
+            x = F.interpolate(x, size=(feature_size, feature_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        v = x.reshape(len(x), -1)
+        v = v - v.mean(1, keepdim=True)
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    a, b = prep(samples), prep(training_data)
+    if len(b) == 1:  # the search needs two items; one training item is its own nearest
+        return torch.zeros(len(a), dtype=torch.long), (a @ b.T)[:, 0]
+    nb = blocked_search(a, b, k=2, n=2, memory_gb=memory_gb, device=device)
+    return torch.from_numpy(nb.index[:, 0]), torch.from_numpy(nb.similarity[:, 0])

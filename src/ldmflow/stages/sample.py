@@ -1,0 +1,136 @@
+"""Sampling from a trained diffusion checkpoint: decoded PNGs, a grid image and ``samples.zarr``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from ldmflow import __version__
+from ldmflow.artifacts import file_sha256, inference_weights, load_checkpoint
+from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
+from ldmflow.config.schema import from_dict
+from ldmflow.diffusion.generate import generate_decoded
+from ldmflow.diffusion.schedules import NoiseSchedule
+from ldmflow.errors import SamplingError
+from ldmflow.models.autoencoder import load_autoencoder
+from ldmflow.models.unet import build_unet
+from ldmflow.training.devices import get_device
+from ldmflow.viz import grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+
+
+def load_verified_autoencoder(path: str | Path, sha256: str, device):
+    """The autoencoder a checkpoint was trained with, refusing a file whose sha256 changed."""
+    path = Path(path)
+    if not path.is_file():
+        raise SamplingError(f"autoencoder checkpoint {path} (recorded at training time) is missing")
+    if file_sha256(path) != sha256:
+        raise SamplingError(f"{path} is not the autoencoder the model was trained with (sha256 differs)")
+    return load_autoencoder(path, device)[0]
+
+
+def load_diffusion(checkpoint: str | Path, device) -> tuple[torch.nn.Module, DiffusionExperiment, dict]:
+    """Rebuild a diffusion UNet with its inference (EMA) weights from a checkpoint alone."""
+    state = load_checkpoint(checkpoint, map_location=device)
+    if state.get("stage") != "diffusion":
+        raise SamplingError(f"{checkpoint}: a {state.get('stage')} checkpoint, not a diffusion checkpoint")
+    cfg = from_dict(DiffusionExperiment, state["config"])
+    extra = state["extra"]
+    model = build_unet(cfg, extra["latent_channels"], extra["num_classes"])
+    model.load_state_dict(inference_weights(state))
+    return model.to(device).eval().requires_grad_(False), cfg, extra
+
+
+def resolve_class(value: str | int | None, classes: list[str] | None, num_classes: int | None) -> int | None:
+    if value is None:
+        return None
+    if not num_classes:
+        raise SamplingError("--class given, but the model is unconditional")
+    value = str(value)
+    if classes and value in classes:
+        return classes.index(value)
+    if value.isdigit() and int(value) < num_classes:
+        return int(value)
+    raise SamplingError(f"unknown class {value!r}; allowed: {', '.join(classes or [])} or 0..{num_classes - 1}")
+
+
+def write_samples_store(path: Path, latents: np.ndarray, labels: np.ndarray, attrs: dict) -> None:
+    """``samples.zarr``: latents (N, C, h, w) float32 in the autoencoder's (unscaled) space, labels (N,)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    group.create_array("latents", data=latents.astype(np.float32), chunks=(min(len(latents), 256), *latents.shape[1:]))
+    group.create_array("labels", data=labels.astype(np.int64))
+    group.attrs.update(attrs)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.ndarray, attrs: dict,
+                 controls: np.ndarray | None = None) -> None:
+    """Write ``sample_NNNNN.png``, ``grid.png`` and ``samples.zarr`` for N decoded samples.
+
+    pixels (N, H, W, 3) uint8; latents (N, C, h, w) in the autoencoder's space; labels (N,) (-1: none).
+    With ``controls`` (N, H, W, 3) uint8 previews, the grid pairs each control with its sample.
+    """
+    n = len(pixels)
+    for i, img in enumerate(pixels):
+        save_png(img, out / f"sample_{i:05d}.png")
+    tiles = pixels if controls is None else np.stack([controls, pixels], 1).reshape(2 * n, *pixels.shape[1:])
+    cols = min(len(tiles), 8)
+    rows = math.ceil(len(tiles) / cols)
+    padded = np.concatenate([tiles, np.full((rows * cols - len(tiles), *tiles.shape[1:]), 255, np.uint8)])
+    table = padded.reshape(rows, cols, *tiles.shape[1:])
+    save_png(grid([table[:, c] for c in range(cols)]), out / "grid.png", upscale=max(1, 64 // pixels.shape[1]))
+    write_samples_store(out / "samples.zarr", latents, labels, attrs)
+
+
+def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_id: str | int | None = None,
+                      guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
+                      seed: int = 42, device: str | None = None, batch_size: int = 64) -> dict:
+    """Generate N samples into OUT: ``sample_NNNNN.png``, ``grid.png``, ``samples.zarr``; same seed, same images.
+
+    Without ``class_id`` a class-conditional model cycles through the classes (sample i has class i mod K).
+    """
+    if n < 1:
+        raise SamplingError(f"n must be >= 1, got {n}")
+    dev = get_device(device)
+    model, cfg, extra = load_diffusion(checkpoint, dev)
+    sampling = from_dict(SamplingConfig, {**vars(cfg.sampling), **{k: v for k, v in
+                                          {"sampler": sampler, "steps": steps}.items() if v is not None}})
+    if guidance is not None:
+        sampling.guidance = guidance
+    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
+    schedule = NoiseSchedule.from_config(cfg.diffusion).to(dev)
+    num_classes = extra["num_classes"]
+    fixed = resolve_class(class_id, extra["classes"], num_classes)
+    labels = None
+    if num_classes:
+        labels = torch.full((n,), fixed, dtype=torch.long) if fixed is not None else torch.arange(n) % num_classes
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    latents, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, schedule, sampling,
+                                       cfg.diffusion.prediction, decoder, seed=seed, device=dev,
+                                       batch_size=batch_size)
+    attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+             "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
+             "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
+             "eta": sampling.eta, "guidance": sampling.guidance, "seed": seed, "classes": extra["classes"],
+             "ldmflow_version": __version__}
+    lab = labels.numpy() if labels is not None else np.full(n, -1)
+    save_samples(out, pixels, latents, lab, attrs)
+    seconds = time.monotonic() - start
+    log.info("wrote %d samples to %s in %.1f s (%s, %d steps, guidance %g)", n, out, seconds, sampling.sampler,
+             sampling.steps, sampling.guidance)
+    return {"n": n, "out": str(out), "seconds": seconds, **attrs}

@@ -1,0 +1,123 @@
+"""Stage 1: train one autoencoder experiment (reconstruction, segmentation and classification heads)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ldmflow.artifacts import file_sha256
+from ldmflow.config.autoencoder import AutoencoderExperiment
+from ldmflow.config.loading import resolve_experiment
+from ldmflow.config.schema import to_dict
+from ldmflow.data.manifest import ImageDataset, PreparedData, prepare_data
+from ldmflow.errors import ConfigError
+from ldmflow.evaluation.metrics import confusion, miou, psnr
+from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder
+from ldmflow.training.devices import get_device, set_deterministic
+from ldmflow.training.loop import FitConfig, fit
+from ldmflow.viz import colorize, grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_fields(cfg: AutoencoderExperiment, data: PreparedData, source: str) -> None:
+    """Fill the config's data-derived fields (mask classes, class names) and check the image size."""
+    cfg.data.mask_classes = data.mask_classes
+    cfg.data.classes = data.classes
+    if cfg.data.image_size % cfg.model.downsample:
+        raise ConfigError(
+            f"{source}: key 'data.image_size' has {cfg.data.image_size}; allowed: a multiple of "
+            f"model.downsample={cfg.model.downsample}"
+        )
+
+
+class AutoencoderTask:
+    """The autoencoder stage as a :class:`ldmflow.training.Task`."""
+
+    def __init__(self, cfg: AutoencoderExperiment, model, val_set: ImageDataset):
+        self.cfg, self.model = cfg, model
+        self.criterion = AutoencoderLoss(cfg.loss)
+        self.preview = val_set.__getitems__(list(range(min(8, len(val_set)))))
+
+    def loss(self, model, batch, step):
+        image = batch["image"]
+        if self.cfg.data.hflip:
+            # flips seeded by (seed, step): the same on a resumed run
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+            flip = (torch.rand(image.shape[0], generator=gen) < 0.5).to(image.device)
+            image = torch.where(flip[:, None, None, None], image.flip(-1), image)
+            batch = {**batch, "image": image}
+            if "mask" in batch:
+                batch["mask"] = torch.where(flip[:, None, None], batch["mask"].flip(-1), batch["mask"])
+        out = model(image)
+        total, parts = self.criterion(out, batch)
+        return total, parts
+
+    def evaluate(self, model, loader) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        n_images = correct = 0
+        psnr_sum = 0.0
+        k = self.cfg.data.mask_classes or 0
+        conf = torch.zeros((k, k), dtype=torch.long)
+        for batch in loader:
+            device = next(model.parameters()).device
+            batch = {key: v.to(device) for key, v in batch.items()}
+            out = model(batch["image"], sample=False)
+            total, parts = self.criterion(out, batch)
+            size = batch["image"].shape[0]
+            for key, v in {"loss": total, **parts}.items():  # batch means, weighted by batch size
+                sums[key] = sums.get(key, 0.0) + float(v) * size
+            n_images += size
+            psnr_sum += float(psnr(out["recon"], batch["image"]).sum())
+            if out["seg"] is not None and "mask" in batch:
+                conf += confusion(out["seg"].argmax(1).cpu(), batch["mask"].cpu(), k)
+            if out["logits"] is not None and "label" in batch:
+                correct += int((out["logits"].argmax(1) == batch["label"]).sum())
+        metrics = {f"val_{key}": v / n_images for key, v in sums.items()}
+        metrics["val_psnr"] = psnr_sum / n_images
+        metrics["val_miou"] = miou(conf) if k and conf.sum() else math.nan
+        metrics["val_acc"] = correct / n_images if model.classifier is not None else math.nan
+        return metrics
+
+    def write_samples(self, model, epoch, path):
+        device = next(model.parameters()).device
+        image = self.preview["image"].to(device)
+        out = model(image, sample=False)
+        columns = [to_uint8(image), to_uint8(out["recon"])]
+        if out["seg"] is not None:
+            columns.append(colorize(out["seg"].argmax(1)))
+            if "mask" in self.preview:
+                columns.append(colorize(self.preview["mask"]))
+        save_png(grid(columns), path, upscale=max(1, 128 // image.shape[-1]))
+
+
+def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, overrides=(), device: str | None = None,
+                      threads: int | None = None, progress: bool | None = None) -> dict:
+    """Train one autoencoder experiment on a manifest into OUT_DIR; resumes from its latest checkpoint.
+
+    Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt``, ``NAME_metrics.csv`` and
+    ``samples/epoch_NNN.png``; returns the run summary (best metric, history, resume point).
+    """
+    cfg, source = resolve_experiment(config, "autoencoder", overrides)
+    if threads:
+        torch.set_num_threads(threads)
+    data = prepare_data(manifest, cfg.data, cfg.seed, threads)
+    data.write_skipped(out_dir)
+    resolve_data_fields(cfg, data, source)
+    train_set, val_set = ImageDataset(data, "train"), ImageDataset(data, "val")
+    if len(val_set) == 0:
+        raise ConfigError(f"{source}: no validation rows; add split=val rows or raise data.val_fraction")
+    set_deterministic(cfg.seed)
+    model = build_autoencoder(cfg)
+    log.info("%s: %d train / %d val images, %.2fM parameters", cfg.name, len(train_set), len(val_set),
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    fc = FitConfig(stage="autoencoder", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
+                   resolved=to_dict(cfg), extra={"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)
+                                                 if Path(manifest).is_file() else None})
+    task = AutoencoderTask(cfg, model, val_set)
+    uncached = data.images is None
+    return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=get_device(device),
+               workers=min(4, threads or 1) if uncached else 0, progress=progress)

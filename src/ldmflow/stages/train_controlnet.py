@@ -1,0 +1,312 @@
+"""Stage 5: train a ControlNet (add, concat or film fusion) on a trained diffusion UNet and pre-embedded latents.
+
+The diffusion task does the noising, the class labels (with the base experiment's label dropout) and
+the validation loss, with the base experiment's noise schedule, prediction target and loss weighting;
+this stage adds the control to every batch and measures control fidelity: it samples the EMA model on
+a fixed set of validation controls, decodes the latents, runs the autoencoder's segmentation head on the
+images and reports the mIoU against the rows' masks (``val_control_miou``), next to the uncontrolled
+base model sampled from the same noise and labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ldmflow.artifacts import atomic_write_bytes, file_sha256, inference_weights, load_checkpoint
+from ldmflow.config.controlnet import ControlNetExperiment
+from ldmflow.config.diffusion import DiffusionExperiment
+from ldmflow.config.loading import resolve_experiment
+from ldmflow.config.schema import to_dict
+from ldmflow.data.controls import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
+from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
+from ldmflow.diffusion.generate import generate_latents
+from ldmflow.diffusion.schedules import diffusion_loss
+from ldmflow.errors import ConfigError
+from ldmflow.evaluation.metrics import segmentation_scores
+from ldmflow.models.controlnet import ControlledUNet, build_controlnet
+from ldmflow.models.unet import count_parameters
+from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
+from ldmflow.stages.train_diffusion import DiffusionTask
+from ldmflow.training.batching import class_weights
+from ldmflow.training.devices import get_device, set_deterministic
+from ldmflow.training.distributed import rank
+from ldmflow.training.loop import FitConfig, fit
+from ldmflow.viz import grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+
+FIDELITY_FILE = "control_fidelity.json"
+FIDELITY_BATCH = 64  # samples per sampler call when measuring fidelity
+
+
+@torch.no_grad()
+def sample_segmentations(model_for: Callable[[int, int], Callable], base_cfg: DiffusionExperiment, schedule, decoder,
+                         scale_factor: float, latent_shape, labels: torch.Tensor | None, n: int, sampling, *,
+                         seed: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample n latents and decode them; ``model_for(lo, hi)`` is the ``model(x, t, y)`` for rows lo:hi (a
+    plain UNet, or a controlled one bound to those rows' controls).
+
+    Returns the images (N, 3, H, W) and the segmentation head's class ids (N, H, W), or None when the
+    autoencoder has no segmentation head. Batches are seeded seed, seed + 1, ..., so two models called
+    with the same arguments start from the same noise.
+    """
+    images, segs = [], []
+    for b, lo in enumerate(range(0, n, FIDELITY_BATCH)):
+        hi = min(n, lo + FIDELITY_BATCH)
+        y = labels[lo:hi] if labels is not None else None
+        z = generate_latents(model_for(lo, hi), base_cfg, schedule, latent_shape, hi - lo, y, seed=seed + b,
+                             device=device, sampling=sampling)
+        rgb, seg = decoder.decode(z / scale_factor, with_seg=True)  # seg None without a segmentation head
+        images.append(rgb.float())
+        segs.append(None if seg is None else seg.argmax(1))
+    return torch.cat(images), (None if segs[0] is None else torch.cat(segs))
+
+
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
+
+
+class ControlNetTask(DiffusionTask):
+    """ControlNet training as a :class:`ldmflow.training.Task`.
+
+    ``self.cfg`` is the base diffusion experiment (noise schedule, prediction, loss, label dropout: the
+    inherited noising and validation loss use it unchanged); ``self.experiment`` the ControlNet one.
+    ``base`` is the untouched base UNet, sampled for the uncontrolled comparison.
+    """
+
+    def __init__(self, cfg: ControlNetExperiment, base_cfg: DiffusionExperiment, model: ControlledUNet, base,
+                 store: LatentStore, num_classes: int | None, device, val_set: ControlDataset, provenance: dict):
+        super().__init__(base_cfg, model, store, num_classes, device)
+        self.experiment = cfg
+        self.base = base.to(device).eval().requires_grad_(False)
+        self.val_set = val_set
+        self.provenance = provenance
+        self.mask_classes = store.mask_classes
+        self._fixed: dict | None = None
+        self.base_scores: dict | None = None
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def predict(self, model, x_t, t, y, batch):
+        return model(x_t, t, y, control=batch["control"])
+
+    def loss(self, model, batch, step):
+        x0, t, noise = self._noised(batch, None)
+        control = batch["control"]  # (N, K, H, W)
+        if self.experiment.data.hflip:  # flip latent and control together
+            flip = torch.rand(x0.shape[0], device=x0.device)[:, None, None, None] < 0.5
+            x0 = torch.where(flip, x0.flip(-1), x0)
+            control = torch.where(flip, control.flip(-1), control)
+        y = self._labels(batch, self.cfg.model.label_dropout, None)
+        out = model(self.schedule.add_noise(x0, noise, t), t, y, control=control)
+        per_sample = diffusion_loss(out, x0, noise, t, self.schedule, self.cfg.diffusion.prediction,
+                                    self.cfg.loss.min_snr_gamma)
+        return per_sample.mean(), {}
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def decoder(self):
+        if self._decoder is None:
+            p = self.provenance
+            self._decoder = load_verified_autoencoder(p["autoencoder_checkpoint"], p["autoencoder_sha256"], self.device)
+        return self._decoder
+
+    def fidelity_available(self) -> str | None:
+        """None when control fidelity can be measured, else the reason it cannot."""
+        if self.experiment.evaluation.fidelity_samples == 0:
+            return "evaluation.fidelity_samples is 0"
+        if self.mask_classes is None:
+            return "the latent store has no masks"
+        if self.decoder().segmenter is None:
+            return "the autoencoder has no segmentation head"
+        return None
+
+    def fixed_rows(self) -> dict:
+        """The first validation rows (fidelity and grid), on the device: control, mask, label, latent."""
+        if self._fixed is None:
+            n = min(len(self.val_set), max(self.experiment.evaluation.fidelity_samples,
+                                           self.experiment.sampling.grid_rows))
+            batch = self.val_set.__getitems__(list(range(n)))
+            self._fixed = {k: v.to(self.device) for k, v in batch.items()}
+        return self._fixed
+
+    def _sampling(self, steps: int | None = None):
+        sampling = self.experiment.sampling.base()
+        if steps is not None:
+            sampling.steps = steps
+        return sampling
+
+    def _labels_of(self, rows: dict, n: int) -> torch.Tensor | None:
+        if self.num_classes is None:
+            return None
+        y = rows["label"][:n]
+        return torch.where(y < 0, self.num_classes, y)  # unlabelled rows take the null label
+
+    def _model_for(self, model, rows: dict, controlled: bool = True) -> Callable[[int, int], Callable]:
+        if not controlled:
+            return lambda lo, hi: self.base
+        return lambda lo, hi: model.bind(rows["control"][lo:hi], self.experiment.sampling.scale)
+
+    def scores(self, model, *, controlled: bool = True) -> dict:
+        """Control fidelity of the (EMA) model, or of the uncontrolled base when ``controlled`` is false."""
+        rows = self.fixed_rows()
+        n = min(self.experiment.evaluation.fidelity_samples, len(rows["mask"]))
+        _, seg = sample_segmentations(self._model_for(model, rows, controlled), self.cfg, self.schedule, self.decoder(), self.store.scale_factor,
+                                      self.store.latent_shape, self._labels_of(rows, n), n,
+                                      self._sampling(self.experiment.evaluation.steps),
+                                      seed=self.experiment.seed, device=self.device)
+        return {"rows": n, **segmentation_scores(seg, rows["mask"][:n], self.mask_classes)}
+
+    def evaluate(self, model, loader) -> dict[str, float]:
+        metrics = super().evaluate(model, loader)
+        if self.fidelity_available() is None:
+            if self.base_scores is None:
+                self.base_scores = self.scores(self.base, controlled=False)
+                log.info("uncontrolled base model: control mIoU %.4f", self.base_scores["miou"])
+            metrics["val_control_miou"] = self.scores(model)["miou"]
+        return metrics
+
+    def write_samples(self, model, epoch, path):
+        rows = self.fixed_rows()
+        n = min(self.experiment.sampling.grid_rows, len(rows["control"]))
+        images, _ = sample_segmentations(
+            self._model_for(model, rows), self.cfg, self.schedule,
+            self.decoder(), self.store.scale_factor, self.store.latent_shape, self._labels_of(rows, n), n,
+            self._sampling(), seed=self.experiment.seed, device=self.device)
+        truth, _ = self.decoder().decode(rows["latent"][:n] / self.store.scale_factor)  # the AE's reconstruction
+        columns = [control_preview(self.experiment.control.signal, rows["control"][:n]), to_uint8(images),
+                   to_uint8(truth)]
+        save_png(grid(columns), path, upscale=max(1, 64 // images.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def check_base(cfg: ControlNetExperiment, base_cfg: DiffusionExperiment, base_extra: dict, provenance: dict,
+               base_path: Path, source: str) -> None:
+    """Refuse a base checkpoint of another experiment, or one trained on other latents."""
+    if cfg.base is not None and cfg.base != base_cfg.name:
+        raise ConfigError(f"{source}: key 'base' names the diffusion experiment {cfg.base!r}, but {base_path} is "
+                          f"a checkpoint of {base_cfg.name!r}")
+    if base_extra["autoencoder_sha256"] != provenance["autoencoder_sha256"] or \
+            base_extra["latent_channels"] != provenance["latent_channels"] or \
+            base_extra["latent_size"] != provenance["latent_size"]:
+        raise ConfigError(f"{base_path} was trained on latents of {base_extra['autoencoder_checkpoint']} "
+                          f"({base_extra['latent_channels']} x {base_extra['latent_size']}^2); the latent store "
+                          f"{provenance['latents']} holds latents of {provenance['autoencoder_checkpoint']} "
+                          f"({provenance['latent_channels']} x {provenance['latent_size']}^2): embed with the "
+                          "base model's autoencoder")
+
+
+def store_manifest(store: LatentStore) -> str | None:
+    """The manifest the store was embedded from, as its attributes record it."""
+    return store.attrs["manifest"]["path"]
+
+
+def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: int):
+    """Edge maps or manifest control images of every store row (N, K, H, W) uint8; None for masks."""
+    signal = cfg.control.signal
+    if signal == "edges":
+        log.info("computing Sobel edge maps of %d images (%d px)", store.n, image_size)
+        return edge_controls(store.paths, image_size, str(store.path))
+    if signal == "image":
+        manifest = cfg.control.manifest or store_manifest(store)
+        if not manifest:
+            raise ConfigError(f"{store.path}: the latent store records no manifest; set control.manifest to the "
+                              "manifest with the 'control' column")
+        log.info("reading %d control images from the 'control' column of %s", store.n, manifest)
+        return manifest_controls(manifest, store.paths, image_size)
+    return None
+
+
+def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str | Path, *, overrides=(),
+                     device: str | None = None, threads: int | None = None, progress: bool | None = None) -> dict:
+    """Train one ControlNet experiment on a latent store and a base diffusion checkpoint into OUT_DIR.
+
+    Resumes from OUT_DIR's latest checkpoint. Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt``
+    (self-contained: the base UNet's weights and config are inside), ``NAME_metrics.csv`` (with
+    ``val_control_miou``), ``samples/epoch_NNN.png`` (control | generated | ground truth, EMA model) and
+    ``control_fidelity.json`` (the best checkpoint's control mIoU against the uncontrolled base's).
+    """
+    cfg, source = resolve_experiment(config, "controlnet", overrides)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = get_device(device)
+    store = LatentStore(latents)
+    provenance = store_provenance(store)
+    base_path = Path(base)
+    base_model, base_cfg, base_extra = load_diffusion(base_path, dev)
+    check_base(cfg, base_cfg, base_extra, provenance, base_path, source)
+    num_classes = base_extra["num_classes"]
+    k = control_channels(cfg.control.signal, store.mask_classes)
+    image_size = int(store.attrs["image_size"])
+    factor = image_size // store.latent_shape[1]
+
+    stored = stored_controls(cfg, store, image_size)
+    train_set = ControlDataset(LatentDataset(store, "train", kl_latents=cfg.data.kl_latents), cfg.control.signal,
+                               store.mask_classes, stored)
+    val_set = ControlDataset(LatentDataset(store, "val", kl_latents=cfg.data.kl_latents), cfg.control.signal,
+                             store.mask_classes, stored)
+    if len(val_set) == 0:
+        raise ConfigError(f"{latents}: the store has no validation rows; the ControlNet stage needs some")
+
+    set_deterministic(cfg.seed)  # the control branch's initialisation
+    model = build_controlnet(cfg.model, copy.deepcopy(base_model).train(), k, factor)
+    weights = None
+    if cfg.data.balance_power > 0 and train_set.labels is not None and (train_set.labels >= 0).all():
+        weights = class_weights(train_set.labels, cfg.data.balance_power)
+    log.info("%s: %s fusion, %s control (%d channels at %d px) on %s; %d train / %d val latents; %.2fM of %.2fM "
+             "parameters train", cfg.name, cfg.model.fusion, cfg.control.signal, k, image_size, base_cfg.name,
+             len(train_set), len(val_set), count_parameters(model, trainable_only=True) / 1e6,
+             count_parameters(model) / 1e6)
+    extra = {**provenance, "num_classes": num_classes, "base_checkpoint": str(base_path),
+             "base_sha256": file_sha256(base_path), "base_config": to_dict(base_cfg), "signal": cfg.control.signal,
+             "control_channels": k, "downsample": factor, "image_size": image_size}
+    fc = FitConfig(stage="controlnet", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
+                   resolved=to_dict(cfg), extra=extra)
+    task = ControlNetTask(cfg, base_cfg, model, base_model, store, num_classes, dev, val_set, provenance)
+    result = fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev, sample_weights=weights, workers=0,
+                 progress=progress)
+    if rank() == 0:  # under DDP the other processes only trained
+        result["control_fidelity"] = write_control_fidelity(task, Path(out_dir), cfg.name, result)
+    else:
+        result["control_fidelity"] = {"available": False, "reason": f"measured by rank 0, not rank {rank()}"}
+    return result
+
+
+def write_control_fidelity(task: ControlNetTask, out_dir: Path, name: str, result: dict) -> dict:
+    """``control_fidelity.json``: the best checkpoint's control mIoU against the uncontrolled base's."""
+    cfg = task.experiment
+    best = out_dir / "checkpoints" / f"{name}_checkpoint_best.pt"
+    summary = {"experiment": name, "fusion": cfg.model.fusion, "signal": cfg.control.signal, "base": cfg.base,
+               "checkpoint": str(best), "epoch": result["best"]["epoch"]}
+    reason = task.fidelity_available()
+    if reason is not None:
+        summary.update(available=False, reason=reason)
+    else:
+        model = copy.deepcopy(task.model)
+        model.load_state_dict(inference_weights(load_checkpoint(best, map_location=task.device)))
+        model.to(task.device).eval()
+        controlled = task.scores(model)
+        base = task.base_scores or task.scores(task.base, controlled=False)
+        sampling = task._sampling(cfg.evaluation.steps)
+        summary.update(
+            available=True, measure="mIoU of the autoencoder's segmentation head on the decoded samples against the "
+            "masks of the first validation rows (the uncontrolled base: same noise and labels, no control)",
+            rows=controlled.pop("rows"), sampler=sampling.sampler, steps=sampling.steps, guidance=sampling.guidance,
+            scale=cfg.sampling.scale, seed=cfg.seed, controlled=controlled,
+            uncontrolled_base={k: v for k, v in base.items() if k != "rows"},
+            gain=controlled["miou"] - base["miou"])
+        log.info("%s control mIoU %.4f, uncontrolled base %.4f (gain %+.4f)", name, controlled["miou"], base["miou"],
+                 summary["gain"])
+    atomic_write_bytes(out_dir / FIDELITY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
