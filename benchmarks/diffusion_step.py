@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ldmflow.config.loading import load_config
 from ldmflow.diffusion.schedules import NoiseSchedule, diffusion_loss
 from ldmflow.models.unet import build_unet, count_parameters
-from ldmflow.training.devices import get_device
+from ldmflow.devices import get_device
 from ldmflow.training.loop import FitConfig, autocast, fit
 from ldmflow.training.optim import build_optimizer
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ldmflow.evaluation.search import blocked_search, plan_blocks
-from ldmflow.training.devices import get_device
+from ldmflow.devices import get_device
 
 
 def sync(device: torch.device) -> None:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ldmflow.training.devices import claim_gpu, visible_device_names
+from ldmflow.devices import claim_gpu, visible_device_names
 
 
 def test_cpu_only_machine_is_a_no_op(tmp_path):
@@ -51,7 +51,7 @@ def test_a_scheduler_job_keeps_the_gpu_the_scheduler_gave_it(tmp_path, variable)
 
 def test_a_killed_job_releases_its_gpu(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom ldmflow.training.devices import claim_gpu\n"
+        [sys.executable, "-c", "import sys, time\nfrom ldmflow.devices import claim_gpu\n"
          f"with claim_gpu({{}}, {str(tmp_path)!r}, device_count=1):\n    print('held', flush=True)\n"
          "    time.sleep(60)"], stdout=subprocess.PIPE, text=True, env={**os.environ})
     assert holder.stdout.readline().strip() == "held"

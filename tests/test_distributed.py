@@ -25,7 +25,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, demo_manif
         path.write_text(yaml.safe_dump(cfg))
         args = ["train-ae", "--config", str(path), "--data", str(demo_manifest), "--out", str(tmp_path / out),
                 "--threads", "1"]
-        code = ("from ldmflow.training.distributed import run_cli; import sys; "
+        code = ("from ldmflow.launch import run_cli; import sys; "
                 f"run_cli(sys.argv[1:], nproc={nproc})")
         proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                               timeout=600)

@@ -18,7 +18,7 @@ from ldmflow.data.latent_store import STORE_FORMAT, LatentDataset, LatentStore
 from ldmflow.data.manifest import prepare_data
 from ldmflow.errors import LatentError
 from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
-from ldmflow.stages.embed import RunningMoments, embed_latents
+from ldmflow.stages.embed import RunningMoments, embed_latents, store_autoencoder
 from ldmflow.stages.select_autoencoder import select_autoencoder
 from ldmflow.stages.train_autoencoder import train_autoencoder
 
@@ -143,7 +143,7 @@ def test_refuses_a_store_made_by_another_autoencoder(runs, stores, demo_manifest
     with pytest.raises(LatentError, match=f"{stores['kl']}: made by autoencoder .*tiny_kl_checkpoint_best.pt.* "
                                           "but .*tiny_plain_checkpoint_best.pt has sha256"):
         store.check_autoencoder(runs["plain"])
-    model, cfg = store.load_autoencoder("cpu")
+    model, cfg = store_autoencoder(store, "cpu")
     assert isinstance(model, Autoencoder) and cfg.name == "tiny_kl"
 
     # the recorded checkpoint replaced after embedding: refused; a moved copy of the right one: accepted
@@ -154,8 +154,8 @@ def test_refuses_a_store_made_by_another_autoencoder(runs, stores, demo_manifest
     made = LatentStore(embed_latents(copy, demo_manifest, tmp_path / "l.zarr", threads=1))
     shutil.copy(runs["plain"], copy)
     with pytest.raises(LatentError, match="made by autoencoder"):
-        made.load_autoencoder("cpu")
-    assert made.load_autoencoder("cpu", checkpoint=moved)[1].name == "tiny_kl"
+        store_autoencoder(made, "cpu")
+    assert store_autoencoder(made, "cpu", checkpoint=moved)[1].name == "tiny_kl"
 
 
 def test_a_failed_write_leaves_the_previous_store_and_no_temporary(runs, demo_manifest, tmp_path, monkeypatch):

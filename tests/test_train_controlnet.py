@@ -163,7 +163,7 @@ def test_the_summary_table_has_a_row_per_run(tmp_path, trained):
 def test_sampling_is_seeded_and_takes_a_scale(tmp_path, trained, stage):
     a = sample_controlnet(trained, "5", 4, tmp_path / "a", seed=3)
     b = sample_controlnet(trained, 5, 4, tmp_path / "b", seed=3)
-    assert a["control"].endswith("[5]") and a["scale"] == 1.0
+    assert a["control"].endswith("[5]") and b["control"].endswith("[5]") and a["scale"] == 1.0
     assert (tmp_path / "a/sample_00003.png").read_bytes() == (tmp_path / "b/sample_00003.png").read_bytes()
     import zarr
 

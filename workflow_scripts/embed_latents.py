@@ -3,8 +3,8 @@
 import os
 
 from ldmflow.cli import setup_logging
+from ldmflow.devices import claim_gpu
 from ldmflow.stages.embed import embed_latents
-from ldmflow.training.devices import claim_gpu
 
 
 def main(smk) -> None:

@@ -5,8 +5,8 @@ import os
 import torch
 
 from ldmflow.cli import setup_logging
+from ldmflow.devices import claim_gpu
 from ldmflow.stages.sample import sample_checkpoint
-from ldmflow.training.devices import claim_gpu
 
 
 def main(smk) -> None:

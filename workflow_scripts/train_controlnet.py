@@ -2,14 +2,13 @@
 
 import os
 
-from ldmflow.training.distributed import run_training
+from ldmflow.launch import run_training
 
 
 def main(smk) -> None:
-    run_training(["--log-file", smk.log[0], "train-controlnet", "--config", smk.input.config, "--latents",
-                  smk.input.latents, "--base", smk.params.base_checkpoint, "--out", smk.params.run_dir,
-                  "--threads", str(smk.threads)],
-                 gpus=int(smk.resources.gpu), environ=os.environ)
+    run_training("controlnet", gpus=int(smk.resources.gpu), environ=os.environ, log_file=smk.log[0],
+                 threads=smk.threads, config=smk.input.config, latents=smk.input.latents,
+                 base=smk.params.base_checkpoint, out_dir=smk.params.run_dir)
 
 
 if __name__ == "__main__":

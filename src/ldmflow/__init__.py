@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from ldmflow.config.loading import load_config
 from ldmflow.data.manifest import build_dataset
-from ldmflow.training.devices import get_device, set_deterministic
+from ldmflow.devices import get_device, set_deterministic
 
 
 def build_model(config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -252,23 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ldmflow.errors import DataError, Preempted, SamplingError, SelectionError, TrainingError
+    from ldmflow.errors import Preempted, exit_code
     from ldmflow.training.distributed import init_from_env, shutdown
 
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
     try:
-        init_from_env()
+        init_from_env(os.environ)  # first: under torchrun, logging is quieter on ranks > 0
+        setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
         args.func(args)
-    except (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    except Preempted as exc:
-        log.warning("%s", exc)
-        return 143
-    except TrainingError as exc:
-        log.error("%s", exc)
-        return 1
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        (log.warning if isinstance(exc, Preempted) else log.error)("%s", exc)
+        return code
     finally:
         shutdown()
     return 0

@@ -36,3 +36,22 @@ class LatentError(DataError):
 class ControlError(DataError):
     """A control signal cannot be made or does not fit the model (missing column, wrong size, bad index)."""
 
+
+
+# The command line's exit codes: 2 for a user error (usage, config, data), 143 (128 + SIGTERM) for a run that
+# saved a checkpoint on a scheduler's signal and can be resumed, 1 for a run that cannot go on.
+USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError)
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143
+EXIT_TRAINING_ERROR = 1
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code for an error a user can cause or a scheduler can send; None for a bug (show a traceback)."""
+    if isinstance(exc, USER_ERRORS):
+        return EXIT_USER_ERROR
+    if isinstance(exc, Preempted):
+        return EXIT_PREEMPTED
+    if isinstance(exc, TrainingError):
+        return EXIT_TRAINING_ERROR
+    return None

@@ -28,12 +28,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ldmflow.artifacts import file_sha256, resolve_checkpoint
-from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.data.manifest import SPLITS
 from ldmflow.errors import LatentError
-from ldmflow.models.autoencoder import Autoencoder
-from ldmflow.models.autoencoder import load_autoencoder as load_autoencoder_checkpoint
-from ldmflow.training.devices import get_device
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +165,6 @@ class LatentStore:
                 f"but {path} has sha256 {sha[:12]}...; decode with the autoencoder that made the store, or "
                 "re-embed with this one")
         return path
-
-    def load_autoencoder(self, device: str | torch.device | None = None,
-                         checkpoint: str | Path | None = None) -> tuple[Autoencoder, AutoencoderExperiment]:
-        """The autoencoder that made this store (the recorded checkpoint, or a moved copy of it), checked
-        by sha256, in eval mode."""
-        path = self.check_autoencoder(checkpoint or self.attrs["autoencoder"]["checkpoint"])
-        return load_autoencoder_checkpoint(path, get_device(None if device is None else str(device)))
 
 
 class LatentDataset(torch.utils.data.Dataset):

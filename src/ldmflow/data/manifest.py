@@ -288,9 +288,6 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     return data
 
 
-def identity(batch):
-    """DataLoader collate for datasets that build whole batches in ``__getitems__``."""
-    return batch
 
 
 class ImageDataset(torch.utils.data.Dataset):

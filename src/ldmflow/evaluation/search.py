@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from ldmflow.config.memorization import MemorizationConfig
+from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.features import Features
-from ldmflow.training.devices import get_device
 
 log = logging.getLogger(__name__)
 

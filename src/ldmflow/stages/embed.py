@@ -27,12 +27,13 @@ from ldmflow.artifacts import (
     remove_stale_temporaries,
     resolve_checkpoint,
 )
+from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.schema import to_dict
-from ldmflow.data.latent_store import COMPRESSOR, DTYPES, STORE_FORMAT, chunk_rows
+from ldmflow.data.latent_store import COMPRESSOR, DTYPES, STORE_FORMAT, LatentStore, chunk_rows
 from ldmflow.data.manifest import SPLITS, ImageDataset, prepare_data
+from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
-from ldmflow.models.autoencoder import load_autoencoder as load_autoencoder_checkpoint
-from ldmflow.training.devices import get_device
+from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
     state = load_checkpoint(ckpt_path)
     trained_on = (state.get("extra") or {}).get("manifest_sha256")
     del state
-    model, cfg = load_autoencoder_checkpoint(ckpt_path, dev)
+    model, cfg = load_autoencoder(ckpt_path, dev)
     manifest_sha256 = file_sha256(manifest) if Path(manifest).is_file() else None
     if trained_on and manifest_sha256 and trained_on != manifest_sha256:
         log.warning("%s differs from the manifest %s was trained on; its split (seed %d) is not the "
@@ -258,3 +259,11 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         raise
     log.info("wrote %s: %d latents, scale_factor %.5g", out, n, attrs["scale_factor"])
     return out
+
+
+def store_autoencoder(store: LatentStore, device: str | torch.device | None = None,
+                      checkpoint: str | Path | None = None) -> tuple[Autoencoder, AutoencoderExperiment]:
+    """The autoencoder that made a latent store (the recorded checkpoint, or a moved copy of it), checked
+    by sha256, in eval mode."""
+    path = store.check_autoencoder(checkpoint or store.attrs["autoencoder"]["checkpoint"])
+    return load_autoencoder(path, get_device(None if device is None else str(device)))

@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from ldmflow.artifacts import atomic_write_bytes
 from ldmflow.config.memorization import MemorizationConfig, memorization_config
 from ldmflow.config.schema import to_dict
+from ldmflow.devices import get_device
 from ldmflow.errors import DataError
 from ldmflow.evaluation.image_sets import ImageSet, Loader, open_image_set, tensor_image_set
 from ldmflow.evaluation.memorization_report import _flags, _json_safe, _percentiles, write_histogram, write_per_sample
 from ldmflow.evaluation.search import blocked_search, neighbour_tests
-from ldmflow.training.devices import get_device
 from ldmflow.viz import grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ from ldmflow import __version__
 from ldmflow.artifacts import file_sha256, inference_weights, load_checkpoint
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.config.schema import from_dict
+from ldmflow.devices import get_device
 from ldmflow.diffusion.generate import generate_decoded
 from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import SamplingError
 from ldmflow.models.autoencoder import load_autoencoder
 from ldmflow.models.unet import build_unet
-from ldmflow.training.devices import get_device
 from ldmflow.viz import grid, save_png
 
 log = logging.getLogger(__name__)

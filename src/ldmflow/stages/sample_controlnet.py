@@ -22,13 +22,13 @@ from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.config.schema import from_dict, to_dict, validate
 from ldmflow.data.controls import control_preview, edge_controls, edges_from_rgb, manifest_controls, to_model_input
+from ldmflow.devices import get_device
 from ldmflow.diffusion.generate import generate_decoded
 from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ControlError, SamplingError
 from ldmflow.models.controlnet import ControlledUNet, Scale, build_controlnet
 from ldmflow.models.unet import build_unet
 from ldmflow.stages.sample import load_verified_autoencoder, resolve_class, save_samples
-from ldmflow.training.devices import get_device
 from ldmflow.viz import save_png
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from ldmflow.config.loading import resolve_experiment
 from ldmflow.config.schema import to_dict
 from ldmflow.data.controls import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
+from ldmflow.devices import get_device, set_deterministic
 from ldmflow.diffusion.generate import generate_latents
 from ldmflow.diffusion.schedules import diffusion_loss
 from ldmflow.errors import ConfigError
@@ -34,7 +35,6 @@ from ldmflow.models.unet import count_parameters
 from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
 from ldmflow.stages.train_diffusion import DiffusionTask
 from ldmflow.training.batching import class_weights
-from ldmflow.training.devices import get_device, set_deterministic
 from ldmflow.training.distributed import rank
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8

@@ -11,12 +11,13 @@ from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.config.loading import resolve_experiment
 from ldmflow.config.schema import to_dict
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
+from ldmflow.devices import get_device, set_deterministic
 from ldmflow.diffusion.generate import generate
 from ldmflow.diffusion.schedules import NoiseSchedule, diffusion_loss
 from ldmflow.errors import ConfigError
 from ldmflow.models.unet import build_unet, count_parameters
+from ldmflow.stages.embed import store_autoencoder
 from ldmflow.training.batching import class_weights
-from ldmflow.training.devices import get_device, set_deterministic
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -95,7 +96,7 @@ class DiffusionTask:
 
     def decoder(self):
         if self._decoder is None:
-            self._decoder = self.store.load_autoencoder(self.device)[0]
+            self._decoder = store_autoencoder(self.store, self.device)[0]
         return self._decoder
 
     def write_samples(self, model, epoch, path):

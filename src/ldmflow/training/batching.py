@@ -69,10 +69,14 @@ def class_weights(labels: torch.Tensor, power: float = 1.0) -> torch.Tensor:
 
 def make_loader(dataset, sampler: EpochBatchSampler, workers: int = 0, pin: bool = False):
     """A DataLoader over whole batches (the dataset's ``__getitems__``) that never draws global RNG."""
-    from ldmflow.data.manifest import identity
 
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=identity, num_workers=workers, pin_memory=pin,
         generator=torch.Generator().manual_seed(0), persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+
+
+def identity(batch):
+    """DataLoader collate for datasets that build whole batches in ``__getitems__``."""
+    return batch

@@ -27,9 +27,9 @@ from torch import nn
 
 from ldmflow.artifacts import CHECKPOINT_FORMAT, RunPaths, atomic_write_bytes, load_checkpoint, save_checkpoint
 from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
+from ldmflow.devices import get_device, set_deterministic
 from ldmflow.errors import Preempted, TrainingError
 from ldmflow.training.batching import EpochBatchSampler, make_loader
-from ldmflow.training.devices import get_device, set_deterministic
 from ldmflow.training.optim import Ema, build_optimizer, lr_factor, update_ema
 from ldmflow.training.preemption import SignalFlag
 

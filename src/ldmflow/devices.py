@@ -28,8 +28,8 @@ def get_device(name: str | None = None) -> torch.device:
     if name and name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else 0
-        return torch.device("cuda", local_rank)
+        # under DDP, init_process_group's caller has already set this rank's device (LOCAL_RANK)
+        return torch.device("cuda", torch.cuda.current_device() if dist.is_initialized() else 0)
     return torch.device("cpu")
 
 

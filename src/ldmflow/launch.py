@@ -1,0 +1,81 @@
+"""What a training rule runs: one stage's training function on the job's GPUs.
+
+An edge module, like ``cli.py``: it reads the process environment it is given and starts processes. With
+``gpus`` > 1 (the rule's ``gpu`` resource) the stage runs under torchrun with that many processes, rank r on
+cuda:r of the devices the scheduler gave the job (DDP; torchrun needs a command, so it runs the ``ldmflow``
+command line). Otherwise the stage's function is called here, on a GPU that no other job on this machine
+holds (:func:`ldmflow.devices.claim_gpu`), or on the CPU when there is none.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from ldmflow.cli import main, setup_logging
+from ldmflow.devices import claim_gpu
+from ldmflow.errors import exit_code
+
+log = logging.getLogger("ldmflow")
+
+Stage = Literal["autoencoder", "diffusion", "controlnet"]
+# stage -> the command line's subcommand (for torchrun)
+COMMANDS: dict[str, str] = {"autoencoder": "train-ae", "diffusion": "train-diffusion",
+                            "controlnet": "train-controlnet"}
+
+
+def trainer(stage: Stage):
+    """The library function that trains one experiment of ``stage``."""
+    if stage == "autoencoder":
+        from ldmflow.stages.train_autoencoder import train_autoencoder as fn
+    elif stage == "diffusion":
+        from ldmflow.stages.train_diffusion import train_diffusion as fn
+    elif stage == "controlnet":
+        from ldmflow.stages.train_controlnet import train_controlnet as fn
+    else:
+        raise ValueError(f"stage {stage!r}; allowed: {', '.join(COMMANDS)}")
+    return fn
+
+
+def run_cli(argv: list[str], nproc: int = 1) -> None:
+    """Run an ``ldmflow`` command line: in this process, or under torchrun with ``nproc`` processes."""
+    if nproc <= 1:
+        code = main(argv)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ldmflow.cli", *argv]
+        code = subprocess.run(cmd).returncode
+    if code:
+        raise SystemExit(code)
+
+
+def run_training(stage: Stage, *, gpus: int, environ: Mapping[str, str], log_file: str | Path, threads: int,
+                 **inputs: str | Path) -> None:
+    """Train one experiment of ``stage`` from the rule's named inputs (``config``, ``out_dir``, and ``manifest``,
+    ``latents`` or ``base`` as the stage's function takes them), on the job's ``gpus``.
+
+    Exits like the command line does: 2 for a user error, 143 when preempted (the retry resumes), 1 when
+    training cannot go on.
+    """
+    if gpus > 1:
+        flags = {"manifest": "--data", "out_dir": "--out"}
+        argv = ["--log-file", str(log_file), COMMANDS[stage], "--threads", str(threads)]
+        for key, value in inputs.items():
+            argv += [flags.get(key, f"--{key}"), str(value)]
+        run_cli(argv, nproc=gpus)
+        return
+    setup_logging(log_file)
+    fn = trainer(stage)
+    try:
+        with claim_gpu(environ) as device:
+            fn(**inputs, device=device, threads=threads)
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise
+        log.error("%s", exc)
+        raise SystemExit(code) from None

@@ -1,0 +1,120 @@
+"""The library's layering, checked on its source: which subpackage may import which, no import cycles, no
+environment reads in library code, no oversized files."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "ldmflow"
+MAX_LINES = 500
+
+# subpackage -> subpackages (and top-level modules) it must never import
+FORBIDDEN = {
+    "models": ("training", "data", "stages", "evaluation", "diffusion"),
+    "diffusion": ("models", "training", "data", "stages", "evaluation"),
+    "data": ("models", "training", "stages", "evaluation", "diffusion"),
+    "config": ("models", "training", "data", "stages", "evaluation", "diffusion"),
+    "training": ("stages", "evaluation", "models", "data", "diffusion"),
+    "evaluation": ("stages", "training"),
+}
+# Only these may read the process environment (everything else takes it as an argument) or import the CLI.
+# A write such as set_deterministic's os.environ.setdefault(CUBLAS_WORKSPACE_CONFIG) is not a read.
+ENVIRONMENT_EDGES = {"ldmflow.cli", "ldmflow.launch"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PKG.rglob("*.py"))}
+
+
+def imported(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The ldmflow modules a module imports, anywhere in its body (lazy imports count too)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: -node.level] if not name.endswith("__init__") else name.split(".")
+                node_module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                node_module = node.module or ""
+            targets = [f"{node_module}.{a.name}" for a in node.names] + [node_module]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name and t != "ldmflow":
+                out.add(t)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: imported(name, tree, known) for name, tree in mods.items()}
+
+
+def subpackage(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else ""
+
+
+def test_layers_import_only_downwards():
+    bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps
+           if subpackage(d) in FORBIDDEN.get(subpackage(m), ())]
+    bad += [f"{m} imports {d}" for m, deps in graph().items() for d in deps
+            if d == "ldmflow.cli" and m not in ENVIRONMENT_EDGES]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    g = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(g.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_library_code_does_not_read_the_environment():
+    bad = []
+    for name, tree in modules().items():
+        if name in ENVIRONMENT_EDGES:
+            continue
+        writes = {id(n.func.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                  and isinstance(n.func, ast.Attribute) and n.func.attr == "setdefault"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and id(node) not in writes \
+                    and isinstance(node.value, ast.Name) and node.value.id == "os":
+                bad.append(f"{name}:{node.lineno}")
+    assert not bad, "os.environ / os.getenv outside the edges: " + ", ".join(bad)
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_no_library_file_is_oversized(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_the_checker_sees_a_planted_violation(tmp_path):
+    """The import walk finds a lazy import inside a function (so the layering test can fail)."""
+    tree = ast.parse("def f():\n    from ldmflow.training.loop import fit\n")
+    assert imported("ldmflow.models.x", tree, {"ldmflow.training.loop", "ldmflow.models.x"}) == {"ldmflow.training.loop"}
