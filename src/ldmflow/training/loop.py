@@ -39,8 +39,6 @@ RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.sample_every", "t
                      "train.checkpoint_every_minutes", "train.early_stopping.patience"}
 
 
-
-
 def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     """Dotted keys whose values differ between two nested mappings."""
     keys = set(a) | set(b)
@@ -153,6 +151,283 @@ def _device_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@dataclass
+class Run:
+    """What the loop's helpers share: the models, optimiser, loaders and the resumable ``state``."""
+
+    task: Task
+    fc: FitConfig
+    name: str
+    paths: RunPaths
+    device: torch.device
+    world: int
+    writer: bool  # rank 0: the only process that writes checkpoints, metrics and samples
+    model: nn.Module
+    step_model: nn.Module  # the model under DDP / torch.compile, used for the forward pass
+    ema: Ema | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: EpochBatchSampler
+    train_loader: Any
+    val_loader: Any
+    micro_per_epoch: int
+    total_steps: int
+    state: dict = field(default_factory=lambda: {
+        "epoch": 0, "step": 0, "micro": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
+        "early_stopped": False, "bad_steps": 0, "partial": None})
+    last_save: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch's training losses, on the device (read once at the epoch's end)."""
+
+    sums: dict[str, torch.Tensor]
+    n_seen: int
+    grad_norm_sum: torch.Tensor
+    bad: torch.Tensor  # non-finite optimizer steps since the last log point
+    seconds_before: float  # time spent on this epoch before a resume
+    t0: float
+
+    @classmethod
+    def resume(cls, partial: dict | None, device: torch.device) -> EpochTotals:
+        partial = partial or {}
+        f64 = {"device": device, "dtype": torch.float64}
+        return cls({k: torch.tensor(v, **f64) for k, v in partial.get("sums", {}).items()}, partial.get("n_seen", 0),
+                   torch.tensor(partial.get("grad_norm_sum", 0.0), **f64), torch.tensor(0, device=device),
+                   partial.get("seconds", 0.0), time.monotonic())
+
+    def partial(self) -> dict:
+        """What a mid-epoch checkpoint stores, so a resumed epoch reports the same means."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "n_seen": self.n_seen,
+                "grad_norm_sum": float(self.grad_norm_sum), "seconds": self.seconds()}
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.t0
+
+
+def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str,
+              device: torch.device | None, workers: int, sample_weights: torch.Tensor | None) -> Run:
+    """Seed, build the optimiser, the scaler, the EMA and the loaders, and wrap the model for DDP / compile."""
+    device = device or get_device()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    tcfg, ocfg = fc.train, fc.optim
+    set_deterministic(fc.seed)
+
+    model = task.model.to(device)
+    ema = Ema(model, tcfg.ema.decay, tcfg.ema.warmup) if tcfg.ema.decay > 0 else None
+    optimizer = build_optimizer(model.parameters(), ocfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")
+
+    sampler = EpochBatchSampler(len(train_set), fc.data.batch_size, fc.seed, sample_weights, rank, world)
+    val_sampler = EpochBatchSampler(len(val_set), fc.data.batch_size, fc.seed, drop_last=False, shuffle=False)
+    pin = device.type == "cuda"
+    steps_per_epoch = sampler.num_batches() // ocfg.accumulate
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"{name}: {len(train_set)} training samples make no optimizer step of data.batch_size="
+            f"{fc.data.batch_size} x optim.accumulate={ocfg.accumulate} x {world} process(es); lower them")
+
+    step_model: nn.Module = model
+    if world > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tcfg.compile and device.type == "cuda":
+        step_model = torch.compile(step_model, mode="reduce-overhead" if tcfg.cuda_graphs else None)
+    return Run(task, fc, name, RunPaths(Path(out_dir), name), device, world, rank == 0, model, step_model, ema,
+               optimizer, scaler, sampler, make_loader(train_set, sampler, workers, pin),
+               make_loader(val_set, val_sampler, workers, pin),
+               # leftover micro-batches would leak into the next epoch
+               micro_per_epoch=steps_per_epoch * ocfg.accumulate, total_steps=steps_per_epoch * tcfg.epochs)
+
+
+def resume(run: Run) -> dict | None:
+    """Load the latest checkpoint into ``run`` when it was made by the same config and inputs; returns where
+    the run resumed (epoch, step, micro-batch), or None for a fresh run."""
+    fc, state = run.fc, run.state
+    if not run.paths.latest.is_file():
+        return None
+    ckpt = load_checkpoint(run.paths.latest)
+    changed = flat_diff(ckpt["config"], fc.resolved) - RESUMABLE_CHANGES
+    changed |= {f"inputs.{k}" for k in flat_diff(ckpt.get("extra", {}), fc.extra) if k.endswith("sha256")}
+    if changed or ckpt.get("stage") != fc.stage:
+        log.warning("%s: config changed (%s); starting a fresh run", run.paths.latest, ", ".join(sorted(changed)))
+        return None
+    unwrap(run.model).load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.ema is not None and ckpt.get("ema") is not None:
+        run.ema.model.load_state_dict(ckpt["ema"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if run.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    state.update({k: ckpt[k] for k in state if k in ckpt})
+    log.info("resumed %s from epoch %d, step %d", run.name, state["epoch"], state["step"])
+    return {"epoch": state["epoch"], "step": state["step"], "micro": state["micro"]}
+
+
+def save_state(run: Run, path: Path) -> None:
+    """Checkpoint everything a resume needs (rank 0 only): weights, EMA, optimiser, scaler, RNG, loop state."""
+    if not run.writer:
+        return
+    fc, device = run.fc, run.device
+    save_checkpoint({
+        "format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": fc.extra,
+        "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        **run.state,
+    }, path)
+
+
+def forward_backward(run: Run, batch: dict, totals: EpochTotals, micro: int) -> bool:
+    """One micro-batch: loss, backward (without DDP's all-reduce until the last of an accumulation), sums.
+    Returns whether an optimizer step is due."""
+    ocfg, tcfg = run.fc.optim, run.fc.train
+    lr = ocfg.lr * lr_factor(run.state["step"], run.total_steps, ocfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    last_micro = (micro + 1) % ocfg.accumulate == 0
+    sync = contextlib.nullcontext() if (run.world == 1 or last_micro) else run.step_model.no_sync()
+    with sync:
+        with autocast(run.device, tcfg.precision):
+            loss, parts = run.task.loss(run.step_model, batch, run.state["step"])
+        run.scaler.scale(loss / ocfg.accumulate).backward()
+    for k, v in {"loss": loss, **parts}.items():
+        totals.sums[k] = totals.sums.get(k, torch.zeros((), device=run.device, dtype=torch.float64)) + v.detach().double()
+    totals.n_seen += 1
+    return last_micro
+
+
+def optimizer_step(run: Run, totals: EpochTotals) -> None:
+    """Clip, step (a non-finite step is zeroed on the device and counted), update the EMA."""
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, run.fc.optim.grad_clip or float("inf"))
+    finite = torch.isfinite(norm)
+    # The count of non-finite steps is read only every log_every steps, so the loop never waits on the GPU.
+    if not run.scaler.is_enabled():
+        for p in params:
+            p.grad.masked_fill_(~finite, 0.0)
+    totals.bad = totals.bad + (~finite).long()
+    totals.grad_norm_sum = totals.grad_norm_sum + torch.where(finite, norm.double(), 0.0)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["step"] += 1
+    update_ema(run.ema, run.model, run.state["step"])
+
+
+def count_bad_steps(run: Run, totals: EpochTotals) -> None:
+    """Add the epoch's non-finite steps to the run's count; stop past ``train.max_bad_steps``."""
+    tcfg = run.fc.train
+    run.state["bad_steps"] += int(totals.bad.item())
+    totals.bad.zero_()
+    if run.state["bad_steps"] > tcfg.max_bad_steps:
+        raise TrainingError(
+            f"{run.name}: {run.state['bad_steps']} optimizer step(s) with a NaN or inf loss/gradient "
+            f"(train.max_bad_steps={tcfg.max_bad_steps}). Lower optim.lr, set optim.grad_clip, or use "
+            "precision fp32/bf16.")
+
+
+def checkpoint_mid_epoch(run: Run, totals: EpochTotals, micro: int, signals: SignalFlag, at_log: bool) -> None:
+    """Save the latest checkpoint when one is due (steps, minutes) or a signal came; on a signal, stop."""
+    tcfg, state = run.fc.train, run.state
+    # one process checks its flag every step; DDP ranks agree at log points
+    stop = signals.poll(run.world, run.device) if (run.world == 1 or at_log) else False
+    minutes = tcfg.checkpoint_every_minutes
+    due = (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0) or (
+        minutes and time.monotonic() - run.last_save > minutes * 60)
+    if (due or stop) and micro < run.micro_per_epoch:
+        state["micro"], state["partial"] = micro, totals.partial()
+        save_state(run, run.paths.latest)
+        run.last_save = time.monotonic()
+        if stop:
+            raise Preempted(f"{run.name}: signal {signals.received} received; saved {run.paths.latest} "
+                            f"at epoch {state['epoch']}, step {state['step']}")
+
+
+def train_epoch(run: Run, signals: SignalFlag, bar: Progress) -> EpochTotals:
+    """Train from the run's position to the end of its current epoch."""
+    tcfg, state = run.fc.train, run.state
+    run.model.train()
+    run.sampler.set_epoch(state["epoch"], start=state["micro"])
+    totals = EpochTotals.resume(state["partial"], run.device)
+    micro = state["micro"]
+    for batch in run.train_loader:
+        if micro >= run.micro_per_epoch:
+            break
+        step_due = forward_backward(run, _device_batch(batch, run.device), totals, micro)
+        micro += 1
+        if not step_due:
+            continue
+        optimizer_step(run, totals)
+        at_log = state["step"] % tcfg.log_every == 0 or micro == run.micro_per_epoch
+        if at_log:
+            count_bad_steps(run, totals)
+            bar.update(f"{run.name} epoch {state['epoch'] + 1}/{tcfg.epochs} batch {micro}/{run.micro_per_epoch} "
+                       f"loss {float(totals.sums['loss'] / totals.n_seen):.4f}")
+        checkpoint_mid_epoch(run, totals, micro, signals, at_log)
+    count_bad_steps(run, totals)
+    return totals
+
+
+def epoch_row(run: Run, totals: EpochTotals) -> dict[str, Any]:
+    """The epoch's metrics row: mean training losses (over every rank), validation metrics, speed."""
+    n_seen, seconds = totals.n_seen, totals.seconds()
+    if run.world > 1:
+        for v in totals.sums.values():
+            dist.all_reduce(v)
+        n_seen *= run.world
+    row: dict[str, Any] = {"epoch": run.state["epoch"] + 1, "step": run.state["step"]}
+    row.update({f"train_{k}": float(v) / max(n_seen, 1) for k, v in totals.sums.items()})
+    eval_model = eval_model_of(run)
+    eval_model.eval()
+    with torch.no_grad(), autocast(run.device, run.fc.train.precision), isolated_rng(run.device):
+        row.update(run.task.evaluate(eval_model, run.val_loader))
+    row["grad_norm"] = float(totals.grad_norm_sum) / max(1, run.micro_per_epoch // run.fc.optim.accumulate)
+    row["lr"] = run.optimizer.param_groups[0]["lr"]
+    row["samples_per_s"] = n_seen * run.fc.data.batch_size / max(seconds, 1e-9)
+    row["seconds"] = seconds
+    return row
+
+
+def eval_model_of(run: Run) -> nn.Module:
+    """The model that is validated, sampled and kept as "best": the EMA model when EMA is on."""
+    return run.ema.model if run.ema is not None else run.model
+
+
+def end_epoch(run: Run, row: dict[str, Any]) -> None:
+    """Record the epoch, keep the best checkpoint, decide early stopping, write samples, latest and metrics."""
+    tcfg, state = run.fc.train, run.state
+    epoch = state["epoch"]
+    state["history"].append(row)
+    state["epoch"], state["micro"], state["partial"] = epoch + 1, 0, None
+    es = tcfg.early_stopping
+    metric = row.get(es.metric)
+    if metric is None:
+        raise TrainingError(f"train.early_stopping.metric {es.metric!r} is not a metrics column; "
+                            f"allowed: {', '.join(k for k in row if k not in ('epoch', 'step'))}")
+    if _improved(metric, state["best"], es.mode, es.min_delta):
+        state["best"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
+        save_state(run, run.paths.best)
+    else:
+        state["bad_epochs"] += 1
+    state["early_stopped"] = bool(es.patience and state["bad_epochs"] >= es.patience)
+    last_epoch = state["early_stopped"] or state["epoch"] >= tcfg.epochs
+    if run.writer and ((epoch + 1) % tcfg.sample_every == 0 or last_epoch):
+        with torch.no_grad(), isolated_rng(run.device):
+            run.task.write_samples(eval_model_of(run), epoch + 1, run.paths.sample(epoch + 1))
+    save_state(run, run.paths.latest)
+    run.last_save = time.monotonic()
+    if run.writer:
+        write_metrics_csv(state["history"], run.paths.metrics)
+    log.info("%s epoch %d/%d: %s", run.name, epoch + 1, tcfg.epochs,
+             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
 def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str, *,
         device: torch.device | None = None, workers: int = 0, sample_weights: torch.Tensor | None = None,
         progress: bool | None = None) -> dict:
@@ -160,201 +435,21 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
 
     Returns the final state summary: ``{"epoch", "best": {...}, "history": [...], "resumed_from"}``.
     """
-    paths = RunPaths(Path(out_dir), name)
-    device = device or get_device()
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    writer = rank == 0
-    tcfg, ocfg = fc.train, fc.optim
-    set_deterministic(fc.seed)
-
-    model = task.model.to(device)
-    ema = Ema(model, tcfg.ema.decay, tcfg.ema.warmup) if tcfg.ema.decay > 0 else None
-    optimizer = build_optimizer(model.parameters(), ocfg, device)
-    use_scaler = device.type == "cuda" and tcfg.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    sampler = EpochBatchSampler(len(train_set), fc.data.batch_size, fc.seed, sample_weights, rank, world)
-    val_sampler = EpochBatchSampler(len(val_set), fc.data.batch_size, fc.seed, drop_last=False, shuffle=False)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, sampler, workers, pin)
-    val_loader = make_loader(val_set, val_sampler, workers, pin)
-    steps_per_epoch = sampler.num_batches() // ocfg.accumulate
-    if steps_per_epoch < 1:
-        raise TrainingError(
-            f"{name}: {len(train_set)} training samples make no optimizer step of data.batch_size="
-            f"{fc.data.batch_size} x optim.accumulate={ocfg.accumulate} x {world} process(es); lower them")
-    micro_per_epoch = steps_per_epoch * ocfg.accumulate  # leftover micro-batches would leak into the next epoch
-    total_steps = steps_per_epoch * tcfg.epochs
-
-    # ---- resume --------------------------------------------------------------------------------
-    state = {"epoch": 0, "step": 0, "micro": 0, "best": None, "best_epoch": None, "bad_epochs": 0,
-             "history": [], "early_stopped": False, "bad_steps": 0, "partial": None}
-    resumed_from = None
-    if paths.latest.is_file():
-        ckpt = load_checkpoint(paths.latest)
-        changed = flat_diff(ckpt["config"], fc.resolved) - RESUMABLE_CHANGES
-        changed |= {f"inputs.{k}" for k in flat_diff(ckpt.get("extra", {}), fc.extra) if k.endswith("sha256")}
-        if changed or ckpt.get("stage") != fc.stage:
-            log.warning("%s: config changed (%s); starting a fresh run", paths.latest, ", ".join(sorted(changed)))
-        else:
-            unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ema is not None and ckpt.get("ema") is not None:
-                ema.model.load_state_dict(ckpt["ema"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-            state.update({k: ckpt[k] for k in state if k in ckpt})
-            resumed_from = {"epoch": state["epoch"], "step": state["step"], "micro": state["micro"]}
-            log.info("resumed %s from epoch %d, step %d", name, state["epoch"], state["step"])
-    if writer and state["history"]:
-        write_metrics_csv(state["history"], paths.metrics)
-
-    def checkpoint(path: Path) -> None:
-        if not writer:
-            return
-        save_checkpoint({
-            "format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": name, "config": fc.resolved, "extra": fc.extra,
-            "model": unwrap(model).state_dict(), "ema": ema.model.state_dict() if ema else None,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            **{k: state[k] for k in state},
-        }, path)
-
-    step_model: nn.Module = model
-    if world > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tcfg.compile and device.type == "cuda":
-        step_model = torch.compile(step_model, mode="reduce-overhead" if tcfg.cuda_graphs else None)
-
-    bar = Progress(progress if writer else False)
-    last_save = time.monotonic()
+    run = start_run(task, train_set, val_set, fc, out_dir, name, device, workers, sample_weights)
+    resumed_from = resume(run)
+    state, epochs = run.state, fc.train.epochs
+    if run.writer and state["history"]:
+        write_metrics_csv(state["history"], run.paths.metrics)
+    bar = Progress(progress if run.writer else False)
     with SignalFlag() as signals:
-        while not state["early_stopped"] and state["epoch"] < tcfg.epochs:
-            epoch = state["epoch"]
-            model.train()
-            sampler.set_epoch(epoch, start=state["micro"])
-            partial = state["partial"] or {}
-            sums = {k: torch.tensor(v, device=device, dtype=torch.float64) for k, v in partial.get("sums", {}).items()}
-            n_seen = partial.get("n_seen", 0)
-            grad_norm_sum = torch.tensor(partial.get("grad_norm_sum", 0.0), device=device, dtype=torch.float64)
-            bad = torch.tensor(0, device=device)
-            t0, seconds_before = time.monotonic(), partial.get("seconds", 0.0)
-            micro = state["micro"]
-            for batch in train_loader:
-                if micro >= micro_per_epoch:
-                    break
-                batch = _device_batch(batch, device)
-                lr = ocfg.lr * lr_factor(state["step"], total_steps, ocfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                last_micro = (micro + 1) % ocfg.accumulate == 0
-                sync = contextlib.nullcontext() if (world == 1 or last_micro) else step_model.no_sync()
-                with sync:
-                    with autocast(device, tcfg.precision):
-                        loss, parts = task.loss(step_model, batch, state["step"])
-                    scaler.scale(loss / ocfg.accumulate).backward()
-                for k, v in {"loss": loss, **parts}.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=device, dtype=torch.float64)) + v.detach().double()
-                n_seen += 1
-                micro += 1
-                if not last_micro:
-                    continue
-                scaler.unscale_(optimizer)
-                params = [p for p in model.parameters() if p.grad is not None]
-                norm = torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip or float("inf"))
-                finite = torch.isfinite(norm)
-                # A non-finite step is zeroed on the device and counted; the count is read only every
-                # log_every steps, so the loop never waits on the GPU to decide.
-                if not use_scaler:
-                    for p in params:
-                        p.grad.masked_fill_(~finite, 0.0)
-                bad = bad + (~finite).long()
-                grad_norm_sum = grad_norm_sum + torch.where(finite, norm.double(), 0.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                update_ema(ema, model, state["step"])
-                at_log = state["step"] % tcfg.log_every == 0 or micro == micro_per_epoch
-                if at_log:
-                    state["bad_steps"] += int(bad.item())
-                    bad.zero_()
-                    if state["bad_steps"] > tcfg.max_bad_steps:
-                        raise TrainingError(
-                            f"{name}: {state['bad_steps']} optimizer step(s) with a NaN or inf loss/gradient "
-                            f"(train.max_bad_steps={tcfg.max_bad_steps}); last loss {float(loss.detach()):.4g}. "
-                            "Lower optim.lr, set optim.grad_clip, or use precision fp32/bf16."
-                        )
-                    bar.update(f"{name} epoch {epoch + 1}/{tcfg.epochs} batch {micro}/{micro_per_epoch} "
-                               f"loss {float(sums['loss'] / n_seen):.4f}")
-                # one process checks its flag every step; DDP ranks agree at log points
-                stop = signals.poll(world, device) if (world == 1 or at_log) else False
-                minutes = tcfg.checkpoint_every_minutes
-                due = (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0) or (
-                    minutes and time.monotonic() - last_save > minutes * 60)
-                if (due or stop) and micro < micro_per_epoch:
-                    state["micro"] = micro
-                    state["partial"] = {"sums": {k: float(v) for k, v in sums.items()}, "n_seen": n_seen,
-                                        "grad_norm_sum": float(grad_norm_sum),
-                                        "seconds": seconds_before + time.monotonic() - t0}
-                    checkpoint(paths.latest)
-                    last_save = time.monotonic()
-                    if stop:
-                        raise Preempted(f"{name}: signal {signals.received} received; saved {paths.latest} "
-                                        f"at epoch {epoch}, step {state['step']}")
-
-            # ---- end of epoch: validate, keep best and latest, write metrics -----------------------
-            state["bad_steps"] += int(bad.item())
-            if state["bad_steps"] > tcfg.max_bad_steps:
-                raise TrainingError(f"{name}: {state['bad_steps']} optimizer step(s) with a NaN or inf loss")
-            seconds = seconds_before + time.monotonic() - t0
-            if world > 1:
-                for v in sums.values():
-                    dist.all_reduce(v)
-                n_seen *= world
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"]}
-            row.update({f"train_{k}": float(v) / max(n_seen, 1) for k, v in sums.items()})
-            eval_model = ema.model if ema is not None else model
-            eval_model.eval()
-            with torch.no_grad(), autocast(device, tcfg.precision), isolated_rng(device):
-                row.update(task.evaluate(eval_model, val_loader))
-            row["grad_norm"] = float(grad_norm_sum) / max(1, micro_per_epoch // ocfg.accumulate)
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["samples_per_s"] = n_seen * fc.data.batch_size / max(seconds, 1e-9)
-            row["seconds"] = seconds
-            state["history"].append(row)
-            state["epoch"], state["micro"], state["partial"] = epoch + 1, 0, None
-
-            es = tcfg.early_stopping
-            metric = row.get(es.metric)
-            if metric is None:
-                raise TrainingError(f"train.early_stopping.metric {es.metric!r} is not a metrics column; "
-                                    f"allowed: {', '.join(k for k in row if k not in ('epoch', 'step'))}")
-            if _improved(metric, state["best"], es.mode, es.min_delta):
-                state["best"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
-                checkpoint(paths.best)
-            else:
-                state["bad_epochs"] += 1
-            state["early_stopped"] = bool(es.patience and state["bad_epochs"] >= es.patience)
-            last_epoch = state["early_stopped"] or state["epoch"] >= tcfg.epochs
-            if writer and ((epoch + 1) % tcfg.sample_every == 0 or last_epoch):
-                with torch.no_grad(), isolated_rng(device):
-                    task.write_samples(eval_model, epoch + 1, paths.sample(epoch + 1))
-            checkpoint(paths.latest)
-            last_save = time.monotonic()
-            if writer:
-                write_metrics_csv(state["history"], paths.metrics)
-            log.info("%s epoch %d/%d: %s", name, epoch + 1, tcfg.epochs,
-                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if signals.poll(world, device):
-                raise Preempted(f"{name}: signal {signals.received} received after epoch {epoch + 1}; "
-                                f"saved {paths.latest}")
+        while not state["early_stopped"] and state["epoch"] < epochs:
+            totals = train_epoch(run, signals, bar)
+            end_epoch(run, epoch_row(run, totals))
+            if signals.poll(run.world, run.device):
+                raise Preempted(f"{name}: signal {signals.received} received after epoch {state['epoch']}; "
+                                f"saved {run.paths.latest}")
     bar.close()
-    if writer and not paths.best.is_file():
-        raise TrainingError(f"{name}: no epoch gave a finite {tcfg.early_stopping.metric}; no best checkpoint")
-    return {"epoch": state["epoch"], "best": {"metric": tcfg.early_stopping.metric, "value": state["best"],
+    if run.writer and not run.paths.best.is_file():
+        raise TrainingError(f"{name}: no epoch gave a finite {fc.train.early_stopping.metric}; no best checkpoint")
+    return {"epoch": state["epoch"], "best": {"metric": fc.train.early_stopping.metric, "value": state["best"],
             "epoch": state["best_epoch"]}, "history": state["history"], "resumed_from": resumed_from}
