@@ -26,9 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldmflow.config.loading import load_config
+from ldmflow.devices import get_device
 from ldmflow.diffusion.schedules import NoiseSchedule, diffusion_loss
 from ldmflow.models.unet import build_unet, count_parameters
-from ldmflow.devices import get_device
 from ldmflow.training.loop import FitConfig, autocast, fit
 from ldmflow.training.optim import build_optimizer
 

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from ldmflow.evaluation.search import blocked_search, plan_blocks
 from ldmflow.devices import get_device
+from ldmflow.evaluation.search import blocked_search, plan_blocks
 
 
 def sync(device: torch.device) -> None:

@@ -18,9 +18,11 @@ rule train_autoencoder:
         # a GPU-class rule: profiles/ size it (gpu, memory, runtime, partition) per machine
         gpu=1,
     params:
+        stage="autoencoder",
+        inputs=training_inputs,
         run_dir=parent_of_output,
     script:
-        "../workflow_scripts/train_autoencoder.py"
+        "../workflow_scripts/train.py"
 
 
 rule select_autoencoder:

@@ -1,6 +1,12 @@
 from pathlib import Path
 
-from ldmflow.workflow import controlnet_bases, experiments, manifest_path
+from ldmflow.workflow import (
+    best_checkpoint,
+    controlnet_bases,
+    experiments,
+    manifest_path,
+    metrics_file,
+)
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
@@ -31,14 +37,25 @@ def controlnet_config(wildcards):
 
 def controlnet_base_metrics(wildcards):
     """The metrics CSV of the diffusion run a ControlNet experiment names as its base (it stands for the run)."""
-    base = CONTROLNET_BASES[wildcards.name]
-    return f"results/diffusion/{base}/{base}_metrics.csv"
+    return metrics_file("diffusion", CONTROLNET_BASES[wildcards.name])
 
 
 def controlnet_base_checkpoint(wildcards):
     """The best checkpoint of a ControlNet experiment's base diffusion run."""
-    base = CONTROLNET_BASES[wildcards.name]
-    return f"results/diffusion/{base}/checkpoints/{base}_checkpoint_best.pt"
+    return best_checkpoint(controlnet_base_metrics(wildcards))
+
+
+def training_inputs(wildcards, input):
+    """The named inputs a stage's training function takes: its config, and its manifest or latents."""
+    return {k: v for k, v in input.items() if k in ("config", "manifest", "latents")}
+
+
+def controlnet_training_inputs(wildcards, input):
+    """A ControlNet's training inputs, with its base run's best checkpoint."""
+    return {
+        **training_inputs(wildcards, input),
+        "base": controlnet_base_checkpoint(wildcards),
+    }
 
 
 def evaluated_experiments():
@@ -81,9 +98,7 @@ def parent_of_output(wildcards, output):
 
 def best_checkpoint_of_metrics(wildcards, input):
     """The best checkpoint beside a run's metrics CSV (RUN/NAME_metrics.csv -> RUN/checkpoints/NAME_...)."""
-    metrics = Path(input.metrics)
-    name = metrics.name.removesuffix("_metrics.csv")
-    return str(metrics.parent / "checkpoints" / f"{name}_checkpoint_best.pt")
+    return best_checkpoint(input.metrics)
 
 
 def run_dirs_of_metrics(wildcards, input):

@@ -19,10 +19,11 @@ rule train_controlnet:
     resources:
         gpu=1,
     params:
+        stage="controlnet",
+        inputs=controlnet_training_inputs,
         run_dir=parent_of_output,
-        base_checkpoint=controlnet_base_checkpoint,
     script:
-        "../workflow_scripts/train_controlnet.py"
+        "../workflow_scripts/train.py"
 
 
 rule controlnet_summary:

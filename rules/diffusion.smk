@@ -15,9 +15,11 @@ rule train_diffusion:
     resources:
         gpu=1,
     params:
+        stage="diffusion",
+        inputs=training_inputs,
         run_dir=parent_of_output,
     script:
-        "../workflow_scripts/train_diffusion.py"
+        "../workflow_scripts/train.py"
 
 
 rule sample_diffusion:

@@ -7,7 +7,7 @@ from ldmflow.stages.summaries import gather_memorization, plot_training_curves
 
 def test_gather_memorization_writes_one_row_per_experiment(tmp_path):
     paths = []
-    for i, name in enumerate(("diffusion/a", "controlnet/b")):
+    for i, _name in enumerate(("diffusion/a", "controlnet/b")):
         summary = {"feature": "pixel", "counts": {"generated": 10, "training": 50},
                    "memorized": {"count": i, "fraction": i / 10},
                    "tests": {"tiled_l2": {"fraction": i / 10}, "nn_ratio": {"fraction": 0.0}},

@@ -84,7 +84,7 @@ def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, ti
     # first kill: mid-epoch, just after a step checkpoint; second kill: later, in another epoch
     for seen in (2, 6):
         proc = start_training(config, demo_manifest, tmp_path / "cut")
-        wait_for(lambda: load_checkpoint(latest)["step"] >= seen, proc)
+        wait_for(lambda seen=seen: load_checkpoint(latest)["step"] >= seen, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     state = load_checkpoint(latest)

@@ -10,6 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,7 +65,6 @@ def publish_dir(tmp: Path, out: Path) -> None:
     else:
         os.replace(tmp, out)
 
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ldmflow-checkpoint-v1"
 
@@ -79,6 +79,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_write_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Render a matplotlib figure to PNG and write it atomically (then close it)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    fig.clear()
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -107,10 +120,26 @@ def inference_weights(state: dict) -> dict:
     return state["ema"] if state.get("ema") is not None else state["model"]
 
 
+METRICS_SUFFIX = "_metrics.csv"
+
+
 @dataclass
 class RunPaths:
+    """The one place the layout of a run folder is spelled out (RUN/NAME_metrics.csv, RUN/checkpoints/...)."""
+
     out_dir: Path
     name: str
+
+    @classmethod
+    def of_metrics(cls, metrics: str | Path) -> RunPaths:
+        """The run a metrics CSV belongs to (the workflow's rules name runs by their metrics file)."""
+        metrics = Path(metrics)
+        return cls(metrics.parent, metrics.name.removesuffix(METRICS_SUFFIX))
+
+    @classmethod
+    def find(cls, run_dir: str | Path) -> list[RunPaths]:
+        """Every run in a folder (one per NAME_metrics.csv)."""
+        return [cls.of_metrics(p) for p in sorted(Path(run_dir).glob(f"*{METRICS_SUFFIX}"))]
 
     @property
     def best(self) -> Path:
@@ -122,7 +151,7 @@ class RunPaths:
 
     @property
     def metrics(self) -> Path:
-        return self.out_dir / f"{self.name}_metrics.csv"
+        return self.out_dir / f"{self.name}{METRICS_SUFFIX}"
 
     def sample(self, epoch: int) -> Path:
         return self.out_dir / "samples" / f"epoch_{epoch:03d}.png"

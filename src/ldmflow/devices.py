@@ -8,8 +8,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldmflow.artifacts import RunPaths
 from ldmflow.config.loading import load_config
 from ldmflow.errors import ConfigError
 
@@ -42,3 +43,18 @@ def manifest_path(config: dict) -> str:
             raise ConfigError(f"config: key 'data.manifest' names {manifest!r}, which does not exist")
         return str(manifest)
     return "results/data/demo/manifest.csv"
+
+
+def run_dir(stage: str, name: str) -> Path:
+    """The run folder of a workflow experiment."""
+    return Path("results") / stage / name
+
+
+def metrics_file(stage: str, name: str) -> str:
+    """The metrics CSV of a workflow experiment (the file that stands for the run in the DAG)."""
+    return str(RunPaths(run_dir(stage, name), name).metrics)
+
+
+def best_checkpoint(metrics: str | Path) -> str:
+    """The best checkpoint of the run a metrics CSV belongs to."""
+    return str(RunPaths.of_metrics(metrics).best)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
+from ldmflow.config.common import DataConfig, Experiment, OptimConfig, TrainConfig
 from ldmflow.config.schema import param
 
 # --------------------------------------------------------------------------------------------------
@@ -76,9 +76,7 @@ class AutoencoderTrainConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class AutoencoderExperiment:
-    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = param(42, "Seed of every random choice (initialisation, split, shuffling).", minimum=0)
+class AutoencoderExperiment(Experiment):
     data: DataConfig = param(DataConfig, "Data loading.")
     model: AutoencoderModelConfig = param(AutoencoderModelConfig, "Autoencoder architecture.")
     loss: AutoencoderLossConfig = param(AutoencoderLossConfig, "Heads and their weights.")

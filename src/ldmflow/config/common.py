@@ -91,3 +91,11 @@ class TrainConfig:
     max_bad_steps: int = param(
         0, "Optimizer steps with a NaN or inf loss to skip before stopping with an error.", minimum=0,
     )
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What every stage's experiment file starts with: its name and its seed."""
+
+    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = param(42, "Seed of every random choice (initialisation, split, shuffling, noise).", minimum=0)

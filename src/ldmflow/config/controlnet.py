@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ldmflow.config.common import EarlyStoppingConfig, EmaConfig, OptimConfig, TrainConfig
-from ldmflow.config.diffusion import DiffusionDataConfig, SamplingConfig
+from ldmflow.config.common import EarlyStoppingConfig, Experiment, OptimConfig
+from ldmflow.config.diffusion import DiffusionDataConfig, DiffusionTrainConfig, SamplingConfig
 from ldmflow.config.schema import param
 
 # --------------------------------------------------------------------------------------------------
@@ -80,25 +80,21 @@ class ControlEvaluationConfig:
 
 
 @dataclasses.dataclass
-class ControlNetTrainConfig(TrainConfig):
+class ControlNetTrainConfig(DiffusionTrainConfig):
     epochs: int = param(50, "Maximum number of epochs.", minimum=1)
-    ema: EmaConfig = param(lambda: EmaConfig(decay=0.999), "Exponential moving average of the weights.")
     early_stopping: EarlyStoppingConfig = param(
         lambda: EarlyStoppingConfig(metric="val_loss", patience=0), "What 'best' means (EMA validation loss, or "
         "val_control_miou with mode max); patience 0 trains all epochs.",
     )
-    sample_every: int = param(10, "Write samples/epoch_NNN.png every this many epochs.", minimum=1)
 
 
 @dataclasses.dataclass
-class ControlNetExperiment:
-    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
+class ControlNetExperiment(Experiment):
     base: str | None = param(
         None, "Name of the base diffusion experiment; the workflow trains on its best checkpoint, and "
         "`ldmflow train-controlnet --base` refuses a checkpoint of another experiment. null: any (CLI only).",
         pattern=r"^[A-Za-z0-9_.-]+$",
     )
-    seed: int = param(42, "Seed of every random choice.", minimum=0)
     control: ControlConfig = param(ControlConfig, "The control signal.")
     data: DiffusionDataConfig = param(DiffusionDataConfig, "Latent batches and class balance (hflip flips the control too).")
     model: ControlNetModelConfig = param(ControlNetModelConfig, "Fusion mode and control encoder.")

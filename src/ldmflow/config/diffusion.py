@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ldmflow.config.common import EarlyStoppingConfig, EmaConfig, OptimConfig, TrainConfig
+from ldmflow.config.common import EarlyStoppingConfig, EmaConfig, Experiment, OptimConfig, TrainConfig
 from ldmflow.config.schema import param
 
 # --------------------------------------------------------------------------------------------------
@@ -133,9 +133,7 @@ class DiffusionTrainConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class DiffusionExperiment:
-    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = param(42, "Seed of every random choice.", minimum=0)
+class DiffusionExperiment(Experiment):
     data: DiffusionDataConfig = param(DiffusionDataConfig, "Latent batches and class balance.")
     model: UNetConfig = param(UNetConfig, "UNet architecture.")
     diffusion: NoiseConfig = param(NoiseConfig, "Noise schedule and prediction target.")

@@ -10,7 +10,6 @@ skipped and counted).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ldmflow.artifacts import atomic_write_json
 from ldmflow.config.common import DataConfig
 from ldmflow.errors import DataError
 
@@ -207,10 +207,7 @@ class PreparedData:
     def write_skipped(self, out_dir: str | Path) -> None:
         """Write skipped_rows.json (count and reasons) next to a stage's outputs when rows were skipped."""
         if self.skipped:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / "skipped_rows.json").write_text(
-                json.dumps({"count": len(self.skipped), "rows": self.skipped}, indent=2)
-            )
+            atomic_write_json(Path(out_dir) / "skipped_rows.json", {"count": len(self.skipped), "rows": self.skipped})
 
 
 def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads: int | None = None) -> PreparedData:

@@ -16,7 +16,8 @@ where ``x`` is the starting noise x_T (N, C, h, w) ~ N(0, I), ``steps`` the numb
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -73,17 +74,9 @@ def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_ddpm(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    prediction: Prediction = "epsilon",
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict], None] | None = None,
-    spacing: Spacing = "trailing",
-) -> torch.Tensor:
+def sample_ddpm(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, *,
+                prediction: Prediction = "epsilon", generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None, spacing: Spacing = "trailing") -> torch.Tensor:
     """Implements ancestral sampling (Algorithm 2) from Ho et al. (2020), on a respaced set of timesteps."""
     x = x.float()
     for i, t, abar, abar_prev in _steps(schedule, steps, spacing, x.device):
@@ -99,18 +92,9 @@ def sample_ddpm(
 
 
 @torch.no_grad()
-def sample_ddim(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    prediction: Prediction = "epsilon",
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict], None] | None = None,
-    spacing: Spacing = "trailing",
-    eta: float = 0.0,
-) -> torch.Tensor:
+def sample_ddim(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, *,
+                prediction: Prediction = "epsilon", generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None, spacing: Spacing = "trailing", eta: float = 0.0) -> torch.Tensor:
     """Implements the generalised DDIM update (eq. 12) from Song et al. (2021); eta 0 is deterministic."""
     if not 0 <= eta <= 1:
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
@@ -127,17 +111,9 @@ def sample_ddim(
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    prediction: Prediction = "epsilon",
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict], None] | None = None,
-    spacing: Spacing = "trailing",
-) -> torch.Tensor:
+def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, *,
+                    prediction: Prediction = "epsilon", generator: torch.Generator | None = None,
+                    callback: Callable[[dict], None] | None = None, spacing: Spacing = "trailing") -> torch.Tensor:
     """Implements DPM-Solver++(2M) (Algorithm 2) from Lu et al. (2022); deterministic, generator unused."""
     x = x.float()
     old_x0, old_h = None, None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ldmflow.artifacts import atomic_write_bytes
+from ldmflow.artifacts import atomic_write_bytes, atomic_write_figure
 from ldmflow.evaluation.image_sets import ImageSet
 from ldmflow.evaluation.search import Neighbours
 
@@ -90,6 +89,4 @@ def write_histogram(path: Path, generated: np.ndarray, reference: np.ndarray | N
     ax.set_ylabel("density")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(fig, path)

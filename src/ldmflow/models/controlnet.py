@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -9,10 +9,11 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -184,7 +185,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
         for name, kind, row_bytes, values in (("labels", "int64", 8, labels), ("split", str, 8, data.split),
                                               ("paths", str, 256, data.paths)):
-            target = array(name, (n,), kind, row_bytes, compress=kind != str)
+            target = array(name, (n,), kind, row_bytes, compress=kind is not str)
             step = target.chunks[0]
             for i in range(0, n, step):  # chunk by chunk: a fixed-width copy of all paths could be large
                 target[i:i + step] = np.asarray(values[i:i + step], dtype=kind)
@@ -244,7 +245,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
                          "autoencoder_trained_on_it": None if not (trained_on and manifest_sha256)
                          else trained_on == manifest_sha256, "skipped_rows": len(data.skipped)},
             "ldmflow_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if kl:
             # E[sigma^2] per channel: with kl_latents="sample" the latents' variance is std^2 + this

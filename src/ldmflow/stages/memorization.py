@@ -27,7 +27,6 @@ memorization signal (``above_reference``), and the reference's own flag rate est
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldmflow.artifacts import atomic_write_bytes
+from ldmflow.artifacts import atomic_write_json
 from ldmflow.config.memorization import MemorizationConfig, memorization_config
 from ldmflow.config.schema import to_dict
 from ldmflow.devices import get_device
@@ -188,7 +187,7 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
     if out is not None:
         out = Path(out)
         write_per_sample(out / "per_sample.csv", samples, train, nb, tests, above)
-        atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write_json(out / "summary.json", summary)
         write_histogram(out / "histogram.png", tests["similarity"],
                         ref_tests["similarity"] if ref_tests else None, cfg.feature)
         size = cfg.image_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +14,14 @@ import torch
 import zarr
 
 from ldmflow import __version__
-from ldmflow.artifacts import file_sha256, inference_weights, load_checkpoint
+from ldmflow.artifacts import (
+    file_sha256,
+    fsync_tree,
+    inference_weights,
+    load_checkpoint,
+    publish_dir,
+    remove_stale_temporaries,
+)
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.config.schema import from_dict
 from ldmflow.devices import get_device
@@ -66,14 +74,15 @@ def resolve_class(value: str | int | None, classes: list[str] | None, num_classe
 
 def write_samples_store(path: Path, latents: np.ndarray, labels: np.ndarray, attrs: dict) -> None:
     """``samples.zarr``: latents (N, C, h, w) float32 in the autoencoder's (unscaled) space, labels (N,)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(str(tmp), mode="w")
     group.create_array("latents", data=latents.astype(np.float32), chunks=(min(len(latents), 256), *latents.shape[1:]))
     group.create_array("labels", data=labels.astype(np.int64))
     group.attrs.update(attrs)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    fsync_tree(tmp)
+    publish_dir(tmp, path)  # an older store is replaced only once the new one is whole
 
 
 def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.ndarray, attrs: dict,

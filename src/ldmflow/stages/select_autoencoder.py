@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 
-from ldmflow.artifacts import atomic_write_bytes
+from ldmflow.artifacts import RunPaths, atomic_write_figure, atomic_write_json
 from ldmflow.errors import SelectionError
 
 
 def read_run(run_dir: str | Path) -> tuple[str, pd.DataFrame, Path]:
     """A run folder's name, metrics table and best checkpoint path."""
-    run_dir = Path(run_dir)
-    found = sorted(run_dir.glob("*_metrics.csv"))
+    found = RunPaths.find(run_dir)
     if len(found) != 1:
         raise SelectionError(f"{run_dir}: expected one NAME_metrics.csv, found {len(found)}")
-    name = found[0].name[: -len("_metrics.csv")]
-    best = run_dir / "checkpoints" / f"{name}_checkpoint_best.pt"
-    if not best.is_file():
-        raise SelectionError(f"{run_dir}: best checkpoint {best} is missing")
-    return name, pd.read_csv(found[0]), best
+    run = found[0]
+    if not run.best.is_file():
+        raise SelectionError(f"{run_dir}: best checkpoint {run.best} is missing")
+    return run.name, pd.read_csv(run.metrics), run.best
 
 
 def select_autoencoder(runs: list[str | Path], out: str | Path, metric: str = "val_loss",
@@ -54,7 +51,7 @@ def select_autoencoder(runs: list[str | Path], out: str | Path, metric: str = "v
     result = {"name": winner["name"], "checkpoint": winner["checkpoint"], "metric": metric, "mode": mode,
               "value": winner["value"], "candidates": candidates}
     out = Path(out)
-    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_json(out, result)
     if plot:
         plot_curves(curves, metric, out.with_name("validation_curves.png"), winner["name"])
     return result
@@ -79,7 +76,5 @@ def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, winner
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ldmflow.artifacts import atomic_write_bytes
+from ldmflow.artifacts import atomic_write_bytes, atomic_write_figure
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,8 @@ def gather_memorization(summaries: list[str | Path], names: list[str], out_csv: 
     axes[1].set_xlabel("similarity to the nearest training image")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_figure(fig, out_png, dpi=110)
     plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
     return table
 
 

@@ -11,14 +11,13 @@ base model sampled from the same noise and labels.
 from __future__ import annotations
 
 import copy
-import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ldmflow.artifacts import atomic_write_bytes, file_sha256, inference_weights, load_checkpoint
+from ldmflow.artifacts import RunPaths, atomic_write_json, file_sha256, inference_weights, load_checkpoint
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.config.loading import resolve_experiment
@@ -286,7 +285,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
 def write_control_fidelity(task: ControlNetTask, out_dir: Path, name: str, result: dict) -> dict:
     """``control_fidelity.json``: the best checkpoint's control mIoU against the uncontrolled base's."""
     cfg = task.experiment
-    best = out_dir / "checkpoints" / f"{name}_checkpoint_best.pt"
+    best = RunPaths(out_dir, name).best
     summary = {"experiment": name, "fusion": cfg.model.fusion, "signal": cfg.control.signal, "base": cfg.base,
                "checkpoint": str(best), "epoch": result["best"]["epoch"]}
     reason = task.fidelity_available()
@@ -308,5 +307,5 @@ def write_control_fidelity(task: ControlNetTask, out_dir: Path, name: str, resul
             gain=controlled["miou"] - base["miou"])
         log.info("%s control mIoU %.4f, uncontrolled base %.4f (gain %+.4f)", name, controlled["miou"], base["miou"],
                  summary["gain"])
-    atomic_write_bytes(out_dir / FIDELITY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_json(out_dir / FIDELITY_FILE, summary)
     return summary
