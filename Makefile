@@ -38,6 +38,8 @@ slurm-down:
 	tests/cluster/slurm_down.sh
 
 lint: setup
+	$(BIN)/ruff check src tests workflow_scripts benchmarks
+	$(BIN)/snakefmt --check Snakefile rules/
 	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
 
 clean:

@@ -1,1 +1,1 @@
-"""diffusion"""
+"""Noise schedules, samplers, guidance and the one sample-then-decode loop. Imports no model."""

@@ -94,7 +94,8 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, ste
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, *,
                 prediction: Prediction = "epsilon", generator: torch.Generator | None = None,
-                callback: Callable[[dict], None] | None = None, spacing: Spacing = "trailing", eta: float = 0.0) -> torch.Tensor:
+                callback: Callable[[dict], None] | None = None, spacing: Spacing = "trailing",
+                eta: float = 0.0) -> torch.Tensor:
     """Implements the generalised DDIM update (eq. 12) from Song et al. (2021); eta 0 is deterministic."""
     if not 0 <= eta <= 1:
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")

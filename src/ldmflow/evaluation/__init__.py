@@ -1,1 +1,1 @@
-"""evaluation"""
+"""Metrics, offline sample quality and the memorization search (features, search, image sets, report)."""
