@@ -117,7 +117,7 @@ def training_process(root: Path, name: str) -> int:
         if not proc.name.isdigit():
             continue
         try:
-            if "train_autoencoder.py" not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            if ".train.py" not in (proc / "cmdline").read_bytes().decode(errors="replace"):
                 continue
             if any(os.readlink(fd) == log for fd in (proc / "fd").iterdir()):
                 return int(proc.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -22,12 +23,18 @@ def generate_latents(model, cfg: DiffusionExperiment, schedule: NoiseSchedule, l
                      sampling=None) -> torch.Tensor:
     """Sample n latents (N, C, h, w) in the scaled latent space with the configured sampler."""
     sampling = sampling or cfg.sampling
+    if guidance is not None:
+        sampling = dataclasses.replace(sampling, guidance=guidance)
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((n, *latent_shape), generator=gen, device=device)
-    scale = sampling.guidance if guidance is None else guidance
-    null = model.null_label if labels is not None else None
-    denoise = guided(model, labels, scale, null)
-    return sample(denoise, x, schedule, sampling, prediction=cfg.diffusion.prediction, generator=gen)
+    return denoise_batch(model, x, labels, schedule, sampling, cfg.diffusion.prediction, gen)
+
+
+def denoise_batch(model, x: torch.Tensor, labels: torch.Tensor | None, schedule: NoiseSchedule,
+                  sampling: SamplingConfig, prediction: str, generator: torch.Generator) -> torch.Tensor:
+    """Noise x (N, C, h, w) to latents in the scaled latent space: classifier-free guidance, then the sampler."""
+    denoise = guided(model, labels, sampling.guidance, model.null_label if labels is not None else None)
+    return sample(denoise, x, schedule, sampling, prediction=prediction, generator=generator)
 
 
 @torch.no_grad()
@@ -43,8 +50,6 @@ def generate(model, cfg, schedule, decoder, scale_factor, latent_shape, num_clas
     rgb, _ = decoder.decode(z / scale_factor)
     return rgb
 
-log = logging.getLogger(__name__)
-
 
 @torch.no_grad()
 def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict, schedule: NoiseSchedule,
@@ -56,8 +61,6 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
     those samples' controls). Returns latents (N, C, h, w) in the autoencoder's (unscaled) space and
     images (N, H, W, 3) uint8.
     """
-    from ldmflow.diffusion.samplers import guided, sample
-
     shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
     gen = torch.Generator(device=device).manual_seed(seed)
     latents, images = [], []
@@ -66,8 +69,7 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
         model = model_for(lo, hi)
         y = labels[lo:hi].to(device) if labels is not None else None
         x = torch.randn((hi - lo, *shape), generator=gen, device=device)
-        denoise = guided(model, y, sampling.guidance, model.null_label if y is not None else None)
-        z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen) / extra["scale_factor"]
+        z = denoise_batch(model, x, y, schedule, sampling, prediction, gen) / extra["scale_factor"]
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
         images.append(to_uint8(rgb))

@@ -26,14 +26,13 @@ from ldmflow.data.controls import ControlDataset, control_channels, control_prev
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.diffusion.generate import generate_latents
-from ldmflow.diffusion.schedules import diffusion_loss
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.models.controlnet import ControlledUNet, build_controlnet
 from ldmflow.models.unet import count_parameters
 from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
 from ldmflow.stages.train_diffusion import DiffusionTask
-from ldmflow.training.batching import class_weights
+from ldmflow.training.batching import balancing_weights
 from ldmflow.training.distributed import rank
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
@@ -84,6 +83,7 @@ class ControlNetTask(DiffusionTask):
                  store: LatentStore, num_classes: int | None, device, val_set: ControlDataset, provenance: dict):
         super().__init__(base_cfg, model, store, num_classes, device)
         self.experiment = cfg
+        self.hflip, self.aligned = cfg.data.hflip, ("control",)  # flip latent and control together
         self.base = base.to(device).eval().requires_grad_(False)
         self.val_set = val_set
         self.provenance = provenance
@@ -95,19 +95,6 @@ class ControlNetTask(DiffusionTask):
 
     def predict(self, model, x_t, t, y, batch):
         return model(x_t, t, y, control=batch["control"])
-
-    def loss(self, model, batch, step):
-        x0, t, noise = self._noised(batch, None)
-        control = batch["control"]  # (N, K, H, W)
-        if self.experiment.data.hflip:  # flip latent and control together
-            flip = torch.rand(x0.shape[0], device=x0.device)[:, None, None, None] < 0.5
-            x0 = torch.where(flip, x0.flip(-1), x0)
-            control = torch.where(flip, control.flip(-1), control)
-        y = self._labels(batch, self.cfg.model.label_dropout, None)
-        out = model(self.schedule.add_noise(x0, noise, t), t, y, control=control)
-        per_sample = diffusion_loss(out, x0, noise, t, self.schedule, self.cfg.diffusion.prediction,
-                                    self.cfg.loss.min_snr_gamma)
-        return per_sample.mean(), {}
 
     # ---- evaluation ------------------------------------------------------------------------------
 
@@ -260,9 +247,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
 
     set_deterministic(cfg.seed)  # the control branch's initialisation
     model = build_controlnet(cfg.model, copy.deepcopy(base_model).train(), k, factor)
-    weights = None
-    if cfg.data.balance_power > 0 and train_set.labels is not None and (train_set.labels >= 0).all():
-        weights = class_weights(train_set.labels, cfg.data.balance_power)
+    weights = balancing_weights(train_set.labels, cfg.data.balance_power)
     log.info("%s: %s fusion, %s control (%d channels at %d px) on %s; %d train / %d val latents; %.2fM of %.2fM "
              "parameters train", cfg.name, cfg.model.fusion, cfg.control.signal, k, image_size, base_cfg.name,
              len(train_set), len(val_set), count_parameters(model, trainable_only=True) / 1e6,

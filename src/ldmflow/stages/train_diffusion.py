@@ -17,7 +17,7 @@ from ldmflow.diffusion.schedules import NoiseSchedule, diffusion_loss
 from ldmflow.errors import ConfigError
 from ldmflow.models.unet import build_unet, count_parameters
 from ldmflow.stages.embed import store_autoencoder
-from ldmflow.training.batching import class_weights
+from ldmflow.training.batching import balancing_weights
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -41,6 +41,8 @@ class DiffusionTask:
         self.schedule = NoiseSchedule.from_config(cfg.diffusion).to(device)
         self.device = device
         self._decoder = None
+        self.hflip = cfg.data.hflip
+        self.aligned: tuple[str, ...] = ()  # batch entries that flip with the latent (a ControlNet's control)
 
     def _noised(self, batch, gen: torch.Generator | None):
         x0 = batch["latent"]  # (N, C, h, w), already scaled by the store's scale_factor
@@ -66,11 +68,12 @@ class DiffusionTask:
 
     def loss(self, model, batch, step):
         x0, t, noise = self._noised(batch, None)
-        if self.cfg.data.hflip:
-            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if self.hflip:
+            flip = torch.rand(x0.shape[0], device=x0.device)[:, None, None, None] < 0.5
+            x0 = torch.where(flip, x0.flip(-1), x0)
+            batch = {**batch, **{k: torch.where(flip, batch[k].flip(-1), batch[k]) for k in self.aligned}}
         y = self._labels(batch, self.cfg.model.label_dropout, None)
-        out = model(self.schedule.add_noise(x0, noise, t), t, y)
+        out = self.predict(model, self.schedule.add_noise(x0, noise, t), t, y, batch)
         per_sample = diffusion_loss(out, x0, noise, t, self.schedule, self.cfg.diffusion.prediction,
                                     self.cfg.loss.min_snr_gamma)
         return per_sample.mean(), {}
@@ -134,9 +137,7 @@ def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrid
     model = build_unet(cfg, store.latent_shape[0], num_classes)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    weights = None
-    if cfg.data.balance_power > 0 and train_set.labels is not None and (train_set.labels >= 0).all():
-        weights = class_weights(train_set.labels, cfg.data.balance_power)
+    weights = balancing_weights(train_set.labels, cfg.data.balance_power)
     log.info("%s: %d train / %d val latents %s, %.2fM parameters, %s", cfg.name, len(train_set), len(val_set),
              tuple(store.latent_shape), count_parameters(model) / 1e6,
              f"{num_classes} classes" if num_classes else "unconditional")

@@ -67,6 +67,14 @@ def class_weights(labels: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     return (counts[labels].reciprocal() ** power).float()
 
 
+def balancing_weights(labels: torch.Tensor | None, power: float) -> torch.Tensor | None:
+    """Per-sample weights that balance the classes (``data.balance_power``), or None: no balancing asked,
+    or some samples are unlabelled (-1)."""
+    if power > 0 and labels is not None and bool((labels >= 0).all()):
+        return class_weights(labels, power)
+    return None
+
+
 def make_loader(dataset, sampler: EpochBatchSampler, workers: int = 0, pin: bool = False):
     """A DataLoader over whole batches (the dataset's ``__getitems__``) that never draws global RNG."""
 
