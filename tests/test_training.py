@@ -8,7 +8,7 @@ import yaml
 
 from ldmflow.artifacts import load_checkpoint, save_checkpoint
 from ldmflow.config.common import OptimConfig
-from ldmflow.errors import TrainingError
+from ldmflow.errors import EXIT_PREEMPTED, TrainingError
 from ldmflow.stages.train_autoencoder import train_autoencoder
 from ldmflow.training.batching import EpochBatchSampler, class_weights
 from ldmflow.training.optim import Ema, lr_factor
@@ -31,7 +31,7 @@ def test_autoencoder_trains_and_writes_its_outputs(tmp_path, demo_manifest, tiny
         assert col in header
     ckpt = load_checkpoint(tmp_path / "checkpoints/tiny_checkpoint_latest.pt")
     assert ckpt["config"]["data"]["classes"] == ["circle", "square", "triangle"]
-    assert ckpt["epoch"] == 4 and "optimizer" in ckpt and "torch" in ckpt["rng"]
+    assert ckpt["epoch"] == 4 and "optimizer" in ckpt and "torch" in ckpt["rng"][0]
 
 
 def test_same_seed_same_weights_and_rerun_is_a_noop(tmp_path, demo_manifest, tiny_ae):
@@ -100,18 +100,28 @@ def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, ti
     assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
 
 
-def test_sigterm_saves_and_resumes(tmp_path, demo_manifest, tiny_ae):
-    tiny_ae["train"].update(epochs=50)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR2, marks=pytest.mark.slow)], ids=lambda s: s.name)
+def test_each_scheduler_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, demo_manifest, tiny_ae,
+                                                                                 sig):
+    # LSF sends SIGINT first (bkill, -W limit), SLURM SIGTERM, #SBATCH --signal / bsub -wa USR1 or USR2
+    tiny_ae["train"].update(epochs=50, checkpoint_every_steps=1)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_ae))
     latest = tmp_path / "run/checkpoints/tiny_checkpoint_latest.pt"
     proc = start_training(config, demo_manifest, tmp_path / "run")
     wait_for(latest.is_file, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "signal 15 received" in err
+    assert proc.returncode == EXIT_PREEMPTED == 143, err[-3000:]
+    assert f"signal {sig.name} received; saved {latest}" in err or f"signal {sig.name} received after epoch" in err
     state = load_checkpoint(latest)
-    assert 1 <= state["epoch"] < 50
+    epoch, step = state["epoch"], state["step"]
+    assert 0 <= epoch < 50 and step >= 1
+    done = run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "run"),
+                   "--threads", "1", "--set", f"train.epochs={epoch + 1}")
+    assert f"resumed tiny from epoch {epoch}, step {step}" in done.stderr
+    print(f"{sig.name}: exit {proc.returncode}, saved and resumed at epoch {epoch}, step {step}")
 
 
 def test_checkpoints_are_atomic_and_untrusted(tmp_path):
