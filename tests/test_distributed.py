@@ -159,7 +159,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_th
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-4000:]
     state = load_checkpoint(latest)
-    saved = f"signal SIGUSR1 received; saved {latest} at epoch {state['epoch']}, step {state['step']}"
+    saved = (f"signal {signal.SIGUSR1.value} received; saved {latest} at epoch {state['epoch']}, "
+             f"step {state['step']} (SIGUSR1)")
     assert err.count(saved) == 2, err[-4000:]  # rank 0 (told by rank 1's flag) and rank 1, the same step
     resumed = start_torchrun([*args, "--set", f"train.epochs={state['epoch'] + 1}"])
     _, err = resumed.communicate(timeout=300)

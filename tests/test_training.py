@@ -114,9 +114,10 @@ def test_each_scheduler_signal_saves_the_current_step_and_the_rerun_resumes_ther
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_PREEMPTED == 143, err[-3000:]
-    assert f"signal {sig.name} received; saved {latest}" in err or f"signal {sig.name} received after epoch" in err
     state = load_checkpoint(latest)
     epoch, step = state["epoch"], state["step"]
+    assert (f"signal {sig.value} received; saved {latest} at epoch {epoch}, step {step} ({sig.name})" in err
+            or f"signal {sig.value} received after epoch {epoch}; saved {latest} ({sig.name})" in err), err[-3000:]
     assert 0 <= epoch < 50 and step >= 1
     done = run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "run"),
                    "--threads", "1", "--set", f"train.epochs={epoch + 1}")

@@ -388,8 +388,8 @@ def checkpoint_mid_epoch(run: Run, totals: EpochTotals, micro: int, signals: Sig
         save_state(run, run.paths.latest)
         run.last_save = time.monotonic()
         if stop:
-            raise Preempted(f"{run.name}: signal {signals.name} received; saved {run.paths.latest} "
-                            f"at epoch {state['epoch']}, step {state['step']}")
+            raise Preempted(f"{run.name}: signal {signals.received} received; saved {run.paths.latest} "
+                            f"at epoch {state['epoch']}, step {state['step']} ({signals.name})")
 
 
 def train_epoch(run: Run, signals: SignalFlag, bar: Progress) -> EpochTotals:
@@ -489,8 +489,8 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
             totals = train_epoch(run, signals, bar)
             end_epoch(run, epoch_row(run, totals))
             if signals.poll(run.world, run.flag_group)[0]:
-                raise Preempted(f"{name}: signal {signals.name} received after epoch {state['epoch']}; "
-                                f"saved {run.paths.latest}")
+                raise Preempted(f"{name}: signal {signals.received} received after epoch {state['epoch']}; "
+                                f"saved {run.paths.latest} ({signals.name})")
     bar.close()
     if run.writer and not run.paths.best.is_file():
         raise TrainingError(f"{name}: no epoch gave a finite {fc.train.early_stopping.metric}; no best checkpoint")
