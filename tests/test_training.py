@@ -8,7 +8,7 @@ import yaml
 
 from ldmflow.artifacts import load_checkpoint, save_checkpoint
 from ldmflow.config.common import OptimConfig
-from ldmflow.errors import TrainingError
+from ldmflow.errors import EXIT_PREEMPTED, TrainingError
 from ldmflow.stages.train_autoencoder import train_autoencoder
 from ldmflow.training.batching import EpochBatchSampler, class_weights
 from ldmflow.training.optim import Ema, lr_factor
@@ -31,7 +31,7 @@ def test_autoencoder_trains_and_writes_its_outputs(tmp_path, demo_manifest, tiny
         assert col in header
     ckpt = load_checkpoint(tmp_path / "checkpoints/tiny_checkpoint_latest.pt")
     assert ckpt["config"]["data"]["classes"] == ["circle", "square", "triangle"]
-    assert ckpt["epoch"] == 4 and "optimizer" in ckpt and "torch" in ckpt["rng"]
+    assert ckpt["epoch"] == 4 and "optimizer" in ckpt and "torch" in ckpt["rng"][0]
 
 
 def test_same_seed_same_weights_and_rerun_is_a_noop(tmp_path, demo_manifest, tiny_ae):
@@ -100,18 +100,84 @@ def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, ti
     assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
 
 
-def test_sigterm_saves_and_resumes(tmp_path, demo_manifest, tiny_ae):
-    tiny_ae["train"].update(epochs=50)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR2, marks=pytest.mark.slow)], ids=lambda s: s.name)
+def test_each_scheduler_signal_saves_the_current_step_and_the_rerun_resumes_there(tmp_path, demo_manifest, tiny_ae,
+                                                                                 sig):
+    # LSF sends SIGINT first (bkill, -W limit), SLURM SIGTERM, #SBATCH --signal / bsub -wa USR1 or USR2
+    tiny_ae["train"].update(epochs=50, checkpoint_every_steps=1)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_ae))
     latest = tmp_path / "run/checkpoints/tiny_checkpoint_latest.pt"
     proc = start_training(config, demo_manifest, tmp_path / "run")
     wait_for(latest.is_file, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "signal 15 received" in err
+    assert proc.returncode == EXIT_PREEMPTED == 143, err[-3000:]
     state = load_checkpoint(latest)
-    assert 1 <= state["epoch"] < 50
+    epoch, step = state["epoch"], state["step"]
+    assert (f"signal {sig.value} received; saved {latest} at epoch {epoch}, step {step} ({sig.name})" in err
+            or f"signal {sig.value} received after epoch {epoch}; saved {latest} ({sig.name})" in err), err[-3000:]
+    assert 0 <= epoch < 50 and step >= 1
+    done = run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "run"),
+                   "--threads", "1", "--set", f"train.epochs={epoch + 1}")
+    assert f"resumed tiny from epoch {epoch}, step {step}" in done.stderr
+    print(f"{sig.name}: exit {proc.returncode}, saved and resumed at epoch {epoch}, step {step}")
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, demo_manifest, tiny_ae):
+    tiny_ae["train"].update(epochs=3, sample_every=3)
+    fp32 = train_autoencoder(tiny_ae, demo_manifest, tmp_path / "fp32")
+    tiny_ae["train"]["precision"] = "bf16"
+    bf16 = train_autoencoder(tiny_ae, demo_manifest, tmp_path / "bf16")
+    losses = [r["train_loss"] for r in bf16["history"]]
+    print(f"bf16 autoencoder train_loss {losses}, fp32 {[r['train_loss'] for r in fp32['history']]}")
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert bf16["history"][-1]["val_loss"] < bf16["history"][0]["val_loss"]
+    assert losses != [r["train_loss"] for r in fp32["history"]]  # autocast really ran in bf16
+
+
+def test_fp16_overflow_skips_train_on_and_move_neither_weights_nor_moments(tmp_path, demo_manifest, tiny_ae):
+    """A loss scale far too large overflows fp16 in the first steps: the grad scaler skips them (no weight
+    decay, no AdamW moment or step count), lowers the scale, and training goes on (max_bad_steps is 0)."""
+    from ldmflow.config.autoencoder import AutoencoderExperiment
+    from ldmflow.config.schema import from_dict
+    from ldmflow.devices import set_deterministic
+    from ldmflow.models.autoencoder import build_autoencoder
+
+    tiny_ae["train"].update(epochs=1, sample_every=50, precision="fp16", fp16_init_scale=2.0**24)
+    latest = tmp_path / "checkpoints/tiny_checkpoint_latest.pt"
+    first = train_autoencoder(tiny_ae, demo_manifest, tmp_path)  # 4 steps, every one overflows
+    state = load_checkpoint(latest)
+    set_deterministic(tiny_ae["seed"])
+    init = build_autoencoder(from_dict(AutoencoderExperiment, state["config"])).state_dict()
+    assert state["step"] == 4 and state["bad_steps"] == 0 and state["scaler"]["scale"] == 2.0**20
+    assert state["optimizer"]["state"] == {}  # AdamW never stepped: no moments, no step count
+    assert all(torch.equal(init[k], state["model"][k]) for k in init)  # and no weight decay either
+    assert math.isfinite(first["history"][0]["train_loss"])
+
+    tiny_ae["train"]["epochs"] = 8  # resumable: the scale keeps falling until the steps fit in fp16
+    more = train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    trained = load_checkpoint(latest)
+    adam_steps = {int(s["step"]) for s in trained["optimizer"]["state"].values()}
+    losses = [r["train_loss"] for r in more["history"]]
+    print(f"fp16: {trained['step']} steps, AdamW took {adam_steps}, scale {trained['scaler']['scale']:g}, "
+          f"train_loss {losses}")
+    assert len(adam_steps) == 1 and 0 < adam_steps.pop() < trained["step"] == 32 and trained["bad_steps"] == 0
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+    # A scale that has grown too large later in a run (it doubles after 2000 clean steps): the epoch's
+    # overflowing steps leave the weights and AdamW's moments and step count exactly as they were.
+    trained["scaler"]["scale"] = 2.0**40
+    save_checkpoint(trained, latest)
+    tiny_ae["train"]["epochs"] = 9
+    train_autoencoder(tiny_ae, demo_manifest, tmp_path)
+    after = load_checkpoint(latest)
+    assert after["step"] == trained["step"] + 4 and after["scaler"]["scale"] == 2.0**36
+    assert all(torch.equal(trained["model"][k], after["model"][k]) for k in trained["model"])
+    for i, moments in trained["optimizer"]["state"].items():
+        assert all(torch.equal(moments[k], after["optimizer"]["state"][i][k]) for k in ("step", "exp_avg",
+                                                                                        "exp_avg_sq"))
 
 
 def test_checkpoints_are_atomic_and_untrusted(tmp_path):

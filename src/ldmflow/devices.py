@@ -43,6 +43,31 @@ def set_deterministic(seed: int = 42) -> None:
     if torch.cuda.is_available():
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random-number states (torch CPU, the device's CUDA, NumPy, Python), in types that a
+    ``weights_only`` checkpoint load accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned (checkpoints written before NumPy and Python were kept lack them)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if state.get("numpy"):
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if state.get("python"):
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
 log = logging.getLogger(__name__)
 
 # One folder per machine, shared by every workflow and user on it (a fixed path: a job's TMPDIR may differ).

@@ -39,7 +39,8 @@ class ControlError(DataError):
 
 
 # The command line's exit codes: 2 for a user error (usage, config, data), 143 (128 + SIGTERM) for a run that
-# saved a checkpoint on a scheduler's signal and can be resumed, 1 for a run that cannot go on.
+# saved a checkpoint on a scheduler's signal (SIGINT, SIGTERM, SIGUSR1 or SIGUSR2: one code for all four) and
+# can be resumed, 1 for a run that cannot go on.
 USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError)
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143

@@ -10,6 +10,7 @@ holds (:func:`ldmflow.devices.claim_gpu`), or on the CPU when there is none.
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ from typing import Literal
 
 from ldmflow.cli import main, setup_logging
 from ldmflow.devices import claim_gpu
-from ldmflow.errors import exit_code
+from ldmflow.errors import EXIT_PREEMPTED, exit_code
+from ldmflow.training.preemption import SignalFlag
 
 log = logging.getLogger("ldmflow")
 
@@ -42,13 +44,24 @@ def trainer(stage: Stage):
 
 
 def run_cli(argv: list[str], nproc: int = 1) -> None:
-    """Run an ``ldmflow`` command line: in this process, or under torchrun with ``nproc`` processes."""
+    """Run an ``ldmflow`` command line: in this process, or under torchrun with ``nproc`` processes.
+
+    Under torchrun, a scheduler's warning signal (SIGINT, SIGTERM, SIGUSR1, SIGUSR2) reaches the ranks, which
+    save and exit 143, and torchrun, which forwards it to them and waits for them (its default list lacks
+    SIGUSR1/2, whose default action would kill it). torchrun itself then exits 1, so this process, which
+    only notes the signal, exits 143 for it.
+    """
     if nproc <= 1:
         code = main(argv)
     else:
+        signals = ",".join(s.name for s in (*SignalFlag.SIGNALS, signal.SIGHUP, signal.SIGQUIT))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ldmflow.cli", *argv]
-        code = subprocess.run(cmd).returncode
+               f"--signals-to-handle={signals}", "-m", "ldmflow.cli", *argv]
+        with SignalFlag() as got:
+            code = subprocess.run(cmd).returncode
+        if code and got.received is not None:
+            log.warning("torchrun exited %d after signal %s: the ranks saved their latest checkpoint", code, got.name)
+            code = EXIT_PREEMPTED
     if code:
         raise SystemExit(code)
 

@@ -71,8 +71,13 @@ class EmaConfig:
 class TrainConfig:
     epochs: int = param(10, "Maximum number of epochs.", minimum=1)
     early_stopping: EarlyStoppingConfig = param(EarlyStoppingConfig, "When to stop and what 'best' means.")
-    precision: Literal["fp32", "bf16", "fp16"] = param(
-        "bf16", "Mixed precision on CUDA (fp16 uses a grad scaler). CPU always runs fp32.",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = param(
+        "auto", "Autocast precision on any device (fp16 adds a grad scaler); auto: bf16 on CUDA, fp32 on CPU "
+        "(most CPUs run bf16 slower than fp32).",
+    )
+    fp16_init_scale: float = param(
+        65536.0, "fp16: the grad scaler's first loss scale (torch's default 2**16); it halves on every overflowing "
+        "step, which is skipped, and doubles after 2000 clean steps.", exclusiveMinimum=0.0,
     )
     ema: EmaConfig = param(EmaConfig, "Exponential moving average of the weights.")
     compile: bool = param(False, "torch.compile the model (CUDA only; ignored on CPU).")

@@ -5,7 +5,8 @@ a batch, its validation metrics, its sample images); :func:`fit` runs the loop t
 the same way: seeded batch order, AdamW with warm-up and cosine decay, gradient accumulation and
 clipping, mixed precision, EMA, best and latest checkpoints written atomically, a metrics CSV rebuilt
 from the checkpoint's history, early stopping, resume after ``kill -9`` with identical final weights on
-CPU, a save on SIGTERM / SIGUSR1 (what schedulers send before a kill), and DDP when launched by torchrun.
+CPU, a save on SIGINT / SIGTERM / SIGUSR1 / SIGUSR2 (what schedulers send before a kill), and DDP when
+launched by torchrun (each rank with its own random draws, restored on resume).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from ldmflow.artifacts import CHECKPOINT_FORMAT, RunPaths, atomic_write_bytes, load_checkpoint, save_checkpoint
 from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
-from ldmflow.devices import get_device, set_deterministic
+from ldmflow.devices import get_device, rng_state, set_deterministic, set_rng_state
 from ldmflow.errors import Preempted, TrainingError
 from ldmflow.training.batching import EpochBatchSampler, make_loader
 from ldmflow.training.optim import Ema, build_optimizer, lr_factor, update_ema
@@ -53,11 +54,19 @@ def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     return out
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: "auto" is bf16 on CUDA and fp32 elsewhere (bf16 is slow on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 / fp16 autocast on CUDA; a no-op on CPU (CPU always trains in fp32)."""
-    if device.type != "cuda" or precision == "fp32":
+    """bf16 / fp16 autocast on the device (CUDA or CPU); fp32 is a no-op."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def isolated_rng(device: torch.device):
@@ -172,6 +181,7 @@ class Run:
     val_loader: Any
     micro_per_epoch: int
     total_steps: int
+    flag_group: Any  # the process group of the per-step signal flag (gloo: CPU only); None outside DDP
     state: dict = field(default_factory=lambda: {
         "epoch": 0, "step": 0, "micro": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
         "early_stopped": False, "bad_steps": 0, "partial": None})
@@ -186,6 +196,8 @@ class EpochTotals:
     n_seen: int
     grad_norm_sum: torch.Tensor
     bad: torch.Tensor  # non-finite optimizer steps since the last log point
+    skipped: torch.Tensor  # fp16: steps the grad scaler skipped (overflow) since the last log point
+    loss_bad: torch.Tensor  # whether a micro-batch of the current optimizer step had a non-finite loss
     seconds_before: float  # time spent on this epoch before a resume
     t0: float
 
@@ -195,6 +207,7 @@ class EpochTotals:
         f64 = {"device": device, "dtype": torch.float64}
         return cls({k: torch.tensor(v, **f64) for k, v in partial.get("sums", {}).items()}, partial.get("n_seen", 0),
                    torch.tensor(partial.get("grad_norm_sum", 0.0), **f64), torch.tensor(0, device=device),
+                   torch.tensor(0, device=device), torch.tensor(False, device=device),
                    partial.get("seconds", 0.0), time.monotonic())
 
     def partial(self) -> dict:
@@ -212,12 +225,15 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
     device = device or get_device()
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     tcfg, ocfg = fc.train, fc.optim
-    set_deterministic(fc.seed)
+    # DiT's per-rank seed: each rank draws its own timesteps, noise, label dropout and KL samples (one
+    # process keeps the plain seed); the batch order has its own generator, shared, so shards stay disjoint.
+    set_deterministic(fc.seed * world + rank)
 
     model = task.model.to(device)
     ema = Ema(model, tcfg.ema.decay, tcfg.ema.warmup) if tcfg.ema.decay > 0 else None
     optimizer = build_optimizer(model.parameters(), ocfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and tcfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=tcfg.fp16_init_scale,
+                                  enabled=resolve_precision(tcfg.precision, device) == "fp16")
 
     sampler = EpochBatchSampler(len(train_set), fc.data.batch_size, fc.seed, sample_weights, rank, world)
     val_sampler = EpochBatchSampler(len(val_set), fc.data.batch_size, fc.seed, drop_last=False, shuffle=False)
@@ -229,7 +245,10 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
             f"{fc.data.batch_size} x optim.accumulate={ocfg.accumulate} x {world} process(es); lower them")
 
     step_model: nn.Module = model
+    flag_group = None
     if world > 1:
+        # the per-step signal flag and RNG gathers are host data: a gloo group keeps them off the GPU
+        flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tcfg.compile and device.type == "cuda":
         step_model = torch.compile(step_model, mode="reduce-overhead" if tcfg.cuda_graphs else None)
@@ -237,7 +256,8 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                optimizer, scaler, sampler, make_loader(train_set, sampler, workers, pin),
                make_loader(val_set, val_sampler, workers, pin),
                # leftover micro-batches would leak into the next epoch
-               micro_per_epoch=steps_per_epoch * ocfg.accumulate, total_steps=steps_per_epoch * tcfg.epochs)
+               micro_per_epoch=steps_per_epoch * ocfg.accumulate, total_steps=steps_per_epoch * tcfg.epochs,
+               flag_group=flag_group)
 
 
 def resume(run: Run) -> dict | None:
@@ -258,26 +278,35 @@ def resume(run: Run) -> dict | None:
         run.ema.model.load_state_dict(ckpt["ema"])
     if ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if run.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
+    if len(states) == run.world:
+        set_rng_state(states[dist.get_rank() if run.world > 1 else 0], run.device)
+    else:
+        log.warning("%s was saved by %d process(es), this run has %d: the random draws do not continue the "
+                    "saved ones, so the run is no longer reproducible", run.paths.latest, len(states), run.world)
     state.update({k: ckpt[k] for k in state if k in ckpt})
     log.info("resumed %s from epoch %d, step %d", run.name, state["epoch"], state["step"])
     return {"epoch": state["epoch"], "step": state["step"], "micro": state["micro"]}
 
 
 def save_state(run: Run, path: Path) -> None:
-    """Checkpoint everything a resume needs (rank 0 only): weights, EMA, optimiser, scaler, RNG, loop state."""
+    """Checkpoint everything a resume needs: weights, EMA, optimiser, scaler, every rank's RNG, loop state.
+
+    Under DDP every rank calls this at the same points (it gathers the RNG states); rank 0 writes."""
+    fc, device = run.fc, run.device
+    rngs = [rng_state(device)]
+    if run.world > 1:
+        gathered: list | None = [None] * run.world if run.writer else None
+        dist.gather_object(rngs[0], gathered, dst=0, group=run.flag_group)
+        rngs = gathered or []
     if not run.writer:
         return
-    fc, device = run.fc, run.device
     save_checkpoint({
         "format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": fc.extra,
         "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "rng": rngs,  # rank r's states at index r
         **run.state,
     }, path)
 
@@ -295,6 +324,7 @@ def forward_backward(run: Run, batch: dict, totals: EpochTotals, micro: int) -> 
         with autocast(run.device, tcfg.precision):
             loss, parts = run.task.loss(run.step_model, batch, run.state["step"])
         run.scaler.scale(loss / ocfg.accumulate).backward()
+    totals.loss_bad = totals.loss_bad | ~torch.isfinite(loss.detach())
     for k, v in {"loss": loss, **parts}.items():
         totals.sums[k] = totals.sums.get(k, torch.zeros((), device=run.device, dtype=torch.float64)) + v.detach().double()
     totals.n_seen += 1
@@ -302,16 +332,24 @@ def forward_backward(run: Run, batch: dict, totals: EpochTotals, micro: int) -> 
 
 
 def optimizer_step(run: Run, totals: EpochTotals) -> None:
-    """Clip, step (a non-finite step is zeroed on the device and counted), update the EMA."""
+    """Clip, step (a non-finite step is zeroed on the device and counted), update the EMA.
+
+    With fp16's grad scaler, a step whose scaled gradients overflowed is skipped whole by ``scaler.step``
+    (no weight decay, no moment update) and lowers the scale: expected early on, so it is counted as
+    skipped, not bad; only a non-finite loss, which no scale can fix, counts as bad."""
     params = [p for p in run.model.parameters() if p.grad is not None]
     run.scaler.unscale_(run.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, run.fc.optim.grad_clip or float("inf"))
     finite = torch.isfinite(norm)
-    # The count of non-finite steps is read only every log_every steps, so the loop never waits on the GPU.
-    if not run.scaler.is_enabled():
+    # The counts are read only every log_every steps, so the loop never waits on the GPU for them.
+    if run.scaler.is_enabled():
+        totals.skipped = totals.skipped + (~finite).long()
+        totals.bad = totals.bad + totals.loss_bad.long()
+    else:
         for p in params:
             p.grad.masked_fill_(~finite, 0.0)
-    totals.bad = totals.bad + (~finite).long()
+        totals.bad = totals.bad + (~finite).long()
+    totals.loss_bad = torch.zeros_like(totals.loss_bad)
     totals.grad_norm_sum = totals.grad_norm_sum + torch.where(finite, norm.double(), 0.0)
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -325,6 +363,11 @@ def count_bad_steps(run: Run, totals: EpochTotals) -> None:
     tcfg = run.fc.train
     run.state["bad_steps"] += int(totals.bad.item())
     totals.bad.zero_()
+    skipped = int(totals.skipped.item())
+    totals.skipped.zero_()
+    if skipped:
+        log.info("%s: the fp16 grad scaler skipped %d overflowing step(s) before step %d; loss scale now %g",
+                 run.name, skipped, run.state["step"], run.scaler.get_scale())
     if run.state["bad_steps"] > tcfg.max_bad_steps:
         raise TrainingError(
             f"{run.name}: {run.state['bad_steps']} optimizer step(s) with a NaN or inf loss/gradient "
@@ -332,21 +375,21 @@ def count_bad_steps(run: Run, totals: EpochTotals) -> None:
             "precision fp32/bf16.")
 
 
-def checkpoint_mid_epoch(run: Run, totals: EpochTotals, micro: int, signals: SignalFlag, at_log: bool) -> None:
+def checkpoint_mid_epoch(run: Run, totals: EpochTotals, micro: int, signals: SignalFlag) -> None:
     """Save the latest checkpoint when one is due (steps, minutes) or a signal came; on a signal, stop."""
     tcfg, state = run.fc.train, run.state
-    # one process checks its flag every step; DDP ranks agree at log points
-    stop = signals.poll(run.world, run.device) if (run.world == 1 or at_log) else False
     minutes = tcfg.checkpoint_every_minutes
-    due = (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0) or (
-        minutes and time.monotonic() - run.last_save > minutes * 60)
+    # every step: DDP ranks agree on the signal and on the clock (rank clocks differ; the save is collective)
+    stop, late = signals.poll(run.world, run.flag_group,
+                              also=bool(minutes and time.monotonic() - run.last_save > minutes * 60))
+    due = (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0) or late
     if (due or stop) and micro < run.micro_per_epoch:
         state["micro"], state["partial"] = micro, totals.partial()
         save_state(run, run.paths.latest)
         run.last_save = time.monotonic()
         if stop:
             raise Preempted(f"{run.name}: signal {signals.received} received; saved {run.paths.latest} "
-                            f"at epoch {state['epoch']}, step {state['step']}")
+                            f"at epoch {state['epoch']}, step {state['step']} ({signals.name})")
 
 
 def train_epoch(run: Run, signals: SignalFlag, bar: Progress) -> EpochTotals:
@@ -369,7 +412,7 @@ def train_epoch(run: Run, signals: SignalFlag, bar: Progress) -> EpochTotals:
             count_bad_steps(run, totals)
             bar.update(f"{run.name} epoch {state['epoch'] + 1}/{tcfg.epochs} batch {micro}/{run.micro_per_epoch} "
                        f"loss {float(totals.sums['loss'] / totals.n_seen):.4f}")
-        checkpoint_mid_epoch(run, totals, micro, signals, at_log)
+        checkpoint_mid_epoch(run, totals, micro, signals)
     count_bad_steps(run, totals)
     return totals
 
@@ -445,9 +488,9 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
         while not state["early_stopped"] and state["epoch"] < epochs:
             totals = train_epoch(run, signals, bar)
             end_epoch(run, epoch_row(run, totals))
-            if signals.poll(run.world, run.device):
+            if signals.poll(run.world, run.flag_group)[0]:
                 raise Preempted(f"{name}: signal {signals.received} received after epoch {state['epoch']}; "
-                                f"saved {run.paths.latest}")
+                                f"saved {run.paths.latest} ({signals.name})")
     bar.close()
     if run.writer and not run.paths.best.is_file():
         raise TrainingError(f"{name}: no epoch gave a finite {fc.train.early_stopping.metric}; no best checkpoint")
