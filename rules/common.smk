@@ -6,12 +6,14 @@ from ldmflow.workflow import (
     experiments,
     manifest_path,
     metrics_file,
+    selection_warnings,
 )
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
 CONTROLNETS = experiments(config["controlnets"], "controlnet")
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
+selection_warnings(AUTOENCODERS, config["selection"])
 
 
 wildcard_constraints:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ldmflow.artifacts import RunPaths
 from ldmflow.config.loading import load_config
 from ldmflow.errors import ConfigError
+
+log = logging.getLogger("ldmflow.workflow")
 
 
 def experiments(paths: list[str], stage: str) -> dict[str, str]:
@@ -33,6 +36,23 @@ def controlnet_bases(controlnets: dict[str, str], diffusion: dict[str, str]) -> 
             raise ConfigError(f"{path}: key 'base' {given}; allowed: {allowed}")
         out[name] = base
     return out
+
+
+def selection_warnings(autoencoders: dict[str, str], selection: dict) -> list[str]:
+    """Say at plan time (``snakemake -n``) which autoencoder experiments keep their best checkpoint by another
+    metric than ``selection.metric``: selection ranks each run's best checkpoint, at that checkpoint's epoch."""
+    metric = selection["metric"]
+    messages = []
+    for name, path in autoencoders.items():
+        kept_by = load_config(path, "autoencoder").train.early_stopping.metric
+        if kept_by != metric:
+            messages.append(
+                f"{path}: the best checkpoint of {name} is kept by train.early_stopping.metric={kept_by}, but "
+                f"selection.metric is {metric}: select_autoencoder ranks it on {metric} at its best-{kept_by} "
+                f"epoch (set the two equal to rank each run at its best {metric})")
+    for message in messages:
+        log.warning("warning: %s", message)
+    return messages
 
 
 def manifest_path(config: dict) -> str:
