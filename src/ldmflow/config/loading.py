@@ -61,14 +61,16 @@ def _unknown_keys(data: dict, cls: type, prefix: str = "") -> int:
     import dataclasses
     import typing
 
+    from ldmflow.config.schema import file_key
+
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {file_key(f): f.name for f in dataclasses.fields(cls)}
     unknown = 0
     for key, value in data.items():
         if key not in names:
             unknown += 1
-        elif isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
-            unknown += _unknown_keys(value, hints[key])
+        elif isinstance(value, dict) and dataclasses.is_dataclass(hints[names[key]]):
+            unknown += _unknown_keys(value, hints[names[key]])
     return unknown
 
 
