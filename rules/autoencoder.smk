@@ -1,6 +1,8 @@
 rule train_autoencoder:
     input:
         config=autoencoder_config,
+        # fine-tuning: the parent run (init.from) is trained first
+        init=autoencoder_init,
         manifest=manifest(),
     # Only the metrics CSV is declared: Snakemake deletes the declared outputs of a failed job and of a
     # job it reruns, and the run rebuilds this file from its latest checkpoint. The checkpoints (best

@@ -4,14 +4,23 @@ from ldmflow.workflow import (
     best_checkpoint,
     controlnet_bases,
     experiments,
+    init_checkpoint_of,
+    init_parent,
     manifest_path,
     metrics_file,
+    selection_warnings,
 )
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
 CONTROLNETS = experiments(config["controlnets"], "controlnet")
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
+WORKFLOW = {
+    "autoencoder": AUTOENCODERS,
+    "diffusion": DIFFUSION,
+    "controlnet": CONTROLNETS,
+}
+selection_warnings(AUTOENCODERS, config["selection"])
 
 
 wildcard_constraints:
@@ -45,9 +54,25 @@ def controlnet_base_checkpoint(wildcards):
     return best_checkpoint(controlnet_base_metrics(wildcards))
 
 
+def autoencoder_init(wildcards):
+    """What a fine-tuned autoencoder starts from (its init.from): the parent run's metrics CSV, or nothing."""
+    return init_parent(AUTOENCODERS[wildcards.name], "autoencoder", WORKFLOW)
+
+
+def diffusion_init(wildcards):
+    return init_parent(DIFFUSION[wildcards.name], "diffusion", WORKFLOW)
+
+
+def controlnet_init(wildcards):
+    return init_parent(CONTROLNETS[wildcards.name], "controlnet", WORKFLOW)
+
+
 def training_inputs(wildcards, input):
-    """The named inputs a stage's training function takes: its config, and its manifest or latents."""
-    return {k: v for k, v in input.items() if k in ("config", "manifest", "latents")}
+    """The named inputs a stage's training function takes: its config, its manifest or latents, and the
+    checkpoint a fine-tuned experiment starts from."""
+    named = {k: v for k, v in input.items() if k in ("config", "manifest", "latents")}
+    init = init_checkpoint_of(input.config, list(input.get("init", [])))
+    return {**named, **({"init": init} if init else {})}
 
 
 def controlnet_training_inputs(wildcards, input):

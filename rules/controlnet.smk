@@ -1,6 +1,8 @@
 rule train_controlnet:
     input:
         config=controlnet_config,
+        # fine-tuning: the parent run (init.from) is trained first
+        init=controlnet_init,
         latents="results/latents/latents.zarr",
         # the base diffusion run's metrics CSV stands for the run; its best checkpoint is beside it
         base_metrics=controlnet_base_metrics,

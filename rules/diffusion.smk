@@ -1,6 +1,8 @@
 rule train_diffusion:
     input:
         config=diffusion_config,
+        # fine-tuning: the parent run (init.from) is trained first
+        init=diffusion_init,
         latents="results/latents/latents.zarr",
     # Only the metrics CSV is declared (see train_autoencoder): the checkpoints survive a failed job.
     output:

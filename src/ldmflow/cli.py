@@ -63,7 +63,7 @@ def cmd_train_ae(args) -> None:
     from ldmflow.stages.train_autoencoder import train_autoencoder
 
     result = train_autoencoder(args.config, args.data, args.out, overrides=args.set or (), device=args.device,
-                               threads=args.threads)
+                               threads=args.threads, init=args.init)
     print_best(result)
 
 
@@ -79,7 +79,7 @@ def cmd_train_diffusion(args) -> None:
     from ldmflow.stages.train_diffusion import train_diffusion
 
     result = train_diffusion(args.config, args.latents, args.out, overrides=args.set or (), device=args.device,
-                             threads=args.threads)
+                             threads=args.threads, init=args.init)
     print_best(result)
 
 
@@ -87,7 +87,7 @@ def cmd_train_controlnet(args) -> None:
     from ldmflow.stages.train_controlnet import train_controlnet
 
     result = train_controlnet(args.config, args.latents, args.base, args.out, overrides=args.set or (),
-                              device=args.device, threads=args.threads)
+                              device=args.device, threads=args.threads, init=args.init)
     print_best(result)
     fidelity = result["control_fidelity"]
     if fidelity["available"] and "controlled" in fidelity:
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and data loading")
 
+    def fine_tuning(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                       help="start from this checkpoint's weights (overrides the config's init.from; fresh optimizer)")
+
     p = command("demo-data", cmd_demo_data, "write the built-in procedural demo dataset and its manifest.csv")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=256, help="number of images")
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="manifest CSV or folder of images")
     p.add_argument("--out", required=True, help="run folder RUN_DIR")
     training(p)
+    fine_tuning(p)
 
     p = command("select-ae", cmd_select_ae, "pick the best autoencoder run; write selected.json and a plot")
     p.add_argument("--runs", nargs="+", required=True, help="autoencoder run folders")
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", required=True, help="latent store (latents.zarr) from `ldmflow embed`")
     p.add_argument("--out", required=True, help="run folder RUN_DIR")
     training(p)
+    fine_tuning(p)
 
     p = command("train-controlnet", cmd_train_controlnet,
                 "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)")
@@ -210,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the base diffusion checkpoint (.pt), e.g. NAME_checkpoint_best.pt")
     p.add_argument("--out", required=True, help="run folder RUN_DIR")
     training(p)
+    fine_tuning(p)
 
     p = command("sample", cmd_sample,
                 "generate images from a diffusion or ControlNet checkpoint (PNGs, grid.png, samples.zarr)")

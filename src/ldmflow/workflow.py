@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from ldmflow.artifacts import RunPaths
+from ldmflow.artifacts import METRICS_SUFFIX, RunPaths
 from ldmflow.config.loading import load_config
 from ldmflow.errors import ConfigError
+
+log = logging.getLogger("ldmflow.workflow")
 
 
 def experiments(paths: list[str], stage: str) -> dict[str, str]:
@@ -33,6 +36,57 @@ def controlnet_bases(controlnets: dict[str, str], diffusion: dict[str, str]) -> 
             raise ConfigError(f"{path}: key 'base' {given}; allowed: {allowed}")
         out[name] = base
     return out
+
+
+def selection_warnings(autoencoders: dict[str, str], selection: dict) -> list[str]:
+    """Say at plan time (``snakemake -n``) which autoencoder experiments keep their best checkpoint by another
+    metric than ``selection.metric``: selection ranks each run's best checkpoint, at that checkpoint's epoch."""
+    metric = selection["metric"]
+    messages = []
+    for name, path in autoencoders.items():
+        kept_by = load_config(path, "autoencoder").train.early_stopping.metric
+        if kept_by != metric:
+            messages.append(
+                f"{path}: the best checkpoint of {name} is kept by train.early_stopping.metric={kept_by}, but "
+                f"selection.metric is {metric}: select_autoencoder ranks it on {metric} at its best-{kept_by} "
+                f"epoch (set the two equal to rank each run at its best {metric})")
+    for message in messages:
+        log.warning("warning: %s", message)
+    return messages
+
+
+def init_parent(path: str, stage: str, workflow: dict[str, dict[str, str]]) -> list[str]:
+    """The file a fine-tuned experiment depends on (``init.from``): the parent experiment's metrics CSV (it stands
+    for the run, so ``snakemake -n`` plans the parent first and ``--forcerun`` of the parent reruns the child),
+    or the checkpoint file a path names; nothing without ``init``. ``workflow`` maps each stage to its
+    experiments (name -> file)."""
+    from ldmflow.training.finetune import parent_run
+
+    source = load_config(path, stage).init.from_
+    if source is None:
+        return []
+    run = parent_run(source)
+    if run is None:
+        return [source]
+    parent_stage, name = run
+    if name not in workflow[parent_stage]:
+        allowed = ", ".join(f"{parent_stage}/{n}" for n in sorted(workflow[parent_stage])) or "none"
+        raise ConfigError(f"{path}: key 'init.from' names {source!r}, which is not an experiment of the workflow; "
+                          f"allowed: {allowed}, or a checkpoint path")
+    if (parent_stage, name) == (stage, load_config(path, stage).name):
+        raise ConfigError(f"{path}: key 'init.from' names the experiment itself")
+    return [metrics_file(parent_stage, name)]
+
+
+def init_checkpoint_of(path: str, parent: list[str]) -> str | None:
+    """The checkpoint a fine-tuned experiment starts from, given the file :func:`init_parent` named (None: fresh)."""
+    if not parent:
+        return None
+    init = load_config(path).init
+    if not str(parent[0]).endswith(METRICS_SUFFIX):
+        return str(parent[0])
+    run = RunPaths.of_metrics(parent[0])
+    return str(run.best if init.checkpoint == "best" else run.latest)
 
 
 def manifest_path(config: dict) -> str:

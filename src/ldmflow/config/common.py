@@ -99,8 +99,27 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class InitConfig:
+    """Fine-tuning: start from another run's weights instead of a fresh initialisation."""
+
+    from_: str | None = param(
+        None, "The run whose weights this experiment starts from: 'autoencoder/NAME', 'diffusion/NAME' or "
+        "'controlnet/NAME' (an experiment of the workflow, trained first), or a checkpoint path. null: a fresh "
+        "initialisation. The optimizer state always starts fresh.", key="from",
+    )
+    checkpoint: Literal["best", "latest"] = param(
+        "best", "Which checkpoint of the named run to start from (a path names its own).",
+    )
+    partial: bool = param(
+        False, "Tensors whose shape does not fit (a new class count, new latent channels) keep their fresh "
+        "initialisation and are listed in the log; false: such a tensor stops the run with an error naming it.",
+    )
+
+
+@dataclasses.dataclass
 class Experiment:
-    """What every stage's experiment file starts with: its name and its seed."""
+    """What every stage's experiment file starts with: its name, its seed and where its weights start."""
 
     name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = param(42, "Seed of every random choice (initialisation, split, shuffling, noise).", minimum=0)
+    init: InitConfig = param(InitConfig, "Fine-tuning: the checkpoint whose weights this experiment starts from.")

@@ -56,15 +56,65 @@ def read_yaml(path: str | Path) -> dict:
     return {} if data is None else data
 
 
-def load_config(path_or_dict: str | Path | dict, stage: str = "autoencoder", overrides: list[str] | tuple[str, ...] = ()):
-    """Load, override and validate an experiment config; returns the typed experiment dataclass."""
-    if stage not in STAGES:
+def _unknown_keys(data: dict, cls: type, prefix: str = "") -> int:
+    """How many of a mapping's keys (nested sections included) the dataclass ``cls`` has no field for."""
+    import dataclasses
+    import typing
+
+    from ldmflow.config.schema import file_key
+
+    hints = typing.get_type_hints(cls)
+    names = {file_key(f): f.name for f in dataclasses.fields(cls)}
+    unknown = 0
+    for key, value in data.items():
+        if key not in names:
+            unknown += 1
+        elif isinstance(value, dict) and dataclasses.is_dataclass(hints[names[key]]):
+            unknown += _unknown_keys(value, hints[names[key]])
+    return unknown
+
+
+def infer_stage(data: dict, source: str = "<config>") -> str:
+    """The stage an experiment file is for: its ``stage:`` key when it has one, else the stage whose
+    experiment has every key of the file (nested keys too: ``control`` or ``model.fusion`` mean controlnet,
+    ``diffusion`` or ``model.preset`` mean diffusion, ``model.latent_channels`` means autoencoder); a file
+    that fits several stages (only shared keys: name, seed, optim, train) is an autoencoder's."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    if "stage" in data:
+        if data["stage"] not in STAGES:
+            raise ConfigError(f"{source}: key 'stage' has value {data['stage']!r}; allowed: {', '.join(STAGES)}")
+        return data["stage"]
+    counts = {stage: _unknown_keys(data, cls) for stage, cls in STAGES.items()}
+    return min(STAGES, key=lambda stage: counts[stage])  # ties: the registry's order (autoencoder first)
+
+
+def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()):
+    """Load, override and validate an experiment config; returns the typed experiment dataclass.
+
+    ``stage`` (autoencoder, diffusion, controlnet) defaults to the one the file says it is
+    (:func:`infer_stage`), so a notebook needs only the path:
+
+    >>> load_config("config/diffusion/demo_unet_tiny.yaml").model.preset
+    'demo_tiny'
+    >>> type(load_config("config/controlnet/demo_controlnet_add.yaml")).__name__
+    'ControlNetExperiment'
+    >>> load_config({"name": "ae", "model": {"latent_channels": 8}}).model.latent_channels
+    8
+    """
+    if stage is not None and stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
     if isinstance(path_or_dict, dict):
         data, source = path_or_dict, "<config>"
     else:
         data, source = read_yaml(path_or_dict), str(path_or_dict)
-    data = apply_presets(apply_overrides(data, overrides), stage, source)
+    data = apply_overrides(data, overrides)
+    named = data.pop("stage", None) if isinstance(data, dict) else None
+    if named is not None and stage is not None and named != stage:
+        raise ConfigError(f"{source}: key 'stage' has value {named!r}, but a {stage} experiment was expected")
+    stage = stage or infer_stage(data if named is None else {**data, "stage": named}, source)
+    data = apply_presets(data, stage, source)
     cls = STAGES[stage]
     validate(data, cls, source)
     try:

@@ -26,15 +26,21 @@ T = TypeVar("T")
 
 
 
-def param(default: Any = dataclasses.MISSING, doc: str = "", **constraints: Any) -> Any:
-    """A dataclass field with a description and JSON-schema constraints (minimum, maximum, ...)."""
-    meta = {"doc": doc, **constraints}
+def param(default: Any = dataclasses.MISSING, doc: str = "", *, key: str | None = None, **constraints: Any) -> Any:
+    """A dataclass field with a description and JSON-schema constraints (minimum, maximum, ...); ``key`` is
+    its name in files when that is a Python keyword (``init.from`` is the field ``from_``)."""
+    meta = {"doc": doc, **constraints, **({"key": key} if key else {})}
     if isinstance(default, (list, dict)):
         value = copy.deepcopy(default)
         return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=meta)
     if (dataclasses.is_dataclass(default) and isinstance(default, type)) or callable(default):
         return dataclasses.field(default_factory=default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def file_key(f: dataclasses.Field) -> str:
+    """A field's key in config files: its name, or the ``key`` its :func:`param` gives."""
+    return f.metadata.get("key", f.name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +80,7 @@ def json_schema(cls: type) -> dict:
         schema = _type_schema(hints[f.name])
         meta = dict(f.metadata)
         doc = meta.pop("doc", "")
+        meta.pop("key", None)
         if meta:
             target = schema["anyOf"][0] if "anyOf" in schema and {"type": "null"} in schema["anyOf"] else schema
             target.update(meta)
@@ -85,8 +92,8 @@ def json_schema(cls: type) -> dict:
             value = f.default_factory()  # type: ignore[misc]
             schema["default"] = to_dict(value) if dataclasses.is_dataclass(value) else value
         else:
-            required.append(f.name)
-        properties[f.name] = schema
+            required.append(file_key(f))
+        properties[file_key(f)] = schema
     out = {"type": "object", "properties": properties, "additionalProperties": False}
     if required:
         out["required"] = required
@@ -145,9 +152,9 @@ def from_dict(cls: type[T], data: dict) -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
+        if file_key(f) not in data:
             continue
-        value, tp = data[f.name], hints[f.name]
+        value, tp = data[file_key(f)], hints[f.name]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = from_dict(tp, value)
         elif tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -157,5 +164,11 @@ def from_dict(cls: type[T], data: dict) -> T:
 
 
 def to_dict(cfg: Any) -> dict:
-    """A config dataclass as a plain, YAML- and checkpoint-safe mapping (the resolved config)."""
-    return dataclasses.asdict(cfg)
+    """A config dataclass as a plain, YAML- and checkpoint-safe mapping (the resolved config), keyed as files are."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {file_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(v) for v in cfg)
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return copy.deepcopy(cfg)

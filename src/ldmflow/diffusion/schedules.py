@@ -181,3 +181,20 @@ def diffusion_loss(
     if min_snr_gamma is not None:
         loss = loss * min_snr_weights(schedule.snr(t), min_snr_gamma, prediction)
     return loss
+
+
+class DiffusionLoss:
+    """The training loss of a denoiser as one call: draw t and the noise, noise x0, predict, average
+    :func:`diffusion_loss` (what ``ldmflow.build_loss`` returns for a UNet or a ControlNet)."""
+
+    def __init__(self, noise: NoiseConfig, min_snr_gamma: float | None = None):
+        self.schedule, self.prediction, self.min_snr_gamma = NoiseSchedule.from_config(noise), noise.prediction, min_snr_gamma
+
+    def __call__(self, model, x0: torch.Tensor, labels: torch.Tensor | None = None, *,
+                 generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
+        """Mean loss of ``model(x_t, t, labels, **model_kwargs)`` on latents x0 (N, C, h, w)."""
+        schedule = self.schedule.to(x0.device)
+        t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        out = model(schedule.add_noise(x0, noise, t), t, labels, **model_kwargs)
+        return diffusion_loss(out, x0, noise, t, schedule, self.prediction, self.min_snr_gamma).mean()

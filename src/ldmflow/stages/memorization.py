@@ -267,21 +267,71 @@ def _collect(batches: Iterable, limit: int | None) -> torch.Tensor:
     return torch.cat(out)[:limit]
 
 
-def check_memorization(model: Any, dataloader: Iterable, num_generate: int = 100, num_training: int | None = None,
-                       *, reference: Iterable | None = None, out: str | Path | None = None,
-                       device: str | torch.device | None = None, **options: Any) -> dict:
-    """Generate ``num_generate`` images with ``model`` and test them against ``num_training`` training images.
+def checkpoint_images(checkpoint: str | Path, n: int, *, seed: int = 42, device: str | torch.device | None = None,
+                      batch_size: int = 64) -> torch.Tensor:
+    """n decoded samples (N, 3, H, W) in [-1, 1] of a trained diffusion checkpoint, with its sampler and
+    autoencoder (a class-conditional model cycles through the classes, as ``ldmflow sample`` does)."""
+    from ldmflow.diffusion.generate import generate_decoded
+    from ldmflow.diffusion.schedules import NoiseSchedule
+    from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
 
-    ``model`` has a ``sample(n)`` method or is a callable ``n -> images`` (N, 3, H, W) in [-1, 1];
-    ``dataloader`` (and ``reference``, held-out images) yield image batches or dicts with ``"image"``.
-    Options are :class:`MemorizationConfig` keys. Returns the summary dict; writes the report files too
-    when ``out`` is given.
+    dev = get_device(str(device) if device else None)
+    model, cfg, extra = load_diffusion(checkpoint, dev)
+    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
+    labels = torch.arange(n) % extra["num_classes"] if extra["num_classes"] else None
+    _, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, NoiseSchedule.from_config(cfg.diffusion).to(dev),
+                                 cfg.sampling, cfg.diffusion.prediction, decoder, seed=seed, device=dev,
+                                 batch_size=batch_size)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
+
+
+def _training_set(data: Any, limit: int | None) -> ImageSet:
+    """The training images of ``data``: a manifest, image folder or latent store (its ``train`` rows), a
+    dataset or dataloader of images (or dicts with ``"image"``), or a tensor (N, 3, H, W); the first ``limit``."""
+    if isinstance(data, (str, Path)):
+        images = open_image_set(data)
+        if images.split is not None:
+            images = images.subset(np.flatnonzero(images.split == "train"))
+        return images.subset(np.arange(min(len(images), limit if limit is not None else len(images))))
+    if torch.is_tensor(data):
+        return tensor_image_set(data[:limit], "train")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=64)
+    return tensor_image_set(_collect(data, limit), "train")
+
+
+def check_memorization(checkpoint_or_model: Any, data: Any, num_generate: int = 100, num_training: int | None = None,
+                       *, reference: Iterable | None = None, out: str | Path | None = None,
+                       device: str | torch.device | None = None, seed: int = 42, **options: Any) -> dict:
+    """Generate ``num_generate`` images and test them against ``num_training`` training images.
+
+    ``checkpoint_or_model``: a trained diffusion checkpoint (``.pt``; sampled with its own sampler and
+    autoencoder, seeded by ``seed``), an object with a ``sample(n)`` method, or a callable ``n -> images``
+    (N, 3, H, W) in [-1, 1]. ``data``: a manifest, image folder or latent store (its ``train`` rows), a dataset
+    or dataloader yielding images or dicts with ``"image"``, or a tensor of images. ``reference`` (held-out
+    images) likewise. Options are :class:`MemorizationConfig` keys. Returns the summary dict; writes the
+    report files too when ``out`` is given.
+
+    >>> import torch
+    >>> from ldmflow import check_memorization
+    >>> train = torch.rand(20, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    >>> copier = lambda n: train[:n].clone()  # a "model" that returns training images
+    >>> summary = check_memorization(copier, train, num_generate=5, num_training=20, n=10, image_size=16)
+    >>> summary["memorized"]["fraction"], summary["counts"]["training"]
+    (1.0, 20)
     """
     cfg = memorization_config(None, **options)
-    samples = tensor_image_set(_generate(model, num_generate, cfg.batch_size), "sample")
-    train = tensor_image_set(_collect(dataloader, num_training), "train")
-    ref = tensor_image_set(_collect(reference, None), "reference") if reference is not None else None
-    inputs = {"train": "dataloader", "samples": "model", "reference": "dataloader" if ref is not None else None}
+    if isinstance(checkpoint_or_model, (str, Path)):
+        images = checkpoint_images(checkpoint_or_model, num_generate, seed=seed, device=device,
+                                   batch_size=cfg.batch_size)
+        generated_by = str(checkpoint_or_model)
+    else:
+        images, generated_by = _generate(checkpoint_or_model, num_generate, cfg.batch_size), "model"
+    samples = tensor_image_set(images, "sample")
+    train = _training_set(data, num_training)
+    ref = _training_set(reference, None) if reference is not None else None
+    inputs = {"train": str(data) if isinstance(data, (str, Path)) else "dataloader", "samples": generated_by,
+              "reference": "dataloader" if ref is not None else None}
     return _evaluate(train, samples, ref, cfg, Path(out) if out is not None else None, device, inputs, [])
 
 
@@ -291,6 +341,13 @@ def compute_sample_similarity(samples: torch.Tensor, training_data: torch.Tensor
     """Nearest training item of each sample: indices (N,) and cosine similarities (N,) of the normalised vectors.
 
     Takes images (N, 3, H, W) or any (N, ...) tensors; with ``feature_size`` images are resized to it first.
+
+    >>> import torch
+    >>> from ldmflow import compute_sample_similarity
+    >>> train = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    >>> index, similarity = compute_sample_similarity(train[[3, 7]] * 0.5 + 0.1, train)
+    >>> index.tolist(), [round(s, 4) for s in similarity.tolist()]
+    ([3, 7], [1.0, 1.0])
     """
     def prep(x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x).detach().float().cpu()

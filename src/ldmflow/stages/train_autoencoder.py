@@ -11,12 +11,12 @@ import torch
 from ldmflow.artifacts import file_sha256
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.loading import resolve_experiment
-from ldmflow.config.schema import to_dict
 from ldmflow.data.manifest import ImageDataset, PreparedData, prepare_data
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import confusion, miou, psnr
 from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder
+from ldmflow.training.finetune import initialise, resolved_config
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import colorize, grid, save_png, to_uint8
 
@@ -95,8 +95,11 @@ class AutoencoderTask:
 
 
 def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, overrides=(), device: str | None = None,
-                      threads: int | None = None, progress: bool | None = None) -> dict:
+                      threads: int | None = None, progress: bool | None = None, init: str | Path | None = None) -> dict:
     """Train one autoencoder experiment on a manifest into OUT_DIR; resumes from its latest checkpoint.
+
+    A fresh run starts from the weights ``init`` (a checkpoint path) or the config's ``init.from`` names
+    (:mod:`ldmflow.training.finetune`).
 
     Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt``, ``NAME_metrics.csv`` and
     ``samples/epoch_NNN.png``; returns the run summary (best metric, history, resume point).
@@ -112,11 +115,13 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
         raise ConfigError(f"{source}: no validation rows; add split=val rows or raise data.val_fraction")
     set_deterministic(cfg.seed)
     model = build_autoencoder(cfg)
+    parent = initialise(model, cfg.init, init, source)
     log.info("%s: %d train / %d val images, %.2fM parameters", cfg.name, len(train_set), len(val_set),
              sum(p.numel() for p in model.parameters()) / 1e6)
     fc = FitConfig(stage="autoencoder", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
-                   resolved=to_dict(cfg), extra={"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)
-                                                 if Path(manifest).is_file() else None})
+                   resolved=resolved_config(cfg), extra={"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)
+                                                         if Path(manifest).is_file() else None,
+                                                         **({"init": parent} if parent else {})})
     task = AutoencoderTask(cfg, model, val_set)
     uncached = data.images is None
     return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=get_device(device),

@@ -34,6 +34,7 @@ from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
 from ldmflow.stages.train_diffusion import DiffusionTask
 from ldmflow.training.batching import balancing_weights
 from ldmflow.training.distributed import rank
+from ldmflow.training.finetune import initialise, resolved_config
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -215,13 +216,15 @@ def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: i
 
 
 def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str | Path, *, overrides=(),
-                     device: str | None = None, threads: int | None = None, progress: bool | None = None) -> dict:
+                     device: str | None = None, threads: int | None = None, progress: bool | None = None,
+                     init: str | Path | None = None) -> dict:
     """Train one ControlNet experiment on a latent store and a base diffusion checkpoint into OUT_DIR.
 
     Resumes from OUT_DIR's latest checkpoint. Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt``
     (self-contained: the base UNet's weights and config are inside), ``NAME_metrics.csv`` (with
     ``val_control_miou``), ``samples/epoch_NNN.png`` (control | generated | ground truth, EMA model) and
-    ``control_fidelity.json`` (the best checkpoint's control mIoU against the uncontrolled base's).
+    ``control_fidelity.json`` (the best checkpoint's control mIoU against the uncontrolled base's). A fresh
+    run starts from the weights ``init`` (a ControlNet checkpoint path) or the config's ``init.from`` names.
     """
     cfg, source = resolve_experiment(config, "controlnet", overrides)
     if threads:
@@ -247,6 +250,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
 
     set_deterministic(cfg.seed)  # the control branch's initialisation
     model = build_controlnet(cfg.model, copy.deepcopy(base_model).train(), k, factor)
+    parent = initialise(model, cfg.init, init, source)
     weights = balancing_weights(train_set.labels, cfg.data.balance_power)
     log.info("%s: %s fusion, %s control (%d channels at %d px) on %s; %d train / %d val latents; %.2fM of %.2fM "
              "parameters train", cfg.name, cfg.model.fusion, cfg.control.signal, k, image_size, base_cfg.name,
@@ -254,9 +258,9 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
              count_parameters(model) / 1e6)
     extra = {**provenance, "num_classes": num_classes, "base_checkpoint": str(base_path),
              "base_sha256": file_sha256(base_path), "base_config": to_dict(base_cfg), "signal": cfg.control.signal,
-             "control_channels": k, "downsample": factor, "image_size": image_size}
+             "control_channels": k, "downsample": factor, "image_size": image_size, **({"init": parent} if parent else {})}
     fc = FitConfig(stage="controlnet", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
-                   resolved=to_dict(cfg), extra=extra)
+                   resolved=resolved_config(cfg), extra=extra)
     task = ControlNetTask(cfg, base_cfg, model, base_model, store, num_classes, dev, val_set, provenance)
     result = fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev, sample_weights=weights, workers=0,
                  progress=progress)

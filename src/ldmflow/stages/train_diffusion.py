@@ -9,7 +9,6 @@ import torch
 
 from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.config.loading import resolve_experiment
-from ldmflow.config.schema import to_dict
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.diffusion.generate import generate
@@ -18,6 +17,7 @@ from ldmflow.errors import ConfigError
 from ldmflow.models.unet import build_unet, count_parameters
 from ldmflow.stages.embed import store_autoencoder
 from ldmflow.training.batching import balancing_weights
+from ldmflow.training.finetune import initialise, resolved_config
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -112,8 +112,11 @@ class DiffusionTask:
 
 
 def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrides=(), device: str | None = None,
-                    threads: int | None = None, progress: bool | None = None) -> dict:
+                    threads: int | None = None, progress: bool | None = None, init: str | Path | None = None) -> dict:
     """Train one diffusion experiment on a latent store into OUT_DIR; resumes from its latest checkpoint.
+
+    A fresh run starts from the weights ``init`` (a checkpoint path) or the config's ``init.from`` names
+    (:mod:`ldmflow.training.finetune`).
 
     Writes ``checkpoints/NAME_checkpoint_{best,latest}.pt`` (best = lowest EMA validation loss),
     ``NAME_metrics.csv`` and ``samples/epoch_NNN.png`` (EMA model, one row per class).
@@ -135,6 +138,7 @@ def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrid
                           "(the side must divide by 2 ** (levels - 1))")
     set_deterministic(cfg.seed)
     model = build_unet(cfg, store.latent_shape[0], num_classes)
+    parent = initialise(model, cfg.init, init, source)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     weights = balancing_weights(train_set.labels, cfg.data.balance_power)
@@ -142,7 +146,8 @@ def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrid
              tuple(store.latent_shape), count_parameters(model) / 1e6,
              f"{num_classes} classes" if num_classes else "unconditional")
     fc = FitConfig(stage="diffusion", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
-                   resolved=to_dict(cfg), extra={**store_provenance(store), "num_classes": num_classes})
+                   resolved=resolved_config(cfg), extra={**store_provenance(store), "num_classes": num_classes,
+                                                         **({"init": parent} if parent else {})})
     task = DiffusionTask(cfg, model, store, num_classes, dev)
     return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev, sample_weights=weights,
                workers=0, progress=progress)
