@@ -1,11 +1,32 @@
+import shutil
 from pathlib import Path
 
-from ldmflow.workflow import controlnet_bases, experiments, manifest_path
+from ldmflow.workflow import (
+    check_config_files,
+    check_default_profile,
+    controlnet_bases,
+    experiments,
+    manifest_path,
+)
+
+check_config_files(workflow.overwrite_configfiles)
+check_default_profile(Path(workflow.basedir, "profiles"))
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
 CONTROLNETS = experiments(config["controlnets"], "controlnet")
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
+
+
+# The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster
+# profiles do): one on a machine with an NVIDIA GPU, none on a CPU machine (there only --cores limits
+# how many run at once). `gpu` is a local resource: --resources gpu=N (profiles/default) limits local
+# runs only; on a cluster the scheduler hands out the GPUs.
+GPU_PER_JOB = 1 if shutil.which("nvidia-smi") else 0
+
+
+resource_scopes:
+    gpu="local",
 
 
 wildcard_constraints:

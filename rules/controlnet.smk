@@ -15,9 +15,9 @@ rule train_controlnet:
         "results/benchmarks/controlnet/{name}.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         run_dir=parent_of_output,
         base_checkpoint=controlnet_base_checkpoint,
@@ -63,9 +63,9 @@ rule sample_controlnet:
         "results/benchmarks/controlnet/{name}_sample.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         checkpoint=best_checkpoint_of_metrics,
         out_dir=parent_of_output,

@@ -29,9 +29,9 @@ rule evaluate_memorization:
         "results/benchmarks/memorization/{stage}/{name}.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         samples_dir=parent_of_input_grid,
         out_dir=parent_of_output,

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+
+import yaml
 
 from ldmflow.config.loading import load_config
 from ldmflow.errors import ConfigError
+
+# The workflow config's lists of experiment files: a --configfile that sets one must set all of them.
+EXPERIMENT_LISTS = ("autoencoders", "diffusion", "controlnets")
+# Keys that are machine choices even though no cluster profile sets them: `cores` also caps every
+# cluster job's threads (Snakemake constrains threads by --cores, for remote jobs too).
+MACHINE_KEYS = ("cores", "max-threads")
 
 
 def experiments(paths: list[str], stage: str) -> dict[str, str]:
@@ -42,3 +51,50 @@ def manifest_path(config: dict) -> str:
             raise ConfigError(f"config: key 'data.manifest' names {manifest!r}, which does not exist")
         return str(manifest)
     return "results/data/demo/manifest.csv"
+
+
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """Stop when a ``--configfile`` sets some experiment lists but not all of them.
+
+    Snakemake merges such a file over ``config/config.yaml`` key by key (a list is replaced whole), so a
+    preset that set only ``diffusion`` would keep the demo's ``controlnets``, whose bases it no longer has.
+    """
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        given = [key for key in EXPERIMENT_LISTS if key in data]
+        missing = [key for key in EXPERIMENT_LISTS if key not in data]
+        if given and missing:
+            raise ConfigError(
+                f"{path}: sets {', '.join(given)} but not {', '.join(missing)}; a --configfile replaces each key "
+                f"it sets and keeps config/config.yaml's others, so it would also run the demo's "
+                f"{', '.join(missing)}. Set {', '.join(f'{key}: [...]' for key in missing)} in it ([] for none)."
+            )
+
+
+def check_default_profile(profiles: str | Path) -> None:
+    """Stop when the workflow profile ``profiles/default`` sets a key that another profile sets otherwise.
+
+    Snakemake reads ``profiles/default`` on its own, also beside ``--profile slurm``, and its keys win key by
+    key: a ``set-resources`` there would drop every GPU request of the cluster profile, silently.
+    """
+    default = Path(profiles) / "default" / "config.yaml"
+    if not default.is_file():
+        return
+    mine = yaml.safe_load(default.read_text()) or {}
+    for key in MACHINE_KEYS:
+        if key in mine:
+            raise ConfigError(_profile_clash(default, key, "it caps the threads of every cluster job too"))
+    for other in sorted(Path(profiles).glob("*/config.yaml")):
+        theirs = yaml.safe_load(other.read_text()) or {} if other != default else {}
+        for key in sorted(mine.keys() & theirs.keys()):
+            if mine[key] != theirs[key]:
+                raise ConfigError(_profile_clash(default, key, f"{other} sets it too, and would lose it"))
+
+
+def _profile_clash(default: str | Path, key: str, why: str) -> str:
+    return (
+        f"{default}: key {key!r} does not belong in the workflow profile: Snakemake reads it on its own, also "
+        f"beside a cluster profile (--profile slurm), and its keys win ({why}). Give machine settings of this "
+        f"computer on the command line (--cores 8 --set-threads train_autoencoder=8) or in a profile of its own "
+        f"that replaces this one (--workflow-profile profiles/NAME)."
+    )
