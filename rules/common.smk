@@ -7,6 +7,7 @@ from ldmflow.workflow import (
     controlnet_bases,
     experiments,
     manifest_path,
+    memorization_options,
 )
 
 check_config_files(workflow.overwrite_configfiles)
@@ -16,6 +17,7 @@ AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
 CONTROLNETS = experiments(config["controlnets"], "controlnet")
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
+MEMORIZATION = memorization_options(config)
 
 
 # The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster

@@ -35,7 +35,7 @@ rule evaluate_memorization:
     params:
         samples_dir=parent_of_input_grid,
         out_dir=parent_of_output,
-        options=config["memorization"],
+        options=MEMORIZATION,
     script:
         "../workflow_scripts/evaluate_memorization.py"
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 from ldmflow.config.loading import load_config
+from ldmflow.config.memorization import MemorizationConfig
+from ldmflow.config.schema import validate
 from ldmflow.errors import ConfigError
 
 # The workflow config's lists of experiment files: a --configfile that sets one must set all of them.
@@ -51,6 +53,15 @@ def manifest_path(config: dict) -> str:
             raise ConfigError(f"config: key 'data.manifest' names {manifest!r}, which does not exist")
         return str(manifest)
     return "results/data/demo/manifest.csv"
+
+
+def memorization_options(config: dict) -> dict:
+    """The workflow config's ``memorization`` section, validated now against :class:`MemorizationConfig` (the
+    schema config/schemas/memorization.schema.json), so that a typo stops ``snakemake -n``, not the
+    evaluation after all training."""
+    options = config.get("memorization") or {}
+    validate(options, MemorizationConfig, "workflow config, section 'memorization'")
+    return options
 
 
 def check_config_files(paths: Iterable[str | Path]) -> None:
