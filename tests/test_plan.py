@@ -34,7 +34,7 @@ def dry_run(root: Path, *args: str, path_prefix: str | None = None) -> subproces
     env = smk_env()
     if path_prefix:
         env["PATH"] = f"{path_prefix}:{env['PATH']}"
-    return subprocess.run([snakemake_bin(), *args, "-n"], cwd=root, env=env, capture_output=True, text=True,
+    return subprocess.run([snakemake_bin(), *args, "-n"], cwd=root, env=env, capture_output=True, text=True, check=False,
                           timeout=300)
 
 
