@@ -4,7 +4,6 @@ research preset's plan, and the config checks that stop a plan before any job ru
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,22 +11,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, snakemake_bin
-from .test_workflow import planned_jobs, smk_env
-
-# What a copy of the project needs to plan: the workflow, its configs and profiles, the profile symlinks.
-PROJECT_PARTS = ("Snakefile", "rules", "workflow_scripts", "config", "profiles", "envs", "lsf", "slurm")
-
-
-def project_copy(root: Path) -> Path:
-    """Copy what the workflow needs into ROOT, the project-root symlinks (lsf -> profiles/lsf) as symlinks."""
-    root.mkdir(parents=True, exist_ok=True)
-    for part in PROJECT_PARTS:
-        src = REPO / part
-        if src.is_symlink():
-            (root / part).symlink_to(src.readlink())
-        else:
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, root / part)
-    return root
+from .test_workflow import planned_jobs, project_copy, smk_env
 
 
 def dry_run(root: Path, *args: str, path_prefix: str | None = None) -> subprocess.CompletedProcess:
