@@ -40,7 +40,12 @@ def project_copy(root: Path) -> Path:
 
 def tiny_workflow(root: Path) -> Path:
     """Copy the workflow into ROOT with a 24-image, 16 px demo and 1-2 epoch experiments."""
-    project_copy(root)
+    return make_tiny(project_copy(root))
+
+
+def make_tiny(root: Path) -> Path:
+    """Shrink the workflow config and the demo experiment files in ROOT to a 24-image, 16 px demo and 1-2
+    epoch experiments (in place)."""
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     config["data"]["demo"] = {"n": 24, "size": 16, "seed": 1}
     for path in config["autoencoders"][:2]:
