@@ -22,13 +22,8 @@ MEMORIZATION = memorization_options(config)
 
 # The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster
 # profiles do): one on a machine with an NVIDIA GPU, none on a CPU machine (there only --cores limits
-# how many run at once). `gpu` is a local resource: --resources gpu=N (profiles/default) limits local
-# runs only; on a cluster the scheduler hands out the GPUs.
+# how many run at once). Locally each job takes a GPU no other job holds (ldmflow.training.devices).
 GPU_PER_JOB = 1 if shutil.which("nvidia-smi") else 0
-
-
-resource_scopes:
-    gpu="local",
 
 
 wildcard_constraints:

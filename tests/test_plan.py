@@ -66,15 +66,21 @@ def test_a_local_run_asks_one_gpu_per_gpu_job_on_a_gpu_machine_and_none_without(
     assert "Using workflow specific profile profiles/default" in proc.stderr
 
 
-def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_path):
+def test_a_multi_gpu_request_of_a_cluster_profile_reaches_the_job_uncapped(project):
+    proc = dry_run(project, "--profile", "slurm", "all", "--set-resources", "train_diffusion:gpu=2")
+    assert resources_of(proc, "train_diffusion")["gpu"] == "2"
+
+
+@pytest.mark.parametrize(("key", "value"), [("set-threads", {"train_autoencoder": 8}), ("resources", ["gpu=1"])])
+def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_path, key, value):
     root = project_copy(tmp_path)
     default = root / "profiles/default/config.yaml"
     profile = yaml.safe_load(default.read_text())
-    default.write_text(yaml.safe_dump({**profile, "set-threads": {"train_autoencoder": 8}}))
+    default.write_text(yaml.safe_dump({**profile, key: value}))
     proc = dry_run(root, "--profile", "lsf", "all")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "profiles/default/config.yaml: key 'set-threads' does not belong in the workflow profile" in out
+    assert f"profiles/default/config.yaml: key '{key}' does not belong in the workflow profile" in out
     assert "--workflow-profile profiles/NAME" in out
 
 

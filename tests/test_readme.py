@@ -46,7 +46,7 @@ def strip_comment(line: str) -> str:
 
 def bash_blocks(text: str) -> list[list[str]]:
     """The commands of each ```bash block of a Markdown text, comments and blank lines dropped."""
-    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
     return [[cmd for cmd in map(strip_comment, block.splitlines()) if cmd] for block in blocks]
 
 

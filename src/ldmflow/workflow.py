@@ -14,9 +14,14 @@ from ldmflow.errors import ConfigError
 
 # The workflow config's lists of experiment files: a --configfile that sets one must set all of them.
 EXPERIMENT_LISTS = ("autoencoders", "diffusion", "controlnets")
-# Keys that are machine choices even though no cluster profile sets them: `cores` also caps every
-# cluster job's threads (Snakemake constrains threads by --cores, for remote jobs too).
-MACHINE_KEYS = ("cores", "max-threads")
+# Keys that are machine choices even though no cluster profile sets them, with what they would do to a
+# cluster run: Snakemake caps every job's threads at --cores and every resource at --resources, remote
+# jobs included, and a cluster job's own Snakemake reads profiles/default too.
+MACHINE_KEYS = {
+    "cores": "it caps the threads of every cluster job too",
+    "max-threads": "it caps the threads of every cluster job too",
+    "resources": "it caps every job's resources, a cluster job's `gpu: 2` too",
+}
 
 
 def experiments(paths: list[str], stage: str) -> dict[str, str]:
@@ -92,9 +97,9 @@ def check_default_profile(profiles: str | Path) -> None:
     if not default.is_file():
         return
     mine = yaml.safe_load(default.read_text()) or {}
-    for key in MACHINE_KEYS:
+    for key, why in MACHINE_KEYS.items():
         if key in mine:
-            raise ConfigError(_profile_clash(default, key, "it caps the threads of every cluster job too"))
+            raise ConfigError(_profile_clash(default, key, why))
     for other in sorted(Path(profiles).glob("*/config.yaml")):
         theirs = yaml.safe_load(other.read_text()) or {} if other != default else {}
         for key in sorted(mine.keys() & theirs.keys()):
@@ -106,6 +111,6 @@ def _profile_clash(default: str | Path, key: str, why: str) -> str:
     return (
         f"{default}: key {key!r} does not belong in the workflow profile: Snakemake reads it on its own, also "
         f"beside a cluster profile (--profile slurm), and its keys win ({why}). Give machine settings of this "
-        f"computer on the command line (--cores 8 --set-threads train_autoencoder=8) or in a profile of its own "
+        f"computer on the command line (--cores 8 --resources gpu=2 --set-threads train_autoencoder=8) or in a profile of its own "
         f"that replaces this one (--workflow-profile profiles/NAME)."
     )
