@@ -15,10 +15,10 @@ rule train_autoencoder:
         "results/benchmarks/autoencoder/{name}.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
         # a GPU-class rule: profiles/ size it (gpu, memory, runtime, partition) per machine
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         stage="autoencoder",
         inputs=training_inputs,

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 from ldmflow.workflow import (
@@ -9,7 +10,13 @@ from ldmflow.workflow import (
     manifest_path,
     metrics_file,
     selection_warnings,
+    check_config_files,
+    check_default_profile,
+    memorization_options,
 )
+
+check_config_files(workflow.overwrite_configfiles)
+check_default_profile(Path(workflow.basedir, "profiles"))
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
@@ -21,6 +28,13 @@ WORKFLOW = {
     "controlnet": CONTROLNETS,
 }
 selection_warnings(AUTOENCODERS, config["selection"])
+MEMORIZATION = memorization_options(config)
+
+
+# The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster
+# profiles do): one on a machine with an NVIDIA GPU, none on a CPU machine (there only --cores limits
+# how many run at once). Locally each job takes a GPU no other job holds (ldmflow.devices).
+GPU_PER_JOB = 1 if shutil.which("nvidia-smi") else 0
 
 
 wildcard_constraints:

@@ -17,9 +17,9 @@ rule train_controlnet:
         "results/benchmarks/controlnet/{name}.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         stage="controlnet",
         inputs=controlnet_training_inputs,
@@ -66,9 +66,9 @@ rule sample_controlnet:
         "results/benchmarks/controlnet/{name}_sample.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         checkpoint=best_checkpoint_of_metrics,
         out_dir=parent_of_output,

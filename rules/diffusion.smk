@@ -13,9 +13,9 @@ rule train_diffusion:
         "results/benchmarks/diffusion/{name}.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         stage="diffusion",
         inputs=training_inputs,
@@ -42,9 +42,9 @@ rule sample_diffusion:
         "results/benchmarks/diffusion/{name}_sample.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         checkpoint=best_checkpoint_of_metrics,
         out_dir=parent_of_output,

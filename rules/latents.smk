@@ -12,7 +12,7 @@ rule embed_latents:
         "../envs/ldmflow.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         batch_size=config["latents"]["batch_size"],
         dtype=config["latents"]["dtype"],

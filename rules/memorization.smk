@@ -29,13 +29,13 @@ rule evaluate_memorization:
         "results/benchmarks/memorization/{stage}/{name}.tsv"
     conda:
         "../envs/ldmflow.yaml"
-    threads: 2
+    threads: 1
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
     params:
         samples_dir=parent_of_input_grid,
         out_dir=parent_of_output,
-        options=config["memorization"],
+        options=MEMORIZATION,
     script:
         "../workflow_scripts/evaluate_memorization.py"
 

@@ -57,8 +57,8 @@ def slurm_partition() -> str:
     return default[0]
 
 
-def loopback_site_profile(out_dir: Path, partition: str) -> Path:
-    """profiles/slurm with the values marked EDIT set for the loopback cluster, as a site would set them.
+def edit_site_profile(root: Path, partition: str) -> Path:
+    """Edit ROOT's profiles/slurm as a site would: the values marked EDIT, set for the loopback cluster.
 
     Plus what a cluster without an accounting database needs: job status from squeue (sacct fails there),
     checked 2 s after submission. Everything else (executor, retries, the GPU request) is the real profile.
@@ -75,9 +75,8 @@ def loopback_site_profile(out_dir: Path, partition: str) -> Path:
     profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
     profile.update({"slurm-status-command": "squeue", "slurm-init-seconds-before-status-checks": 2,
                     "slurm-keep-successful-logs": True})
-    out_dir.mkdir(parents=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
-    return out_dir
+    (root / "profiles/slurm/config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return root / "profiles/slurm"
 
 
 GPU_RULES = ("train_autoencoder", "embed_latents", "train_diffusion", "sample_diffusion", "evaluate_memorization",
@@ -149,9 +148,10 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
     other, _ = experiment(cluster, 1)
     smk(local)
 
-    profile = loopback_site_profile(tmp_path / "profile", partition)
+    edit_site_profile(cluster, partition)
     started = time.monotonic()
-    proc = subprocess.Popen([snakemake_bin(), "--workflow-profile", str(profile), "--verbose"], cwd=cluster,
+    # as a user types it in the project root (`slurm` is the symlink to profiles/slurm)
+    proc = subprocess.Popen([snakemake_bin(), "--profile", "slurm", "all", "--verbose"], cwd=cluster,
                             env=smk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         latest = cluster / f"results/autoencoder/{name}/checkpoints/{name}_checkpoint_latest.pt"
@@ -225,7 +225,8 @@ def test_lsf_profile_submits_gpu_rules_with_bsub_asking_queue_project_gpu_memory
     shutil.copytree(HERE / "cluster/fake-lsf", fake)
     env = {**smk_env(), "FAKE_LSF_DIR": str(fake)}
     env["PATH"] = f"{fake / 'bin'}:{env['PATH']}"
-    proc = subprocess.run([snakemake_bin(), "--workflow-profile", str(REPO / "profiles/lsf")], cwd=root, env=env,
+    # as a user types it in the project root (`lsf` is the symlink to profiles/lsf)
+    proc = subprocess.run([snakemake_bin(), "--profile", "lsf", "all"], cwd=root, env=env, check=False,
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     # the fake bsub records its arguments and refuses the job, so the run stops after the local demo_data

@@ -22,15 +22,30 @@ from .conftest import REPO, run_cli, snakemake_bin
 
 pytestmark = pytest.mark.slow
 
-WORKFLOW_PARTS = ("Snakefile", "rules", "workflow_scripts", "config", "profiles", "envs")
+# What a copy of the project needs to run the workflow, with the named-profile symlinks (lsf -> profiles/lsf).
+WORKFLOW_PARTS = ("Snakefile", "rules", "workflow_scripts", "config", "profiles", "envs", "lsf", "slurm")
+
+
+def project_copy(root: Path) -> Path:
+    """Copy the workflow's parts into ROOT, symlinks as symlinks."""
+    root.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        if src.is_symlink():
+            (root / part).symlink_to(src.readlink())
+        else:
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, root / part)
+    return root
 
 
 def tiny_workflow(root: Path) -> Path:
     """Copy the workflow into ROOT with a 24-image, 16 px demo and 1-2 epoch experiments."""
-    root.mkdir(parents=True, exist_ok=True)
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / part)
+    return make_tiny(project_copy(root))
+
+
+def make_tiny(root: Path) -> Path:
+    """Shrink the workflow config and the demo experiment files in ROOT to a 24-image, 16 px demo and 1-2
+    epoch experiments (in place)."""
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     config["data"]["demo"] = {"n": 24, "size": 16, "seed": 1}
     for path in config["autoencoders"][:2]:

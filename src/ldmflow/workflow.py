@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+
+import yaml
 
 from ldmflow.artifacts import METRICS_SUFFIX, RunPaths
 from ldmflow.config.loading import load_config
+from ldmflow.config.memorization import MemorizationConfig
+from ldmflow.config.schema import validate
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger("ldmflow.workflow")
+# The workflow config's lists of experiment files: a --configfile that sets one must set all of them.
+EXPERIMENT_LISTS = ("autoencoders", "diffusion", "controlnets")
+# Keys that are machine choices even though no cluster profile sets them, with what they would do to a
+# cluster run: Snakemake caps every job's threads at --cores and every resource at --resources, remote
+# jobs included, and a cluster job's own Snakemake reads profiles/default too.
+MACHINE_KEYS = {
+    "cores": "it caps the threads of every cluster job too",
+    "max-threads": "it caps the threads of every cluster job too",
+    "resources": "it caps every job's resources, a cluster job's `gpu: 2` too",
+}
 
 
 def experiments(paths: list[str], stage: str) -> dict[str, str]:
@@ -112,3 +127,57 @@ def metrics_file(stage: str, name: str) -> str:
 def best_checkpoint(metrics: str | Path) -> str:
     """The best checkpoint of the run a metrics CSV belongs to."""
     return str(RunPaths.of_metrics(metrics).best)
+def memorization_options(config: dict) -> dict:
+    """The workflow config's ``memorization`` section, validated now against :class:`MemorizationConfig` (the
+    schema config/schemas/memorization.schema.json), so that a typo stops ``snakemake -n``, not the
+    evaluation after all training."""
+    options = config.get("memorization") or {}
+    validate(options, MemorizationConfig, "workflow config, section 'memorization'")
+    return options
+
+
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """Stop when a ``--configfile`` sets some experiment lists but not all of them.
+
+    Snakemake merges such a file over ``config/config.yaml`` key by key (a list is replaced whole), so a
+    preset that set only ``diffusion`` would keep the demo's ``controlnets``, whose bases it no longer has.
+    """
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        given = [key for key in EXPERIMENT_LISTS if key in data]
+        missing = [key for key in EXPERIMENT_LISTS if key not in data]
+        if given and missing:
+            raise ConfigError(
+                f"{path}: sets {', '.join(given)} but not {', '.join(missing)}; a --configfile replaces each key "
+                f"it sets and keeps config/config.yaml's others, so it would also run the demo's "
+                f"{', '.join(missing)}. Set {', '.join(f'{key}: [...]' for key in missing)} in it ([] for none)."
+            )
+
+
+def check_default_profile(profiles: str | Path) -> None:
+    """Stop when the workflow profile ``profiles/default`` sets a key that another profile sets otherwise.
+
+    Snakemake reads ``profiles/default`` on its own, also beside ``--profile slurm``, and its keys win key by
+    key: a ``set-resources`` there would drop every GPU request of the cluster profile, silently.
+    """
+    default = Path(profiles) / "default" / "config.yaml"
+    if not default.is_file():
+        return
+    mine = yaml.safe_load(default.read_text()) or {}
+    for key, why in MACHINE_KEYS.items():
+        if key in mine:
+            raise ConfigError(_profile_clash(default, key, why))
+    for other in sorted(Path(profiles).glob("*/config.yaml")):
+        theirs = yaml.safe_load(other.read_text()) or {} if other != default else {}
+        for key in sorted(mine.keys() & theirs.keys()):
+            if mine[key] != theirs[key]:
+                raise ConfigError(_profile_clash(default, key, f"{other} sets it too, and would lose it"))
+
+
+def _profile_clash(default: str | Path, key: str, why: str) -> str:
+    return (
+        f"{default}: key {key!r} does not belong in the workflow profile: Snakemake reads it on its own, also "
+        f"beside a cluster profile (--profile slurm), and its keys win ({why}). Give machine settings of this "
+        f"computer on the command line (--cores 8 --resources gpu=2 --set-threads train_autoencoder=8) or in a profile of its own "
+        f"that replaces this one (--workflow-profile profiles/NAME)."
+    )

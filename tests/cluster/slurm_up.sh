@@ -81,8 +81,9 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=500
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# finished jobs stay visible to squeue for 5 minutes (the test profile checks status with squeue)
-MinJobAge=300
+# finished jobs stay visible to squeue and scontrol for an hour (the test profile checks status with squeue,
+# and the test reads every job of a run back at its end: ten minutes on a busy shared machine)
+MinJobAge=3600
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill

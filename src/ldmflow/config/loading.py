@@ -124,14 +124,19 @@ def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
 
 
 def schema_documents() -> dict[str, str]:
-    """The JSON schema of each stage's experiment files, as written to ``config/schemas/<stage>.schema.json``."""
+    """The JSON schema of each stage's experiment files, as written to ``config/schemas/<stage>.schema.json``,
+    and of the workflow config's memorization options (``memorization.schema.json``)."""
     import json
 
+    from ldmflow.config.memorization import MemorizationConfig
+
     docs = {}
-    for stage, cls in STAGES.items():
-        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-                  "title": f"ldmflow {stage} experiment", **json_schema(cls)}
-        docs[f"{stage}.schema.json"] = json.dumps(schema, indent=2) + "\n"
+    titles = {f"{stage}.schema.json": (f"ldmflow {stage} experiment", cls) for stage, cls in STAGES.items()}
+    # the workflow config's `memorization:` section ($ref from config.schema.yaml)
+    titles["memorization.schema.json"] = ("ldmflow memorization options", MemorizationConfig)
+    for name, (title, cls) in titles.items():
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **json_schema(cls)}
+        docs[name] = json.dumps(schema, indent=2) + "\n"
     return docs
 
 

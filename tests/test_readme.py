@@ -1,0 +1,123 @@
+"""Every command of the README's ```bash blocks runs, as printed, in a fresh copy of the project.
+
+A block runs as one bash script (so `source .venv/bin/activate` holds for the lines after it), stopping
+at the first command that fails. What cannot run here runs as close to the printed command as it can:
+- `snakemake ...` as a dry run (`-n` added when the command would run jobs), so cluster profiles plan
+  without a cluster;
+- `make TARGET` as `make -n TARGET` (the targets install packages or run the whole workflow);
+- `ldmflow ...` as printed, on the demo experiments shrunk to tiny sizes (tests/test_workflow.make_tiny);
+- `source .venv/bin/activate` activates the environment the tests run in (the copy's `.venv` links to it).
+A command of any other program fails the test: teach this file how to run it, or leave it out of ```bash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+from .test_workflow import make_tiny, project_copy, smk_env
+
+README = REPO / "README.md"
+PROGRAMS = ("snakemake", "make", "ldmflow", "source")
+# snakemake options that run no job (so no -n is added)
+NO_JOBS = ("-n", "--dry-run", "--dryrun", "--dag", "--rulegraph", "--filegraph", "--lint", "--summary",
+           "--list-rules")
+
+
+def strip_comment(line: str) -> str:
+    """LINE without its shell comment (a `#` at a word start, outside quotes)."""
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def bash_blocks(text: str) -> list[list[str]]:
+    """The commands of each ```bash block of a Markdown text, comments and blank lines dropped."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    return [[cmd for cmd in map(strip_comment, block.splitlines()) if cmd] for block in blocks]
+
+
+def as_run_here(command: str) -> str:
+    """The command as the test runs it: snakemake as a dry run, make as `make -n`; others unchanged."""
+    program = command.split()[0]
+    if program not in PROGRAMS:
+        raise AssertionError(f"README command {command!r}: tests/test_readme.py does not know how to run "
+                             f"{program!r} (allowed: {', '.join(PROGRAMS)})")
+    if program == "snakemake":
+        first = command.split("|", 1)[0].split()
+        if not any(word in NO_JOBS for word in first):
+            return "snakemake -n" + command[len("snakemake"):]
+    if program == "make":
+        return "make -n" + command[len("make"):]
+    return command
+
+
+BLOCKS = bash_blocks(README.read_text())
+# the blocks that train (ldmflow commands) take minutes: slow; the others are dry runs (seconds)
+PARAMS = [pytest.param(i, id=f"block{i}-{block[-1].split()[0]}",
+                       marks=[pytest.mark.slow] if any(c.startswith("ldmflow ") for c in block) else [])
+          for i, block in enumerate(BLOCKS)]
+
+
+def fresh_copy(root: Path) -> Path:
+    """The project's tracked files (a fresh clone's), with tiny demo experiments and `.venv` -> this venv."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, text=True, check=False)
+    if listed.returncode != 0:  # not a git checkout: the workflow's parts and the Makefile
+        project_copy(root)
+        shutil.copy(REPO / "Makefile", root / "Makefile")
+    else:
+        for name in filter(None, listed.stdout.split("\0")):
+            src, dst = REPO / name, root / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_symlink():
+                dst.symlink_to(src.readlink())
+            elif src.is_file():  # listed but deleted in this checkout: a fresh clone would not have it
+                shutil.copy2(src, dst)
+    venv = Path(sys.prefix)
+    if (venv / "bin/activate").is_file():
+        (root / ".venv").symlink_to(venv)
+    else:  # not a venv (e.g. conda): an activate script that puts this interpreter's bin first
+        (root / ".venv/bin").mkdir(parents=True)
+        (root / ".venv/bin/activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+    return make_tiny(root)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return fresh_copy(tmp_path_factory.mktemp("readme"))
+
+
+def test_the_readme_has_the_cluster_usage_in_its_first_screen():
+    first_screen = "\n".join(README.read_text().splitlines()[:40])
+    for command in ("make demo", "make test", "snakemake --profile slurm all", "snakemake --profile lsf all",
+                    "--forcerun", "--rulegraph | dot"):
+        assert command in first_screen, command
+    assert first_screen.index("make test") < first_screen.index("snakemake --profile slurm all")
+
+
+@pytest.mark.parametrize("index", PARAMS)
+def test_every_readme_command_runs_as_printed(project, index):
+    commands = BLOCKS[index]
+    if any("| dot " in c for c in commands) and not shutil.which("dot"):
+        pytest.skip("graphviz's dot is not installed (apt-get install graphviz)")
+    script = "\n".join(["set -euo pipefail", *(f"echo '+ {c}' >&2\n{as_run_here(c)}" for c in commands)])
+    env = {**smk_env(), "PATH": os.environ.get("PATH", "")}  # the README's own `source` picks the venv
+    proc = subprocess.run(["bash", "-c", script], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=1200, check=False)
+    ran = [line[2:] for line in proc.stderr.splitlines() if line.startswith("+ ")]
+    print("\n".join(f"ran: {as_run_here(c)}" for c in ran))
+    assert proc.returncode == 0, f"README command {ran[-1] if ran else '?'!r} failed:\n{proc.stderr[-4000:]}"
+    assert ran == commands
