@@ -56,7 +56,7 @@ def test_every_spelling_of_a_cluster_profile_keeps_the_gpu_request(project, sche
 def test_a_local_run_asks_one_gpu_per_gpu_job_on_a_gpu_machine_and_none_without(project, tmp_path, gpu_machine):
     fake = tmp_path / "bin"
     fake.mkdir()
-    if gpu_machine:  # what the rules look for; the job itself then claims a free GPU (ldmflow.training.devices)
+    if gpu_machine:  # what the rules look for; the job itself then claims a free GPU (ldmflow.devices)
         (fake / "nvidia-smi").write_text("#!/bin/sh\n")
         (fake / "nvidia-smi").chmod(0o755)
     proc = dry_run(project, "--cores", "2", path_prefix=str(fake))
