@@ -11,7 +11,7 @@ import torch
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.diffusion.samplers import guided, sample
 from ldmflow.diffusion.schedules import NoiseSchedule
-from ldmflow.viz import to_uint8
+from ldmflow.viz import to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def generate_latents(model, cfg: DiffusionExperiment, schedule: NoiseSchedule, l
 
 @torch.no_grad()
 def generate(model, cfg, schedule, decoder, scale_factor, latent_shape, num_classes, *, seed, device) -> torch.Tensor:
-    """The epoch grid: ``per_class`` samples for each class (or one row unconditional), decoded (N, 3, H, W)."""
+    """The epoch grid: ``per_class`` samples for each class (or one row unconditional), decoded (N, I, H, W)."""
     per_row = cfg.sampling.per_class
     labels = None
     n = per_row
@@ -54,7 +54,7 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
 
     ``model_for(lo, hi)`` is the conditional model for samples lo..hi (a UNet, or a ControlNet bound to
     those samples' controls). Returns latents (N, C, h, w) in the autoencoder's (unscaled) space and
-    images (N, H, W, 3) uint8.
+    images (N, H, W, I) uint8 with the autoencoder's image channels I.
     """
     from ldmflow.diffusion.samplers import guided, sample
 
@@ -70,5 +70,5 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
         z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen) / extra["scale_factor"]
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
-        images.append(to_uint8(rgb))
+        images.append(to_pixels(rgb))
     return np.concatenate(latents), np.concatenate(images)

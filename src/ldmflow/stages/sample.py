@@ -22,7 +22,7 @@ from ldmflow.errors import SamplingError
 from ldmflow.models.autoencoder import load_autoencoder
 from ldmflow.models.unet import build_unet
 from ldmflow.training.devices import get_device
-from ldmflow.viz import grid, save_png
+from ldmflow.viz import grid, preview, save_png
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,15 @@ def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.
                  controls: np.ndarray | None = None) -> None:
     """Write ``sample_NNNNN.png``, ``grid.png`` and ``samples.zarr`` for N decoded samples.
 
-    pixels (N, H, W, 3) uint8; latents (N, C, h, w) in the autoencoder's space; labels (N,) (-1: none).
+    pixels (N, H, W, I) uint8 (I = 1: grayscale PNGs, mode L; 3: RGB; any other channel count: the
+    :func:`ldmflow.viz.preview` of the first three channels, all channels stay in ``samples.zarr``'s latents);
+    latents (N, C, h, w) in the autoencoder's space; labels (N,) (-1: none).
     With ``controls`` (N, H, W, 3) uint8 previews, the grid pairs each control with its sample.
     """
     n = len(pixels)
-    for i, img in enumerate(pixels):
+    for i, img in enumerate(pixels if pixels.shape[-1] in (1, 3) else preview(pixels)):
         save_png(img, out / f"sample_{i:05d}.png")
+    pixels = preview(pixels)
     tiles = pixels if controls is None else np.stack([controls, pixels], 1).reshape(2 * n, *pixels.shape[1:])
     cols = min(len(tiles), 8)
     rows = math.ceil(len(tiles) / cols)

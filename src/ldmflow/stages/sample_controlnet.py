@@ -21,7 +21,15 @@ from ldmflow.artifacts import file_sha256, inference_weights, load_checkpoint
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.config.schema import from_dict, to_dict, validate
-from ldmflow.data.controls import control_preview, edge_controls, edges_from_rgb, manifest_controls, to_model_input
+from ldmflow.data.controls import (
+    control_preview,
+    control_rgb,
+    edge_controls,
+    edges_from_rgb,
+    manifest_controls,
+    to_model_input,
+)
+from ldmflow.data.manifest import decode_image
 from ldmflow.diffusion.generate import generate_decoded
 from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ControlError, SamplingError
@@ -81,7 +89,7 @@ def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tu
         if signal == "mask":
             raw = torch.from_numpy(store.masks[i:i + 1].astype(np.int64))
         elif signal == "edges":
-            raw = torch.from_numpy(edge_controls([store.paths[i]], size, str(store.path)))
+            raw = torch.from_numpy(edge_controls([store.paths[i]], size, str(store.path), store.attrs.get("channels")))
         else:
             from ldmflow.stages.train_controlnet import store_manifest
 
@@ -100,11 +108,11 @@ def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tu
         if ids.max() >= k:
             raise ControlError(f"control {path} has class id {ids.max()}; this ControlNet knows ids 0..{k - 1}")
         return to_model_input(signal, torch.from_numpy(ids)[None], k), None, str(path)
-    rgb = np.asarray(_read_image(path, size, "images").convert("RGB"))
-    if signal == "edges":
-        raw = torch.from_numpy(edges_from_rgb(rgb[None]))
+    img = _read_image(path, size, "images")
+    if signal == "edges":  # the file's own channels: 16-bit grayscale keeps its contrast
+        raw = torch.from_numpy(edges_from_rgb(decode_image(img, None, str(path), "control", "control", 1)[None]))
     else:
-        raw = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+        raw = torch.from_numpy(control_rgb(decode_image(img, 3, str(path), "control", "control", 1), size))[None]
     return to_model_input(signal, raw, k), None, str(path)
 
 

@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data_fields(cfg: AutoencoderExperiment, data: PreparedData, source: str) -> None:
-    """Fill the config's data-derived fields (mask classes, class names) and check the image size."""
+    """Fill the config's data-derived fields (mask classes, class names, channels, intensity range and bit
+    depth: what later stages rebuild the data scaling from) and check the image size."""
     cfg.data.mask_classes = data.mask_classes
     cfg.data.classes = data.classes
+    cfg.data.channels = data.channels
+    cfg.data.intensity.range = data.value_range
+    cfg.data.intensity.source_bits = data.source_bits
     if cfg.data.image_size % cfg.model.downsample:
         raise ConfigError(
             f"{source}: key 'data.image_size' has {cfg.data.image_size}; allowed: a multiple of "
@@ -116,7 +120,8 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
              sum(p.numel() for p in model.parameters()) / 1e6)
     fc = FitConfig(stage="autoencoder", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
                    resolved=to_dict(cfg), extra={"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)
-                                                 if Path(manifest).is_file() else None})
+                                                 if Path(manifest).is_file() else None,
+                                                 "data_fingerprint_sha256": data.fingerprint})
     task = AutoencoderTask(cfg, model, val_set)
     uncached = data.images is None
     return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=get_device(device),

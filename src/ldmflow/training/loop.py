@@ -196,6 +196,10 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
         changed |= {f"inputs.{k}" for k in flat_diff(ckpt.get("extra", {}), fc.extra) if k.endswith("sha256")}
         if changed or ckpt.get("stage") != fc.stage:
             log.warning("%s: config changed (%s); starting a fresh run", paths.latest, ", ".join(sorted(changed)))
+            if writer:  # a fresh run moves the earlier one's outputs to RUN/previous/
+                from ldmflow.artifacts import set_aside_run
+
+                set_aside_run(paths)
         else:
             unwrap(model).load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
