@@ -1,10 +1,17 @@
 from pathlib import Path
 
-from ldmflow.workflow import controlnet_bases, experiments, manifest_path
+from ldmflow.workflow import (
+    controlnet_bases,
+    controlnets_for_data,
+    experiments,
+    manifest_path,
+)
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
-CONTROLNETS = experiments(config["controlnets"], "controlnet")
+CONTROLNETS = controlnets_for_data(
+    experiments(config["controlnets"], "controlnet"), manifest_path(config)
+)
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ldmflow.config.loading import load_config
@@ -42,3 +43,25 @@ def manifest_path(config: dict) -> str:
             raise ConfigError(f"config: key 'data.manifest' names {manifest!r}, which does not exist")
         return str(manifest)
     return "results/data/demo/manifest.csv"
+
+
+def manifest_has_masks(manifest: str) -> bool:
+    """Whether the workflow's data have masks: a manifest with a ``mask`` column, a folder with a ``masks/``
+    tree (see :func:`ldmflow.data.manifest.read_folder`), or the demo data (not written yet, always masked)."""
+    from ldmflow.data.manifest import read_manifest
+
+    if not Path(manifest).exists():
+        return True
+    return "mask" in read_manifest(manifest).columns
+
+
+def controlnets_for_data(controlnets: dict[str, str], manifest: str) -> dict[str, str]:
+    """The ControlNet experiments the data can train: without masks, those controlled by ``mask`` are left
+    out of the plan, with a note on stderr naming them (edge and image controls stay)."""
+    if not controlnets or manifest_has_masks(manifest):
+        return controlnets
+    dropped = [n for n, p in controlnets.items() if load_config(p, "controlnet").control.signal == "mask"]
+    if dropped:
+        print(f"note: {manifest} has no masks; left out the mask-controlled ControlNet experiment(s) "
+              f"{', '.join(dropped)}", file=sys.stderr)
+    return {n: p for n, p in controlnets.items() if n not in dropped}

@@ -148,6 +148,24 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def dataset_metadata(source: str | Path) -> dict:
+    """The optional ``dataset.json`` beside a manifest (or inside an image folder): ``classes`` (names in id
+    order) and ``mask_classes``, used when the data config leaves them null (the demo writes one, so its
+    class list does not depend on which classes a small sample happens to contain)."""
+    source = Path(source)
+    path = (source if source.is_dir() else source.parent) / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from None
+    unknown = set(meta) - {"classes", "mask_classes"} if isinstance(meta, dict) else {"(not an object)"}
+    if unknown:
+        raise DataError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: classes, mask_classes")
+    return meta
+
+
 def assign_split(n: int, val_fraction: float, seed: int) -> np.ndarray:
     """A deterministic train/val split of n rows by seed: at least one validation row when n > 1."""
     n_val = min(max(int(round(n * val_fraction)), 1 if n > 1 and val_fraction > 0 else 0), n - 1 if n > 1 else 0)
@@ -446,6 +464,8 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     source = frame.attrs["source"]
     fingerprint = data_fingerprint(frame)
     has_masks = "mask" in frame.columns
+    meta = dataset_metadata(source)
+    known_mask_classes = cfg.mask_classes or (meta.get("mask_classes") if has_masks else None)
     size = cfg.image_size
     threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
@@ -459,7 +479,7 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     def check(i: int):
         rec = frame.iloc[i]
         try:
-            img, mask = load_row(rec["image"], rec["mask"] if has_masks else None, size, cfg.mask_classes, source,
+            img, mask = load_row(rec["image"], rec["mask"] if has_masks else None, size, known_mask_classes, source,
                                  int(rec["row"]), channels)
             pixels = img.reshape(-1, channels)[::step] if img.dtype != np.uint8 else None
             kept = (img, mask) if cache else (None, None if mask is None else mask.max())
@@ -492,14 +512,15 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
                         f"{depths[first]}-bit but row {frame.iloc[0]['row']}'s is {depths[0]}-bit; one dataset "
                         "needs one bit depth (convert the files)")
 
-    mask_classes = cfg.mask_classes
+    mask_classes = known_mask_classes
     if has_masks and mask_classes is None:
         mask_classes = max(2, 1 + max(int(m.max()) if cache else int(m) for _, m, _, _ in results))
         log.info("data.mask_classes not set: %d classes inferred from the masks", mask_classes)
 
     labels = classes = None
     if "label" in frame.columns:
-        labels, classes = resolve_labels(list(frame["label"]), cfg.classes, source, frame["row"])
+        labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
+                                         frame["row"])
 
     if "split" in frame.columns and any(frame["split"]):
         bad = frame[~frame["split"].isin(SPLITS)]
