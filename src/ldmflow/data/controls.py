@@ -66,7 +66,7 @@ def sobel_edges(gray: torch.Tensor) -> torch.Tensor:
 def edges_from_rgb(images: np.ndarray) -> np.ndarray:
     """(N, H, W, C) images (uint8, or raw 16/32-bit values: each edge map is scaled to its own maximum, so
     the value scale does not matter) -> (N, 1, H, W) uint8 edge maps. C = 3 is RGB (luma), else the mean."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).float()
     if x.shape[-1] == 3:
         gray = (x * torch.tensor(LUMA)).sum(-1)[:, None]  # (N, 1, H, W)
     else:

@@ -273,10 +273,10 @@ def _frame_planes(img: Image.Image) -> np.ndarray:
 def decode_image(img: Image.Image, channels: int | None, path: str, what: str, source: str, row: int) -> np.ndarray:
     """An opened image as (H, W, C) with C = ``channels`` (None: the file's own): uint8 for 8-bit files,
     float32 raw values for deeper ones. Grayscale is repeated only when 3 channels are asked for, RGB
-    becomes luma only when 1 is; a multi-page file is N channels only when ``channels`` is N."""
+    becomes luma only when 1 is; a multi-page file is N channels only when ``channels`` is N (or None)."""
     pages = getattr(img, "n_frames", 1)
     if pages > 1:
-        if channels != pages:
+        if channels is not None and channels != pages:
             raise DataError(f"{source}: row {row}: {what} {path} is a multi-page file ({pages} pages); set "
                             f"data.channels: {pages} if each page is one channel of the image, else store one "
                             "image per file")
@@ -354,7 +354,7 @@ def load_row(
 def to_unit_range(images: np.ndarray, value_range: list[list[float]] | None = None) -> torch.Tensor:
     """Decoded images (N, H, W, C) -> (N, C, H, W) float in [-1, 1]: per channel, raw ``low`` -> -1 and
     ``high`` -> 1, clipped; uint8 with no range: 0..255 (bit for bit the 8-bit rule)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
     if value_range is None:
         if images.dtype != np.uint8:
             raise ValueError("images deeper than 8 bits need their value range (data.intensity.range)")

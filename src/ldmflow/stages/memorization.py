@@ -241,10 +241,10 @@ def evaluate_memorization(train: str | Path, samples: str | Path, out: str | Pat
 
 
 def _generate(model, n: int, batch: int) -> torch.Tensor:
-    """n images (N, 3, H, W) in [-1, 1] from ``model.sample(n)`` or a callable ``n -> images``."""
+    """n images (N, C, H, W) in [-1, 1] from ``model.sample(n)`` or a callable ``n -> images``."""
     fn = model.sample if hasattr(model, "sample") else model
     if not callable(fn):
-        raise TypeError("model must have a sample(n) method or be a callable n -> images (N, 3, H, W) in [-1, 1]")
+        raise TypeError("model must have a sample(n) method or be a callable n -> images (N, C, H, W) in [-1, 1]")
     out, left = [], n
     while left > 0:
         x = fn(min(batch, left))
@@ -255,7 +255,7 @@ def _generate(model, n: int, batch: int) -> torch.Tensor:
 
 
 def _collect(batches: Iterable, limit: int | None) -> torch.Tensor:
-    """Images (N, 3, H, W) from a dataloader yielding tensors or dicts with "image" (at most ``limit``)."""
+    """Images (N, C, H, W) from a dataloader yielding tensors or dicts with "image" (at most ``limit``)."""
     out, count = [], 0
     for batch in batches:
         x = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -273,7 +273,7 @@ def check_memorization(model: Any, dataloader: Iterable, num_generate: int = 100
                        device: str | torch.device | None = None, **options: Any) -> dict:
     """Generate ``num_generate`` images with ``model`` and test them against ``num_training`` training images.
 
-    ``model`` has a ``sample(n)`` method or is a callable ``n -> images`` (N, 3, H, W) in [-1, 1];
+    ``model`` has a ``sample(n)`` method or is a callable ``n -> images`` (N, C, H, W) in [-1, 1];
     ``dataloader`` (and ``reference``, held-out images) yield image batches or dicts with ``"image"``.
     Options are :class:`MemorizationConfig` keys. Returns the summary dict; writes the report files too
     when ``out`` is given.
@@ -291,7 +291,7 @@ def compute_sample_similarity(samples: torch.Tensor, training_data: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest training item of each sample: indices (N,) and cosine similarities (N,) of the normalised vectors.
 
-    Takes images (N, 3, H, W) or any (N, ...) tensors; with ``feature_size`` images are resized to it first.
+    Takes images (N, C, H, W) or any (N, ...) tensors; with ``feature_size`` images are resized to it first.
     """
     def prep(x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x).detach().float().cpu()
