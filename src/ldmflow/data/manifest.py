@@ -307,7 +307,8 @@ def decode_image(img: Image.Image, channels: int | None, path: str, what: str, s
 
 def resize_planes(arr: np.ndarray, size: int) -> np.ndarray:
     """(H, W, C) -> (size, size, C) by :func:`resize_center_crop` (bicubic), keeping the dtype; planes that
-    are not 8-bit gray or RGB are resized one by one as 32-bit float images."""
+    are not 8-bit gray or RGB are resized one by one as 32-bit float images, clipped to the file's own
+    per-channel min..max."""
     c = arr.shape[-1]
     if arr.dtype == np.uint8 and c in (1, 3):
         img = Image.fromarray(arr[..., 0] if c == 1 else arr, "L" if c == 1 else "RGB")
@@ -316,7 +317,10 @@ def resize_planes(arr: np.ndarray, size: int) -> np.ndarray:
     planes = [np.asarray(resize_center_crop(Image.fromarray(np.ascontiguousarray(arr[..., k], np.float32), "F"),
                                             size, Image.Resampling.BICUBIC)) for k in range(c)]
     out = np.stack(planes, axis=-1)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else out
+    if arr.dtype == np.uint8:
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    # bicubic rings past sharp edges; keep each channel within the values the file has (as uint8 clamps)
+    return np.clip(out, arr.min(axis=(0, 1)), arr.max(axis=(0, 1)))
 
 
 def load_row(
