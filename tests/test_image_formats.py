@@ -197,3 +197,27 @@ def test_labelled_manifest_without_masks_plans_no_mask_controlnet(tmp_path, caps
     assert controlnets_for_data(controlnets, str(data_dir)) == {}
     assert "has no masks; left out the mask-controlled ControlNet" in capsys.readouterr().err
     assert controlnets_for_data(controlnets, str(tmp_path / "not_written_yet.csv")) == controlnets  # the demo
+
+
+def labelled_16bit_manifest(folder: Path, n: int = 24) -> Path:
+    """A CSV manifest of n 16-bit grayscale images labelled 0..3 (digits-like), with no masks."""
+    folder.mkdir(parents=True)
+    rows = ["image,label"]
+    for i in range(n):
+        p = digit(i % N)
+        Image.fromarray((1000 + p * 3095).astype(np.uint16)).save(folder / f"{i:02d}.png")
+        rows.append(f"{i:02d}.png,{i % 4}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder / "manifest.csv"
+
+
+def test_workflow_plans_a_labelled_manifest_without_masks(tmp_path):
+    from .test_workflow import planned_jobs, smk, tiny_workflow
+
+    root = tiny_workflow(tmp_path / "wf")
+    manifest = labelled_16bit_manifest(tmp_path / "digits")
+    proc = smk(root, "-n", "--config", f"data={{manifest: {manifest}}}")
+    plan = planned_jobs(proc)
+    assert "left out the mask-controlled ControlNet experiment(s)" in proc.stderr
+    assert not any("controlnet" in rule for rule in plan) and "demo_data" not in plan
+    assert plan["train_autoencoder"] == 2 and plan["train_diffusion"] == 2 and plan["sample_diffusion"] == 2
