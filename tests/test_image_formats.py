@@ -221,3 +221,27 @@ def test_workflow_plans_a_labelled_manifest_without_masks(tmp_path):
     assert "left out the mask-controlled ControlNet experiment(s)" in proc.stderr
     assert not any("controlnet" in rule for rule in plan) and "demo_data" not in plan
     assert plan["train_autoencoder"] == 2 and plan["train_diffusion"] == 2 and plan["sample_diffusion"] == 2
+
+
+def test_samples_are_written_in_the_datas_own_values(tmp_path):
+    from ldmflow.config.autoencoder import AutoencoderModelConfig
+    from ldmflow.models.autoencoder import Autoencoder
+    from ldmflow.stages.sample import save_data_values, save_samples
+    from ldmflow.viz import to_pixels
+
+    model_cfg = AutoencoderModelConfig(variant="plain", downsample=4, latent_channels=4, base_channels=8)
+    gray = Autoencoder(model_cfg, image_channels=1).eval()
+    latents = torch.randn(3, 4, 4, 4).numpy()
+    folder = save_data_values(tmp_path / "gray", latents, gray, {"range": [[1000.0, 4095.0]], "source_bits": 16})
+    img = Image.open(folder / "sample_00000.png")
+    values = np.asarray(img)
+    assert img.mode == "I;16" and img.size == (16, 16) and values.min() >= 1000 and values.max() <= 4095
+    with torch.no_grad():
+        pixels = to_pixels(gray.decode(torch.from_numpy(latents))[0])  # (3, 16, 16, 1)
+    save_samples(tmp_path / "gray", pixels, latents, np.full(3, -1), {})
+    assert Image.open(tmp_path / "gray" / "sample_00000.png").mode == "L"  # grayscale is not tripled
+
+    stack = Autoencoder(model_cfg, image_channels=2).eval()
+    folder = save_data_values(tmp_path / "stack", latents, stack, {"range": [[0.0, 65535.0]] * 2, "source_bits": 16})
+    tif = Image.open(folder / "sample_00000.tif")
+    assert tif.n_frames == 2 and tif.mode == "I;16"

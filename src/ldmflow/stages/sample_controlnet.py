@@ -35,7 +35,7 @@ from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ControlError, SamplingError
 from ldmflow.models.controlnet import ControlledUNet, Scale, build_controlnet
 from ldmflow.models.unet import build_unet
-from ldmflow.stages.sample import load_verified_autoencoder, resolve_class, save_samples
+from ldmflow.stages.sample import load_verified_autoencoder, resolve_class, save_data_values, save_samples
 from ldmflow.training.devices import get_device
 from ldmflow.viz import save_png
 
@@ -143,14 +143,15 @@ def load_controls(value: str | int, n: int, cfg: ControlNetExperiment, extra: di
 def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: str | Path, *, scale: Scale | None = None,
                       class_id: str | int | None = None, guidance: float | None = None, sampler: str | None = None,
                       steps: int | None = None, seed: int = 42, device: str | None = None,
-                      batch_size: int = 64) -> dict:
+                      batch_size: int = 64, data_values: bool = False) -> dict:
     """Generate N samples into OUT: ``sample_NNNNN.png``, ``grid.png`` (each control beside its sample),
     ``samples.zarr``; same seed, same images.
 
     ``control``: one control for all samples (a store row index or an image file), or a split name (each
     sample takes the next row of that split). The class is ``class_id``, else each control row's class,
     else the classes in turn (class-conditional models only). ``scale`` (one number or one per UNet level)
-    defaults to the experiment's sampling.scale.
+    defaults to the experiment's sampling.scale. ``data_values``: also write the samples in the data's own
+    bit depth and channels into ``OUT/data/`` (:func:`ldmflow.stages.sample.save_data_values`).
     """
     if n < 1:
         raise SamplingError(f"n must be >= 1, got {n}")
@@ -191,6 +192,8 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
     save_samples(out, pixels, latents, lab, attrs, controls=previews)
+    if data_values:
+        save_data_values(out, latents, decoder, extra.get("intensity"), batch_size)
     seconds = time.monotonic() - start
     log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %g, scale %s)", n, described,
              out, seconds, sampling.sampler, sampling.steps, sampling.guidance, scale)
