@@ -42,7 +42,8 @@ SPLITS = ("train", "val", "test")
 ONE_CHANNEL_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
-PERCENTILE_PIXELS = 4096  # pixels per train image (per channel) that the percentile rule looks at
+PERCENTILE_PIXELS = 4096  # pixels per train image (per channel) that the percentile rule looks at ...
+PERCENTILE_TOTAL = 2**24  # ... and in all (fewer per image on large datasets: memory stays bounded)
 
 
 
@@ -478,7 +479,7 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     deep = any(p is not None and p[1] > 8 for p in probes)
     bytes_per_row = size * size * (channels * (4 if deep else 1) + (1 if has_masks else 0))
     cache = len(frame) * bytes_per_row <= cfg.cache_max_gb * 2**30
-    step = max(1, size * size // PERCENTILE_PIXELS)
+    step = max(1, size * size // max(16, min(PERCENTILE_PIXELS, PERCENTILE_TOTAL // max(len(frame), 1))))
 
     def check(i: int):
         rec = frame.iloc[i]
