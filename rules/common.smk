@@ -4,6 +4,7 @@ from pathlib import Path
 from ldmflow.workflow import (
     best_checkpoint,
     controlnet_bases,
+    controlnets_for_data,
     experiments,
     init_checkpoint_of,
     init_parent,
@@ -20,7 +21,9 @@ check_default_profile(Path(workflow.basedir, "profiles"))
 
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
 DIFFUSION = experiments(config["diffusion"], "diffusion")
-CONTROLNETS = experiments(config["controlnets"], "controlnet")
+CONTROLNETS = controlnets_for_data(
+    experiments(config["controlnets"], "controlnet"), manifest_path(config)
+)
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
 WORKFLOW = {
     "autoencoder": AUTOENCODERS,

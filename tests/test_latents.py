@@ -128,7 +128,9 @@ def test_bad_options_name_the_key_and_the_allowed_values(runs, demo_manifest, tm
 
 
 def test_folder_without_labels_or_masks(runs, demo_manifest, tmp_path):
-    out = embed_latents(runs["plain"], demo_manifest.parent / "images", tmp_path / "l.zarr", threads=1)
+    # a copy of the images alone: beside the demo's masks/ folder the images folder would give masks
+    shutil.copytree(demo_manifest.parent / "images", tmp_path / "photos")
+    out = embed_latents(runs["plain"], tmp_path / "photos", tmp_path / "l.zarr", threads=1)
     store = LatentStore(out)
     assert store.masks is None and store.logvar is None and store.classes is None and store.mask_classes is None
     assert (store.labels == -1).all() and store.attrs["manifest"]["sha256"] is None

@@ -156,6 +156,34 @@ class RunPaths:
     def sample(self, epoch: int) -> Path:
         return self.out_dir / "samples" / f"epoch_{epoch:03d}.png"
 
+    @property
+    def previous(self) -> Path:
+        return self.out_dir / "previous"
+
+    def run_outputs(self) -> list[Path]:
+        """What a run of this experiment leaves in its folder and a fresh run must not inherit: its
+        checkpoints, metrics CSV, curves, epoch samples and evaluation samples (named, never a listing:
+        the folder may be one a user gave with ``--out``)."""
+        return [self.best, self.latest, self.metrics, self.out_dir / f"{self.name}_curves.png",
+                self.out_dir / "samples", self.out_dir / "eval_samples"]
+
+
+def set_aside_run(paths: RunPaths) -> Path | None:
+    """Move an earlier run's outputs into ``RUN/previous/`` (same relative names; an older ``previous/`` is
+    replaced), so a fresh run after a changed config or input leaves no stale best checkpoint or sample
+    beside its own. Returns the folder, or None when there was nothing to move."""
+    found = [p for p in paths.run_outputs() if p.exists()]
+    if not found:
+        return None
+    shutil.rmtree(paths.previous, ignore_errors=True)
+    for path in found:
+        target = paths.previous / path.relative_to(paths.out_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    log.warning("moved the earlier run's %s into %s", ", ".join(str(p.relative_to(paths.out_dir)) for p in found),
+                paths.previous)
+    return paths.previous
+
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()

@@ -120,14 +120,15 @@ def cmd_sample(args) -> None:
                                 "latent store, or an image file)")
         result = sample_controlnet(args.checkpoint, args.control, args.n, args.out, scale=parse_scale(args.scale),
                                    class_id=args.class_id, guidance=args.guidance, sampler=args.sampler,
-                                   steps=args.steps, seed=args.seed, device=args.device, batch_size=args.batch_size)
+                                   steps=args.steps, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                                   data_values=args.data_values)
         print(f"wrote {result['n']} samples to {result['out']}")
         return
     if args.control is not None or args.scale is not None:
         raise SamplingError("--control and --scale need a ControlNet checkpoint")
     result = sample_checkpoint(args.checkpoint, args.n, args.out, class_id=args.class_id, guidance=args.guidance,
                                sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, data_values=args.data_values)
     print(f"wrote {result['n']} samples to {result['out']}")
 
 
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--data-values", action="store_true",
+                   help="also write OUT/data/ samples in the data's own bit depth and channels (16-bit PNG, "
+                   "multi-page TIFF)")
 
     p = command("embed", cmd_embed, "encode every image with an autoencoder into a zarr latent store")
     p.add_argument("--checkpoint", required=True, help="autoencoder checkpoint .pt, or the selected.json naming one")

@@ -20,10 +20,28 @@ PALETTE = np.array(
 )
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, every channel kept."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def preview(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, H, W, 3) for grids: grayscale shown gray, RGB as it is, any other channel
+    count as its first three channels in red, green, blue (missing ones black)."""
+    c = pixels.shape[-1]
+    if c == 3:
+        return pixels
+    if c == 1:
+        return np.repeat(pixels, 3, axis=-1)
+    out = np.zeros((*pixels.shape[:-1], 3), dtype=np.uint8)
+    out[..., :min(c, 3)] = pixels[..., :3]
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 for grids (see :func:`preview` for C other than 3)."""
+    return preview(to_pixels(images))
 
 
 def colorize(masks: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -44,8 +62,9 @@ def grid(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str | Path, upscale: int = 1) -> None:
-    """Write an (H, W, 3) or (H, W) uint8 array as PNG atomically; nearest-neighbour upscale for tiny images."""
-    img = Image.fromarray(image)
+    """Write an (H, W, 3), (H, W, 1) or (H, W) uint8 array (RGB, L) or an (H, W) uint16 array (I;16) as PNG
+    atomically; nearest-neighbour upscale for tiny images."""
+    img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
     buf = io.BytesIO()

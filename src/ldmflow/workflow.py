@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def metrics_file(stage: str, name: str) -> str:
 def best_checkpoint(metrics: str | Path) -> str:
     """The best checkpoint of the run a metrics CSV belongs to."""
     return str(RunPaths.of_metrics(metrics).best)
+
+
 def memorization_options(config: dict) -> dict:
     """The workflow config's ``memorization`` section, validated now against :class:`MemorizationConfig` (the
     schema config/schemas/memorization.schema.json), so that a typo stops ``snakemake -n``, not the
@@ -181,3 +184,25 @@ def _profile_clash(default: str | Path, key: str, why: str) -> str:
         f"computer on the command line (--cores 8 --resources gpu=2 --set-threads train_autoencoder=8) or in a profile of its own "
         f"that replaces this one (--workflow-profile profiles/NAME)."
     )
+
+
+def manifest_has_masks(manifest: str) -> bool:
+    """Whether the workflow's data have masks: a manifest with a ``mask`` column, a folder with a ``masks/``
+    tree (see :func:`ldmflow.data.manifest.read_folder`), or the demo data (not written yet, always masked)."""
+    from ldmflow.data.manifest import read_manifest
+
+    if not Path(manifest).exists():
+        return True
+    return "mask" in read_manifest(manifest).columns
+
+
+def controlnets_for_data(controlnets: dict[str, str], manifest: str) -> dict[str, str]:
+    """The ControlNet experiments the data can train: without masks, those controlled by ``mask`` are left
+    out of the plan, with a note on stderr naming them (edge and image controls stay)."""
+    if not controlnets or manifest_has_masks(manifest):
+        return controlnets
+    dropped = [n for n, p in controlnets.items() if load_config(p, "controlnet").control.signal == "mask"]
+    if dropped:
+        print(f"note: {manifest} has no masks; left out the mask-controlled ControlNet experiment(s) "
+              f"{', '.join(dropped)}", file=sys.stderr)
+    return {n: p for n, p in controlnets.items() if n not in dropped}

@@ -13,6 +13,31 @@ from ldmflow.config.schema import param
 
 
 @dataclasses.dataclass
+class IntensityConfig:
+    """How pixel values of images deeper than 8 bits map to [-1, 1] (8-bit images always map 0..255)."""
+
+    mode: Literal["percentile", "bit_depth"] = param(
+        "percentile", "Scaling of 16-bit and 32-bit images (16-bit PNG/TIFF, integer or float TIFF): 'percentile' "
+        "maps each channel's low..high percentile, computed once over the train split, to -1..1 and clips "
+        "beyond (contrast survives a dark offset or a 12-bit camera in a 16-bit file); 'bit_depth' maps "
+        "0..2^bit_depth - 1 to -1..1. 8-bit images always map 0..255 to -1..1.",
+    )
+    low: float = param(0.5, "Mode percentile: the percentile mapped to -1.", minimum=0.0, maximum=100.0)
+    high: float = param(99.5, "Mode percentile: the percentile mapped to 1.", minimum=0.0, maximum=100.0)
+    bit_depth: int = param(16, "Mode bit_depth: the data's real bit depth (e.g. 12 for a 12-bit camera).",
+                           minimum=1, maximum=32)
+    range: list[list[float]] | None = param(
+        None, "Per-channel [low, high] raw values mapped to -1 and 1. null: computed by the rule above when a "
+        "run starts, then kept in the run's resolved config, its checkpoints and the latent store, so every "
+        "later stage scales (and writes back) the data the same way.",
+    )
+    source_bits: int | None = param(
+        None, "Bit depth of the image files (8, 16 or 32); null: read from the files when a run starts.",
+        minimum=1, maximum=32,
+    )
+
+
+@dataclasses.dataclass
 class DataConfig:
     image_size: int = param(32, "Side of the square training images: resize the short side, centre-crop.", minimum=8)
     batch_size: int = param(16, "Images per optimizer step (per process; DDP multiplies it).", minimum=1)
@@ -27,6 +52,14 @@ class DataConfig:
     classes: list[str] | None = param(
         None, "Class names; integer labels index into this list. null infers the sorted unique labels.",
     )
+    channels: int | None = param(
+        None, "Image channels: 1 (grayscale), 3 (RGB) or N (an N-page TIFF per image, one page per channel, "
+        "e.g. microscopy stains). null infers 1 when every image is grayscale (L, I;16, I, F), else 3. "
+        "Grayscale files given channels 3 are repeated, RGB files given channels 1 become luma (BT.601); "
+        "RGBA and LA files are composited on black (alpha multiplies the colour); palette files are expanded.",
+        minimum=1,
+    )
+    intensity: IntensityConfig = param(IntensityConfig, "How 16- and 32-bit pixel values map to [-1, 1].")
     hflip: bool = param(False, "Random horizontal flips of training images (seeded per epoch and image).")
     skip_bad_rows: bool = param(
         False, "Skip manifest rows with missing or corrupt files instead of stopping; the count is logged "

@@ -3,9 +3,11 @@
 Every control is a float tensor (N, K, H, W) at the autoencoder's image resolution H = W = image_size:
 
 - ``mask``: the store's segmentation mask, one-hot, K = the number of mask classes;
-- ``edges``: the Sobel gradient magnitude of the grayscale image, each image scaled to [0, 1], K = 1;
+- ``edges``: the Sobel gradient magnitude of the grayscale image (BT.601 luma of RGB, the channel mean of
+  other channel counts), each image scaled to [0, 1], K = 1;
 - ``image``: the image in the manifest's ``control`` column (same size as its image, resized and
-  centre-cropped like it), RGB in [-1, 1], K = 3.
+  centre-cropped like it), RGB in [-1, 1], K = 3; grayscale control files are repeated to RGB, RGBA is
+  composited on black, and 16- or 32-bit files are stretched from their own min..max to 0..255.
 
 Edge maps and control images are computed once per run from the files and held in memory as uint8.
 """
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmflow.data.manifest import load_row, read_manifest, resize_center_crop
+from ldmflow.data.manifest import decode_image, load_row, read_manifest, resize_planes
 from ldmflow.errors import ControlError
 
 log = logging.getLogger(__name__)
@@ -62,15 +64,20 @@ def sobel_edges(gray: torch.Tensor) -> torch.Tensor:
 
 
 def edges_from_rgb(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 images -> (N, 1, H, W) uint8 edge maps."""
-    rgb = torch.from_numpy(images).float().div_(255.0)
-    gray = (rgb * torch.tensor(LUMA)).sum(-1)[:, None]  # (N, 1, H, W)
+    """(N, H, W, C) images (uint8, or raw 16/32-bit values: each edge map is scaled to its own maximum, so
+    the value scale does not matter) -> (N, 1, H, W) uint8 edge maps. C = 3 is RGB (luma), else the mean."""
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).float()
+    if x.shape[-1] == 3:
+        gray = (x * torch.tensor(LUMA)).sum(-1)[:, None]  # (N, 1, H, W)
+    else:
+        gray = x.mean(-1)[:, None]
     return sobel_edges(gray).mul_(255.0).round_().to(torch.uint8).numpy()
 
 
-def edge_controls(paths: list[str], size: int, source: str = "latent store") -> np.ndarray:
-    """Edge maps (N, 1, size, size) uint8 of the image files, resized and centre-cropped like training images."""
-    images = np.stack([load_row(p, None, size, None, source, i + 1)[0] for i, p in enumerate(paths)])
+def edge_controls(paths: list[str], size: int, source: str = "latent store", channels: int | None = None) -> np.ndarray:
+    """Edge maps (N, 1, size, size) uint8 of the image files, resized and centre-cropped like training images;
+    ``channels`` is the data's (the store's ``channels`` attribute; None: each file's own)."""
+    images = np.stack([load_row(p, None, size, None, source, i + 1, channels)[0] for i, p in enumerate(paths)])
     return edges_from_rgb(images)
 
 
@@ -89,8 +96,16 @@ def load_control_image(path: str, size: int, source: str, row: int, image_path: 
         if img.size != want:
             raise ControlError(f"{source}: row {row}: control image {path} is {img.size[0]}x{img.size[1]} but its "
                                f"image {image_path} is {want[0]}x{want[1]}")
-    img = resize_center_crop(img.convert("RGB"), size, Image.Resampling.BICUBIC)
-    return np.asarray(img).transpose(2, 0, 1).copy()
+    return control_rgb(decode_image(img, 3, path, "control image", source, row), size)
+
+
+def control_rgb(arr: np.ndarray, size: int) -> np.ndarray:
+    """A decoded control image (H, W, 3) -> (3, size, size) uint8; 16/32-bit values are stretched from the
+    image's own min..max to 0..255 (a control image carries shapes, not calibrated intensities)."""
+    if arr.dtype != np.uint8:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.round((arr - lo) / max(hi - lo, 1e-8) * 255.0).astype(np.uint8)
+    return resize_planes(arr, size).transpose(2, 0, 1).copy()
 
 
 def manifest_controls(manifest: str | Path, image_paths: list[str], size: int) -> np.ndarray:

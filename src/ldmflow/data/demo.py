@@ -9,6 +9,7 @@ class-balanced sampling matters in the diffusion stage. Same seed, same bytes.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ def render(rng: np.random.Generator, size: int, label: int) -> tuple[np.ndarray,
 
 
 def write_demo_data(out: str | Path, n: int = 256, size: int = 32, seed: int = 42) -> Path:
-    """Write N demo images, masks and ``manifest.csv`` (image, mask, label) into OUT; returns the manifest."""
+    """Write N demo images, masks, ``manifest.csv`` (image, mask, label) and ``dataset.json`` (the class names
+    and mask classes, which experiment files then need not name) into OUT; returns the manifest."""
     if n < 2 or size < 8:
         raise ValueError(f"demo data needs n >= 2 and size >= 8; got n={n}, size={size}")
     out = Path(out)
@@ -75,5 +77,6 @@ def write_demo_data(out: str | Path, n: int = 256, size: int = 32, seed: int = 4
         writer = csv.DictWriter(fh, fieldnames=["image", "mask", "label"])
         writer.writeheader()
         writer.writerows(rows)
+    (out / "dataset.json").write_text(json.dumps({"classes": list(CLASSES), "mask_classes": MASK_CLASSES}))
     tmp.replace(manifest)
     return manifest

@@ -9,7 +9,8 @@ The store (a zarr v3 group) holds, for all N manifest rows in manifest order:
 - ``masks`` (N, H, W) uint8 at image resolution when the manifest has masks (ControlNet's control signal).
 
 Its attributes carry what made it (the autoencoder checkpoint's path, sha256 and resolved config, the
-manifest's sha256) and ``scale_factor``: 1 / std of the train-split latents over the whole store, the
+manifest's sha256 and the data fingerprint), the images' ``channels`` and ``intensity`` (the per-channel raw
+range mapped to [-1, 1] and the files' bit depth), and ``scale_factor``: 1 / std of the train-split latents over the whole store, the
 scale-by-std of latent diffusion (Rombach et al. 2022) computed over all training data rather than one
 batch. Writing streams batch by batch, so memory stays flat as the dataset grows, and the store appears
 under its final name only when complete.
@@ -245,6 +246,9 @@ def store_provenance(store: LatentStore) -> dict:
         "autoencoder_sha256": attrs["autoencoder"]["sha256"],
         "manifest": attrs["manifest"]["path"],
         "manifest_sha256": attrs["manifest"]["sha256"],
+        "data_fingerprint_sha256": attrs.get("data_fingerprint"),
         "mask_classes": store.mask_classes,
         "image_size": attrs.get("image_size"),
+        "channels": attrs.get("channels", 3),
+        "intensity": attrs.get("intensity"),
     }

@@ -12,7 +12,7 @@ import torch
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.diffusion.samplers import guided, sample
 from ldmflow.diffusion.schedules import NoiseSchedule
-from ldmflow.viz import to_uint8
+from ldmflow.viz import to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def denoise_batch(model, x: torch.Tensor, labels: torch.Tensor | None, schedule:
 
 @torch.no_grad()
 def generate(model, cfg, schedule, decoder, scale_factor, latent_shape, num_classes, *, seed, device) -> torch.Tensor:
-    """The epoch grid: ``per_class`` samples for each class (or one row unconditional), decoded (N, 3, H, W)."""
+    """The epoch grid: ``per_class`` samples for each class (or one row unconditional), decoded (N, I, H, W)."""
     per_row = cfg.sampling.per_class
     labels = None
     n = per_row
@@ -59,7 +59,7 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
 
     ``model_for(lo, hi)`` is the conditional model for samples lo..hi (a UNet, or a ControlNet bound to
     those samples' controls). Returns latents (N, C, h, w) in the autoencoder's (unscaled) space and
-    images (N, H, W, 3) uint8.
+    images (N, H, W, I) uint8 with the autoencoder's image channels I.
     """
     shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -72,5 +72,5 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
         z = denoise_batch(model, x, y, schedule, sampling, prediction, gen) / extra["scale_factor"]
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
-        images.append(to_uint8(rgb))
+        images.append(to_pixels(rgb))
     return np.concatenate(latents), np.concatenate(images)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmflow.config.memorization import MemorizationConfig
-from ldmflow.data.manifest import IMAGE_SUFFIXES, load_row, read_manifest
+from ldmflow.data.manifest import IMAGE_SUFFIXES, load_row, read_manifest, to_unit_range
 from ldmflow.errors import ConfigError, DataError
 from ldmflow.evaluation.features import Features, tile_features
 
@@ -62,7 +62,7 @@ class ImageSet:
     latent_index: np.ndarray | None = None  # (N,) rows -> latents
     split: np.ndarray | None = None  # (N,) "train" / "val" / "test" where known
     checkpoint: str | None = None  # the autoencoder that made the latents
-    images: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1] for in-memory sets
+    images: torch.Tensor | None = None  # (N, C, H, W) in [-1, 1] for in-memory sets
 
     def __len__(self) -> int:
         return len(self.names)
@@ -136,9 +136,9 @@ def _open_store(path: Path) -> ImageSet:
 
 
 def tensor_image_set(images: torch.Tensor, name: str = "tensor") -> ImageSet:
-    """An in-memory set of images (N, 3, H, W) in [-1, 1]."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name}: expected images (N, 3, H, W) in [-1, 1]; got shape {tuple(images.shape)}")
+    """An in-memory set of images (N, C, H, W) in [-1, 1]."""
+    if images.ndim != 4:
+        raise ValueError(f"{name}: expected images (N, C, H, W) in [-1, 1]; got shape {tuple(images.shape)}")
     n = len(images)
     return ImageSet(name, [f"{name}_{i:05d}" for i in range(n)], [None] * n, list(range(1, n + 1)),
                     images=images.detach().float().cpu())
@@ -169,8 +169,25 @@ class Loader:
     def ae_size(self) -> int:
         return self.autoencoder[1].data.image_size
 
+    @property
+    def channels(self) -> int:
+        """The data's channels (the autoencoder's data.channels; 3 without an autoencoder): image files are
+        decoded to it, so files and decoded latents compare channel for channel."""
+        return (self.autoencoder[1].data.channels or 3) if self.checkpoint is not None else 3
+
+    def unit_range(self, img: np.ndarray) -> torch.Tensor:
+        """A decoded file (H, W, C) -> (C, H, W) in [-1, 1]: 8-bit 0..255; deeper data by the autoencoder's
+        intensity range (what it trained with), else by the image's own per-channel min..max."""
+        if img.dtype == np.uint8:
+            return to_unit_range(img[None])[0]
+        value_range = self.autoencoder[1].data.intensity.range if self.checkpoint is not None else None
+        if value_range is None:
+            flat = img.reshape(-1, img.shape[-1])
+            value_range = [[float(lo), float(max(hi, lo + 1e-6))] for lo, hi in zip(flat.min(0), flat.max(0))]
+        return to_unit_range(img[None], value_range)[0]
+
     def images(self, s: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
-        """Rows ``idx`` as (n, 3, size, size) float in [-1, 1]: decoded files, tensors or decoded latents."""
+        """Rows ``idx`` as (n, C, size, size) float in [-1, 1]: decoded files, tensors or decoded latents."""
         if s.images is not None:
             x = s.images[torch.from_numpy(np.asarray(idx, np.int64))]
             if x.shape[-1] != size or x.shape[-2] != size:
@@ -182,13 +199,14 @@ class Loader:
                 raise DataError(f"{s.source}: rows without an image file or a latent")
             return self._decode(s, idx, size)
 
+        channels = self.channels
+
         def load(i):
-            img, _ = load_row(s.paths[i], None, size, None, s.source, s.rows[i])
-            return img
+            img, _ = load_row(s.paths[i], None, size, None, s.source, s.rows[i], channels)
+            return self.unit_range(img)
 
         with ThreadPoolExecutor(self.threads) as pool:
-            arr = np.stack(list(pool.map(load, idx)))  # (n, size, size, 3) uint8
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            return torch.stack(list(pool.map(load, idx)))  # (n, C, size, size)
 
     def _decode(self, s: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
         model, _ = self.autoencoder

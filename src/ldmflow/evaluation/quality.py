@@ -121,7 +121,7 @@ def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.T
 
 @torch.no_grad()
 def autoencoder_features(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Encoder features of images (N, 3, H, W) in [-1, 1]: the last hidden layer, average-pooled -> (N, ch).
+    """Encoder features of images (N, C, H, W) in [-1, 1]: the last hidden layer, average-pooled -> (N, ch).
 
     This is the layer the posterior (mean, log-variance) is read from, so it is what the autoencoder
     learnt to find important in the lab's own images; pooling over positions makes it an image-level

@@ -1,6 +1,7 @@
 """The convolutional autoencoder (plain or KL) with segmentation and classification heads, and its loss.
 
-Image (N, 3, H, W) in [-1, 1] -> latent (N, C, H/f, W/f) -> reconstruction (N, 3, H, W), segmentation
+Image (N, I, H, W) in [-1, 1] (I = data.channels: 1 grayscale, 3 RGB, N stack channels) -> latent
+(N, C, H/f, W/f) -> reconstruction (N, I, H, W), segmentation
 logits (N, K, H, W) from a light segmentation decoder of its own, and class logits from the latent. The KL variant
 is the VAE of latent diffusion (Rombach et al. 2022): the encoder outputs a diagonal Gaussian.
 """
@@ -16,10 +17,10 @@ from ldmflow.models.layers import Downsample, ResnetBlock, Upsample, norm
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: AutoencoderModelConfig, out_channels: int):
+    def __init__(self, cfg: AutoencoderModelConfig, out_channels: int, image_channels: int = 3):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
-        self.conv_in = nn.Conv2d(3, chans[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(image_channels, chans[0], 3, padding=1)
         blocks: list[nn.Module] = []
         ch = chans[0]
         for level, width in enumerate(chans):
@@ -39,9 +40,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (N, C, h, w) -> RGB (N, 3, H, W): the mirror of the encoder."""
+    """Latent (N, C, h, w) -> image (N, I, H, W): the mirror of the encoder."""
 
-    def __init__(self, cfg: AutoencoderModelConfig):
+    def __init__(self, cfg: AutoencoderModelConfig, image_channels: int = 3):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
         ch = chans[-1]
@@ -56,7 +57,7 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(ch))
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = norm(ch)
-        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, image_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z))))))
@@ -88,12 +89,14 @@ class SegmentationHead(nn.Module):
 class Autoencoder(nn.Module):
     """Plain or KL autoencoder with optional segmentation (decoder) and classification (latent) heads."""
 
-    def __init__(self, cfg: AutoencoderModelConfig, mask_classes: int | None = None, num_classes: int | None = None):
+    def __init__(self, cfg: AutoencoderModelConfig, mask_classes: int | None = None, num_classes: int | None = None,
+                 image_channels: int = 3):
         super().__init__()
         self.cfg = cfg
         self.kl = cfg.variant == "kl"
-        self.encoder = Encoder(cfg, 2 * cfg.latent_channels if self.kl else cfg.latent_channels)
-        self.decoder = Decoder(cfg)
+        self.image_channels = image_channels
+        self.encoder = Encoder(cfg, 2 * cfg.latent_channels if self.kl else cfg.latent_channels, image_channels)
+        self.decoder = Decoder(cfg, image_channels)
         self.segmenter = SegmentationHead(cfg, mask_classes) if mask_classes else None
         self.classifier = (
             nn.Sequential(
@@ -112,7 +115,7 @@ class Autoencoder(nn.Module):
         return self.cfg.downsample
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, 3, H, W) -> posterior mean (N, C, h, w) and log-variance (None for the plain variant)."""
+        """(N, I, H, W) -> posterior mean (N, C, h, w) and log-variance (None for the plain variant)."""
         h = self.encoder(x)
         if not self.kl:
             return h, None
@@ -120,7 +123,7 @@ class Autoencoder(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor, with_seg: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, C, h, w) -> RGB (N, 3, H, W) in about [-1, 1], and segmentation logits when asked."""
+        """(N, C, h, w) -> image (N, I, H, W) in about [-1, 1], and segmentation logits when asked."""
         seg = self.segmenter(z) if (with_seg and self.segmenter is not None) else None
         return self.decoder(z), seg
 
@@ -135,11 +138,12 @@ class Autoencoder(nn.Module):
 
 
 def build_autoencoder(cfg: AutoencoderExperiment) -> Autoencoder:
-    """An autoencoder for a resolved config (data.mask_classes and data.classes filled from the data)."""
+    """An autoencoder for a resolved config (data.mask_classes, data.classes and data.channels filled from
+    the data; a config without channels, as written before they existed, means RGB)."""
     heads = cfg.loss
     mask_classes = cfg.data.mask_classes if heads.segmentation.enabled else None
     num_classes = len(cfg.data.classes) if (heads.classification.enabled and cfg.data.classes) else None
-    return Autoencoder(cfg.model, mask_classes, num_classes)
+    return Autoencoder(cfg.model, mask_classes, num_classes, cfg.data.channels or 3)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,11 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
             "channel_std": moments.channel_std().tolist(),
             "variant": cfg.model.variant,
             "image_size": size,
+            "channels": data.channels,
+            # raw per-channel [low, high] -> [-1, 1] (null: 8-bit, 0..255) and the files' bit depth: what
+            # decoding needs to write samples back in the data's own values
+            "intensity": {"range": data.value_range, "source_bits": data.source_bits},
+            "data_fingerprint": data.fingerprint,
             "downsample": f,
             "latent_channels": c,
             "classes": data.classes,

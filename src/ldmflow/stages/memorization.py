@@ -240,10 +240,10 @@ def evaluate_memorization(train: str | Path, samples: str | Path, out: str | Pat
 
 
 def _generate(model, n: int, batch: int) -> torch.Tensor:
-    """n images (N, 3, H, W) in [-1, 1] from ``model.sample(n)`` or a callable ``n -> images``."""
+    """n images (N, C, H, W) in [-1, 1] from ``model.sample(n)`` or a callable ``n -> images``."""
     fn = model.sample if hasattr(model, "sample") else model
     if not callable(fn):
-        raise TypeError("model must have a sample(n) method or be a callable n -> images (N, 3, H, W) in [-1, 1]")
+        raise TypeError("model must have a sample(n) method or be a callable n -> images (N, C, H, W) in [-1, 1]")
     out, left = [], n
     while left > 0:
         x = fn(min(batch, left))
@@ -254,7 +254,7 @@ def _generate(model, n: int, batch: int) -> torch.Tensor:
 
 
 def _collect(batches: Iterable, limit: int | None) -> torch.Tensor:
-    """Images (N, 3, H, W) from a dataloader yielding tensors or dicts with "image" (at most ``limit``)."""
+    """Images (N, C, H, W) from a dataloader yielding tensors or dicts with "image" (at most ``limit``)."""
     out, count = [], 0
     for batch in batches:
         x = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -340,7 +340,7 @@ def compute_sample_similarity(samples: torch.Tensor, training_data: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest training item of each sample: indices (N,) and cosine similarities (N,) of the normalised vectors.
 
-    Takes images (N, 3, H, W) or any (N, ...) tensors; with ``feature_size`` images are resized to it first.
+    Takes images (N, C, H, W) or any (N, ...) tensors; with ``feature_size`` images are resized to it first.
 
     >>> import torch
     >>> from ldmflow import compute_sample_similarity

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from PIL import Image
 
 from ldmflow import __version__
 from ldmflow.artifacts import (
@@ -30,7 +31,7 @@ from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import SamplingError
 from ldmflow.models.autoencoder import load_autoencoder
 from ldmflow.models.unet import build_unet
-from ldmflow.viz import grid, save_png
+from ldmflow.viz import grid, preview, save_png
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,15 @@ def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.
                  controls: np.ndarray | None = None) -> None:
     """Write ``sample_NNNNN.png``, ``grid.png`` and ``samples.zarr`` for N decoded samples.
 
-    pixels (N, H, W, 3) uint8; latents (N, C, h, w) in the autoencoder's space; labels (N,) (-1: none).
+    pixels (N, H, W, I) uint8 (I = 1: grayscale PNGs, mode L; 3: RGB; any other channel count: the
+    :func:`ldmflow.viz.preview` of the first three channels, all channels stay in ``samples.zarr``'s latents);
+    latents (N, C, h, w) in the autoencoder's space; labels (N,) (-1: none).
     With ``controls`` (N, H, W, 3) uint8 previews, the grid pairs each control with its sample.
     """
     n = len(pixels)
-    for i, img in enumerate(pixels):
+    for i, img in enumerate(pixels if pixels.shape[-1] in (1, 3) else preview(pixels)):
         save_png(img, out / f"sample_{i:05d}.png")
+    pixels = preview(pixels)
     tiles = pixels if controls is None else np.stack([controls, pixels], 1).reshape(2 * n, *pixels.shape[1:])
     cols = min(len(tiles), 8)
     rows = math.ceil(len(tiles) / cols)
@@ -104,12 +108,42 @@ def save_samples(out: Path, pixels: np.ndarray, latents: np.ndarray, labels: np.
     write_samples_store(out / "samples.zarr", latents, labels, attrs)
 
 
+@torch.no_grad()
+def save_data_values(out: Path, latents: np.ndarray, decoder, intensity: dict | None, batch_size: int = 64) -> Path:
+    """Write each sample again in the data's own values into ``OUT/data/``: the latents decoded and mapped back
+    through the data's intensity range (the store's ``intensity``; null: 8-bit). One channel of 8 or 16 bits:
+    ``sample_NNNNN.png`` (L or I;16); 8-bit RGB: PNG; any other channel count or 32-bit data:
+    ``sample_NNNNN.tif``, one page per channel."""
+    from ldmflow.data.manifest import from_unit_range
+
+    intensity = intensity or {}
+    bits = intensity.get("source_bits") or 8
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next(decoder.parameters()).device
+    for lo in range(0, len(latents), batch_size):
+        x, _ = decoder.decode(torch.from_numpy(latents[lo:lo + batch_size]).to(device))  # (B, C, H, W)
+        value_range = intensity.get("range") or [[0.0, 255.0]] * x.shape[1]
+        raw = from_unit_range(x, value_range, bits)  # (B, H, W, C) uint8 / uint16 / float32
+        for i, img in enumerate(raw, start=lo):
+            c = img.shape[-1]
+            if bits <= 16 and (c == 1 or (c == 3 and bits == 8)):
+                Image.fromarray(img[..., 0] if c == 1 else img).save(folder / f"sample_{i:05d}.png")
+            else:
+                pages = [Image.fromarray(np.ascontiguousarray(img[..., k])) for k in range(c)]
+                pages[0].save(folder / f"sample_{i:05d}.tif", save_all=True, append_images=pages[1:])
+    return folder
+
+
 def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_id: str | int | None = None,
                       guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
-                      seed: int = 42, device: str | None = None, batch_size: int = 64) -> dict:
+                      seed: int = 42, device: str | None = None, batch_size: int = 64,
+                      data_values: bool = False) -> dict:
     """Generate N samples into OUT: ``sample_NNNNN.png``, ``grid.png``, ``samples.zarr``; same seed, same images.
 
     Without ``class_id`` a class-conditional model cycles through the classes (sample i has class i mod K).
+    With ``data_values`` the samples are also written in the data's own bit depth and channels into
+    ``OUT/data/`` (see :func:`save_data_values`): e.g. 16-bit PNGs for 16-bit microscopy.
     """
     if n < 1:
         raise SamplingError(f"n must be >= 1, got {n}")
@@ -139,6 +173,8 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
     save_samples(out, pixels, latents, lab, attrs)
+    if data_values:
+        save_data_values(out, latents, decoder, extra.get("intensity"), batch_size)
     seconds = time.monotonic() - start
     log.info("wrote %d samples to %s in %.1f s (%s, %d steps, guidance %g)", n, out, seconds, sampling.sampler,
              sampling.steps, sampling.guidance)

@@ -21,14 +21,22 @@ from ldmflow.artifacts import file_sha256, inference_weights, load_checkpoint
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.config.schema import from_dict, to_dict, validate
-from ldmflow.data.controls import control_preview, edge_controls, edges_from_rgb, manifest_controls, to_model_input
+from ldmflow.data.controls import (
+    control_preview,
+    control_rgb,
+    edge_controls,
+    edges_from_rgb,
+    manifest_controls,
+    to_model_input,
+)
+from ldmflow.data.manifest import decode_image
 from ldmflow.devices import get_device
 from ldmflow.diffusion.generate import generate_decoded
 from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ControlError, SamplingError
 from ldmflow.models.controlnet import ControlledUNet, Scale, build_controlnet
 from ldmflow.models.unet import build_unet
-from ldmflow.stages.sample import load_verified_autoencoder, resolve_class, save_samples
+from ldmflow.stages.sample import load_verified_autoencoder, resolve_class, save_data_values, save_samples
 from ldmflow.viz import save_png
 
 log = logging.getLogger(__name__)
@@ -81,7 +89,7 @@ def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tu
         if signal == "mask":
             raw = torch.from_numpy(store.masks[i:i + 1].astype(np.int64))
         elif signal == "edges":
-            raw = torch.from_numpy(edge_controls([store.paths[i]], size, str(store.path)))
+            raw = torch.from_numpy(edge_controls([store.paths[i]], size, str(store.path), store.attrs.get("channels")))
         else:
             from ldmflow.stages.train_controlnet import store_manifest
 
@@ -100,11 +108,11 @@ def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tu
         if ids.max() >= k:
             raise ControlError(f"control {path} has class id {ids.max()}; this ControlNet knows ids 0..{k - 1}")
         return to_model_input(signal, torch.from_numpy(ids)[None], k), None, str(path)
-    rgb = np.asarray(_read_image(path, size, "images").convert("RGB"))
-    if signal == "edges":
-        raw = torch.from_numpy(edges_from_rgb(rgb[None]))
+    img = _read_image(path, size, "images")
+    if signal == "edges":  # the file's own channels: 16-bit grayscale keeps its contrast
+        raw = torch.from_numpy(edges_from_rgb(decode_image(img, None, str(path), "control", "control", 1)[None]))
     else:
-        raw = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None]
+        raw = torch.from_numpy(control_rgb(decode_image(img, 3, str(path), "control", "control", 1), size))[None]
     return to_model_input(signal, raw, k), None, str(path)
 
 
@@ -135,14 +143,15 @@ def load_controls(value: str | int, n: int, cfg: ControlNetExperiment, extra: di
 def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: str | Path, *, scale: Scale | None = None,
                       class_id: str | int | None = None, guidance: float | None = None, sampler: str | None = None,
                       steps: int | None = None, seed: int = 42, device: str | None = None,
-                      batch_size: int = 64) -> dict:
+                      batch_size: int = 64, data_values: bool = False) -> dict:
     """Generate N samples into OUT: ``sample_NNNNN.png``, ``grid.png`` (each control beside its sample),
     ``samples.zarr``; same seed, same images.
 
     ``control``: one control for all samples (a store row index or an image file), or a split name (each
     sample takes the next row of that split). The class is ``class_id``, else each control row's class,
     else the classes in turn (class-conditional models only). ``scale`` (one number or one per UNet level)
-    defaults to the experiment's sampling.scale.
+    defaults to the experiment's sampling.scale. ``data_values``: also write the samples in the data's own
+    bit depth and channels into ``OUT/data/`` (:func:`ldmflow.stages.sample.save_data_values`).
     """
     if n < 1:
         raise SamplingError(f"n must be >= 1, got {n}")
@@ -183,6 +192,8 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
     save_samples(out, pixels, latents, lab, attrs, controls=previews)
+    if data_values:
+        save_data_values(out, latents, decoder, extra.get("intensity"), batch_size)
     seconds = time.monotonic() - start
     log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %g, scale %s)", n, described,
              out, seconds, sampling.sampler, sampling.steps, sampling.guidance, scale)

@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data_fields(cfg: AutoencoderExperiment, data: PreparedData, source: str) -> None:
-    """Fill the config's data-derived fields (mask classes, class names) and check the image size."""
+    """Fill the config's data-derived fields (mask classes, class names, channels, intensity range and bit
+    depth: what later stages rebuild the data scaling from) and check the image size."""
     cfg.data.mask_classes = data.mask_classes
     cfg.data.classes = data.classes
+    cfg.data.channels = data.channels
+    cfg.data.intensity.range = data.value_range
+    cfg.data.intensity.source_bits = data.source_bits
     if cfg.data.image_size % cfg.model.downsample:
         raise ConfigError(
             f"{source}: key 'data.image_size' has {cfg.data.image_size}; allowed: a multiple of "
@@ -121,6 +125,7 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
     fc = FitConfig(stage="autoencoder", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
                    resolved=resolved_config(cfg), extra={"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)
                                                          if Path(manifest).is_file() else None,
+                                                         "data_fingerprint_sha256": data.fingerprint,
                                                          **({"init": parent} if parent else {})})
     task = AutoencoderTask(cfg, model, val_set)
     uncached = data.images is None

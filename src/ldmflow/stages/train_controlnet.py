@@ -204,7 +204,7 @@ def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: i
     signal = cfg.control.signal
     if signal == "edges":
         log.info("computing Sobel edge maps of %d images (%d px)", store.n, image_size)
-        return edge_controls(store.paths, image_size, str(store.path))
+        return edge_controls(store.paths, image_size, str(store.path), store.attrs.get("channels"))
     if signal == "image":
         manifest = cfg.control.manifest or store_manifest(store)
         if not manifest:

@@ -26,7 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ldmflow.artifacts import CHECKPOINT_FORMAT, RunPaths, atomic_write_bytes, load_checkpoint, save_checkpoint
+from ldmflow.artifacts import (
+    CHECKPOINT_FORMAT,
+    RunPaths,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_run,
+)
 from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
 from ldmflow.devices import get_device, rng_state, set_deterministic, set_rng_state
 from ldmflow.errors import Preempted, TrainingError
@@ -271,6 +278,8 @@ def resume(run: Run) -> dict | None:
     changed |= {f"inputs.{k}" for k in flat_diff(ckpt.get("extra", {}), fc.extra) if k.endswith("sha256")}
     if changed or ckpt.get("stage") != fc.stage:
         log.warning("%s: config changed (%s); starting a fresh run", run.paths.latest, ", ".join(sorted(changed)))
+        if run.writer:  # the earlier run's outputs move to RUN/previous/: no stale best checkpoint or sample
+            set_aside_run(run.paths)
         return None
     unwrap(run.model).load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
