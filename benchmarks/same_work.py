@@ -31,8 +31,8 @@ import dataclasses
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -107,16 +107,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
-    """Mean seconds of ``fn`` over ``steps`` timed calls after ``warmup`` untimed ones (compile, allocator)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+def paired_seconds(fns: list[Callable[[], object]], device: torch.device, warmup: int, steps: int,
+                   rounds: int = 3) -> list[float]:
+    """Seconds per call of each function: ``warmup`` untimed calls each (compilation, allocator), then
+    ``rounds`` rounds in which each runs ``steps`` timed calls in turn; the best round of each counts.
+    Alternating the sides spreads a busy neighbour on a shared machine over both, and the best round is
+    the one least disturbed."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            best[i] = min(best[i], (time.perf_counter() - t0) / steps)
+    return best
 
 
 def count_flops(fn: Callable[[], object]) -> float:
@@ -235,11 +244,11 @@ def _train_step(model, opt, schedule, batches, device, mode, *, clip: float | No
 
 
 def compare_diffusion_training(preset: str, side: int, batch: int, mode: Mode, device: torch.device, *,
-                               warmup: int, steps: int, channels: int = 4) -> list[dict]:
+                               warmup: int, steps: int, rounds: int = 3, channels: int = 4) -> list[dict]:
     """Two records: bare steps (no EMA, no clipping) and ldmflow's fit vs the diffusers step with both."""
     from diffusers.training_utils import EMAModel
 
-    cfg = diffusion_config(preset, batch, mode, epochs=3)
+    cfg = diffusion_config(preset, batch, mode, epochs=1 + rounds)
     shape = (channels, side, side)
     torch.manual_seed(0)
     ours = build_unet(cfg, channels, CLASSES).to(device)
@@ -263,27 +272,30 @@ def compare_diffusion_training(preset: str, side: int, batch: int, mode: Mode, d
     def bare(model):
         model = copy.deepcopy(model).train()
         opt = build_optimizer(model.parameters(), cfg.optim, device)
-        return seconds_per_call(_train_step(model, opt, schedule, batches, device, mode), device, warmup, steps)
+        return _train_step(model, opt, schedule, batches, device, mode)
+
+    t_ours, t_base = paired_seconds([bare(ours), bare(base)], device, warmup, steps, rounds)
 
     records = [record("diffusion_train_step", mode.name, batch, "samples/s", "none (bare step on both sides)",
-                      Side("ldmflow UNet", p_ours, f_ours, batch, bare(ours)),
-                      Side("diffusers UNet2DModel (same architecture)", p_base, f_base, batch, bare(base)),
+                      Side("ldmflow UNet", p_ours, f_ours, batch, t_ours),
+                      Side("diffusers UNet2DModel (same architecture)", p_base, f_base, batch, t_base),
                       **common)]
 
-    # ldmflow's whole loop (data, AdamW, clipping, non-finite guard, EMA, metrics): epochs of `steps` steps,
-    # the first a warm-up; against the diffusers step with clipping and diffusers' EMAModel.
+    # ldmflow's whole loop (data, AdamW, clipping, non-finite guard, EMA, metrics): 1 + rounds epochs of
+    # `steps` steps, the first a warm-up, the best epoch counts; against the diffusers step with clipping
+    # and diffusers' EMAModel, best of `rounds` rounds.
     with tempfile.TemporaryDirectory() as tmp:
         task = _DiffusionTask(copy.deepcopy(ours), schedule)
         fc = FitConfig(stage="bench", seed=0, data=cfg.data, optim=cfg.optim, train=cfg.train, resolved={})
         result = fit(task, data, SyntheticLatents(batch, shape, seed=1), fc, tmp, "bench", device=device,
                      progress=False)
-    loop_rate = float(np.median([row["samples_per_s"] for row in result["history"][1:]]))
+    loop_rate = max(row["samples_per_s"] for row in result["history"][1:])
     model = copy.deepcopy(base).train()
     opt = build_optimizer(model.parameters(), cfg.optim, device)
     ema = EMAModel(model.parameters(), decay=cfg.train.ema.decay, use_ema_warmup=False)
     ema.to(device)
-    t_base = seconds_per_call(_train_step(model, opt, schedule, batches, device, mode, clip=cfg.optim.grad_clip,
-                                          ema=ema), device, warmup, steps)
+    (t_base,) = paired_seconds([_train_step(model, opt, schedule, batches, device, mode, clip=cfg.optim.grad_clip,
+                                            ema=ema)], device, warmup, steps, rounds)
     records.append(record("diffusion_train_loop", mode.name, batch, "samples/s",
                           "EMA + gradient clipping on both sides (ldmflow: the whole training.fit loop)",
                           Side("ldmflow training.fit", p_ours, f_ours, batch, batch / loop_rate),
@@ -342,8 +354,7 @@ def compare_sampling(preset: str, side: int, batch: int, steps: int, mode: Mode,
         f_forward = count_flops(lambda: meta(torch.randn((batch, channels, side, side)),
                                              torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)))
     params = count_parameters(model)
-    t_ours = seconds_per_call(ours, device, 0, repeats)
-    t_base = seconds_per_call(base, device, 0, repeats)
+    t_ours, t_base = paired_seconds([ours, base], device, 0, 1, repeats)
     return record(f"sample_ddim{steps}", mode.name, batch, "samples/s", "none (same UNet, same weights)",
                   Side("ldmflow samplers.sample_ddim", params, steps * f_forward, batch, t_ours),
                   Side("diffusers DDIMScheduler loop", params, steps * f_forward, batch, t_base),
@@ -390,7 +401,7 @@ def _diffusers_ae_loss(model, batch, kl_weight: float):
 
 
 def compare_autoencoder_training(image_size: int, base_channels: int, batch: int, mode: Mode,
-                                 device: torch.device, *, warmup: int, steps: int) -> dict:
+                                 device: torch.device, *, warmup: int, steps: int, rounds: int = 3) -> dict:
     """Bare training steps (forward, loss, backward, AdamW) of our autoencoder and a FLOP-matched AutoencoderKL."""
     cfg = autoencoder_config(image_size, base_channels, batch)
     loss_fn = build_loss(cfg)
@@ -427,8 +438,9 @@ def compare_autoencoder_training(image_size: int, base_channels: int, batch: int
             opt.zero_grad(set_to_none=True)
         return one
 
-    t_ours = seconds_per_call(closure(ours, lambda m, b: loss_fn(m(b["image"]), b)[0]), device, warmup, steps)
-    t_base = seconds_per_call(closure(base, lambda m, b: _diffusers_ae_loss(m, b, kl_weight)), device, warmup, steps)
+    t_ours, t_base = paired_seconds([closure(ours, lambda m, b: loss_fn(m(b["image"]), b)[0]),
+                                     closure(base, lambda m, b: _diffusers_ae_loss(m, b, kl_weight))],
+                                    device, warmup, steps, rounds)
     return record("autoencoder_train_step", mode.name, batch, "images/s", "none (bare step on both sides)",
                   Side(f"ldmflow Autoencoder (kl, base {base_channels}, all heads)", count_parameters(ours), f_ours,
                        batch, t_ours),
@@ -498,8 +510,7 @@ def compare_embedding(image_size: int, base_channels: int, n: int, batch: int, d
         meta = build_autoencoder(cfg)
         f_image = count_flops(lambda: meta.encode(torch.randn((1, 3, image_size, image_size))))
     params = count_parameters(model.encoder)
-    t_ours = seconds_per_call(ours, device, 1, repeats)
-    t_base = seconds_per_call(base, device, 1, repeats)
+    t_ours, t_base = paired_seconds([ours, base], device, 1, 1, repeats)
     return record("embed", "eager_fp32", batch, "images/s", "none (same encoder weights, same PNGs)",
                   Side("ldmflow stages.embed.embed_latents (zarr store)", params, n * f_image, n, t_ours),
                   Side("plain loop: PIL + encode + np.savez", params, n * f_image, n, t_base),
@@ -522,14 +533,12 @@ def compare_search(queries: int, train: int, size: int, tiles: int, device: torc
     # unit-norm rows, tile-major (N, T, d), fp16 in host memory as the evaluation holds them
     q = (rng.standard_normal((queries, t, d), np.float32) / np.sqrt(dim)).astype(np.float16)
     x = (rng.standard_normal((train, t, d), np.float32) / np.sqrt(dim)).astype(np.float16)
-    a = torch.from_numpy(q.reshape(queries, -1)).to(device).float()
-    b = torch.from_numpy(x.reshape(train, -1)).to(device).float()
     flop = 2.0 * queries * train * t * d
     pairs = queries * train
-    t_base = seconds_per_call(lambda: a @ b.T, device, 1, repeats)
-    del a, b
-    t_ours = seconds_per_call(lambda: blocked_search(q, x, k=5, n=50, memory_gb=memory_gb, device=device),
-                              device, 1, repeats)
+    a = torch.from_numpy(q.reshape(queries, -1)).to(device).float()
+    b = torch.from_numpy(x.reshape(train, -1)).to(device).float()
+    t_ours, t_base = paired_seconds([lambda: blocked_search(q, x, k=5, n=50, memory_gb=memory_gb, device=device),
+                                     lambda: a @ b.T], device, 1, 1, repeats)
     return record("memorization_search", "eager_fp32", queries, "pairs/s", "none (features already in memory)",
                   Side("ldmflow evaluation.search.blocked_search (top-5 cosine + top-50 tiled L2)", 0, flop, pairs,
                        t_ours),
