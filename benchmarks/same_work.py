@@ -394,10 +394,22 @@ def _ae_batch(cfg, batch: int, device=None, seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def _diffusers_ae_loss(model, batch, kl_weight: float):
-    posterior = model.encode(batch["image"]).latent_dist
-    recon = model.decode(posterior.sample()).sample
-    return (recon.float() - batch["image"]).abs().mean() + kl_weight * posterior.kl().mean()
+class _DiffusersVAEStep(torch.nn.Module):
+    """AutoencoderKL's training forward in one ``forward`` (so that torch.compile sees all of it):
+    image (N, 3, H, W) -> reconstruction from a posterior sample (N, 3, H, W), KL per image (N,)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        posterior = self.vae.encode(image).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
+def _diffusers_ae_loss(model: _DiffusersVAEStep, batch: dict, kl_weight: float) -> torch.Tensor:
+    recon, kl = model(batch["image"])
+    return (recon.float() - batch["image"]).abs().mean() + kl_weight * kl.float().mean()
 
 
 def compare_autoencoder_training(image_size: int, base_channels: int, batch: int, mode: Mode,
@@ -413,14 +425,14 @@ def compare_autoencoder_training(image_size: int, base_channels: int, batch: int
     # (FLOPs grow with the width: walk up until they pass ours)
     f_of: dict[int, float] = {}
     for w in range(4, 4 * base_channels + 1, max(1, base_channels // 16)):
-        f_of[w] = training_flops(lambda w=w: diffusers_autoencoder(cfg.model, w),
+        f_of[w] = training_flops(lambda w=w: _DiffusersVAEStep(diffusers_autoencoder(cfg.model, w)),
                                  lambda m: _diffusers_ae_loss(m, meta_batch, kl_weight))
         if f_of[w] > f_ours:
             break
     width = min(f_of, key=lambda w: abs(math.log(f_of[w] / f_ours)))
     torch.manual_seed(0)
     ours = build_autoencoder(cfg).to(device).train()
-    base = diffusers_autoencoder(cfg.model, width).to(device).train()
+    base = _DiffusersVAEStep(diffusers_autoencoder(cfg.model, width)).to(device).train()
     batches = [_ae_batch(cfg, batch, device, seed=i) for i in range(2)]
 
     def closure(model, loss):

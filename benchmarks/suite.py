@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import platform
 import sys
@@ -142,6 +143,9 @@ def main(argv=None) -> None:
                 print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 continue
             finally:
+                # drop the case's compiled graphs and CUDA-graph memory pools before the next case
+                torch._dynamo.reset()
+                gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             for r in result if isinstance(result, list) else [result]:
