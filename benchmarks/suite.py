@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -53,6 +54,7 @@ class Scale:
     embed_image: int
     search: tuple[int, int, int]  # queries, training images, image side
     budget_s: float
+    threads: int | None = None  # torch's CPU threads; None: torch's default
 
 
 SCALES = {
@@ -61,7 +63,9 @@ SCALES = {
                  search=(4096, 32768, 32), budget_s=360.0),
     "cpu": Scale("demo_tiny", 8, (8,), ("eager_fp32",), warmup=2, steps=8, rounds=3,
                  sample_batch=(4,), sample_repeats=3,
-                 ae_image=16, ae_base=16, embed_images=256, embed_image=16, search=(256, 1024, 16), budget_s=300.0),
+                 ae_image=16, ae_base=16, embed_images=256, embed_image=16, search=(256, 1024, 16), budget_s=300.0,
+                 # one thread: on a busy shared machine two threads wait on each other (10x slower here)
+                 threads=1),
 }
 
 
@@ -91,8 +95,10 @@ def machine(device: torch.device) -> dict:
     import diffusers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86'})"
-    return {"device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "python": platform.python_version()}
+    return {"device_name": name, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            # a busy shared machine slows both sides: the load says how busy it was when the suite started
+            "load_average_1m": os.getloadavg()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version()}
 
 
 def line(r: dict) -> str:
@@ -111,6 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="JSON-lines file to write (one record per comparison)")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds (default: the scale's)")
     parser.add_argument("--modes", nargs="+", choices=sorted(sw.MODES), help="override the scale's modes")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the scale's)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
@@ -119,6 +126,8 @@ def main(argv=None) -> None:
     if args.modes:
         scale = dataclasses.replace(scale, modes=tuple(args.modes))
     budget = args.budget_s if args.budget_s is not None else scale.budget_s
+    if args.threads or scale.threads:
+        torch.set_num_threads(args.threads or scale.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = machine(device)
