@@ -11,6 +11,7 @@ import torch
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.diffusion.samplers import guided, sample
 from ldmflow.diffusion.schedules import NoiseSchedule
+from ldmflow.errors import SamplingError
 from ldmflow.viz import to_uint8
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
         x = torch.randn((hi - lo, *shape), generator=gen, device=device)
         denoise = guided(model, y, sampling.guidance, model.null_label if y is not None else None)
         z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen) / extra["scale_factor"]
+        if not torch.isfinite(z).all():  # NaN or inf would decode to black images that look like results
+            raise SamplingError(f"sampling produced non-finite latents (guidance {sampling.guidance:g}, "
+                                f"{sampling.sampler}, {sampling.steps} steps); try a smaller --guidance")
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
         images.append(to_uint8(rgb))
