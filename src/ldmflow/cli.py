@@ -53,8 +53,10 @@ def float_range(minimum: float, maximum: float):
             value = float(str(text).strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: {minimum:g}..{maximum:g}") from None
-        if not math.isfinite(value) or not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: a number in {minimum:g}..{maximum:g}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; allowed: {minimum:g}..{maximum:g}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: {minimum:g}..{maximum:g}")
         return value
 
     return parse
