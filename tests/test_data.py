@@ -155,8 +155,8 @@ def test_skip_bad_rows_counts_and_writes(bad_manifest, tmp_path):
 
 
 def test_integer_labels_and_explicit_split(tmp_path):
-    for i in range(4):
-        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    for i in range(4):  # four different images (identical files would be one image: see the duplicate tests)
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
     pd.DataFrame({"image": [f"{i}.png" for i in range(4)], "label": [0, 2, 2, 0],
                   "split": ["train", "train", "val", "test"]}).to_csv(tmp_path / "m.csv", index=False)
     data = prepare_data(tmp_path / "m.csv", DataConfig(image_size=8))

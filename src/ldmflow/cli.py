@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +15,131 @@ import yaml
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger("ldmflow")
+
+# Upper bounds of the plain commands' numbers: far above any real use, low enough that a typo (an extra
+# zero, a pasted timestamp) fails at once instead of allocating memory or running for days.
+MAX_IMAGES = 1_000_000
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both accept 0..2**32-1
+MAX_GUIDANCE = 100.0  # classifier-free guidance beyond ~20 saturates every pixel; 100 leaves room for experiments
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument types: every value is checked when the command line is parsed, so a bad one is a usage error
+# (exit 2, one line naming the option and what is allowed) before any work starts.
+# --------------------------------------------------------------------------------------------------
+
+
+def int_range(minimum: int, maximum: int):
+    """An argparse ``type=``: an integer in ``minimum..maximum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: {minimum}..{maximum}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: {minimum}..{maximum}")
+        return value
+
+    return parse
+
+
+def float_range(minimum: float, maximum: float):
+    """An argparse ``type=``: a finite number in ``minimum..maximum`` (NaN and infinity are refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: {minimum:g}..{maximum:g}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; allowed: {minimum:g}..{maximum:g}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: {minimum:g}..{maximum:g}")
+        return value
+
+    return parse
+
+
+def _path(text: str) -> Path:
+    text = str(text)
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path")
+    return Path(text)
+
+
+def existing_path(text: str) -> Path:
+    """An argparse ``type=``: a file or folder that exists."""
+    path = _path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    """An argparse ``type=``: a file that exists (not a folder)."""
+    path = existing_path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file")
+    return path
+
+
+def _creatable(path: Path, text: str) -> None:
+    """The nearest existing parent of ``path`` must be a writable folder."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be created: {parent} is not writable")
+
+
+def output_dir(text: str) -> Path:
+    """An argparse ``type=``: an output folder that exists, or can be created (never an existing file)."""
+    path = _path(text)
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder (existing or new)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    else:
+        _creatable(path, text)
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An argparse ``type=``: an output file (replaced when it exists) whose folder exists or can be created."""
+    path = _path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    if not path.exists():
+        _creatable(path, text)
+    return path
+
+
+DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type=``: auto, cpu, mps, cuda or cuda:N, refused when this machine lacks it."""
+    text = str(text).strip()
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if text.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text.partition(":")[2] or 0)
+        if index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    if text == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError("'mps': not available on this machine")
+    return text
 
 
 def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
@@ -32,14 +159,33 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...]) -> None:
-    """For commands without a config file, ``--set key=value`` sets one of the command's options."""
+def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...],
+                types: dict[str, argparse.Action] | None = None) -> None:
+    """For commands without a config file, ``--set key=value`` sets one of the command's options.
+
+    A key that is also an option of the command is checked like the option (``--set steps=0`` is refused
+    as ``--steps 0`` is); other keys (the memorization options) are parsed as YAML and validated later.
+    """
+    types = types if types is not None else getattr(args, "set_types", None) or {}
     for item in args.set or []:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in allowed:
             raise ConfigError(f"--set {item!r}: allowed keys for this command: {', '.join(allowed)}")
-        setattr(args, key, yaml.safe_load(raw))
+        action = types.get(key)
+        if action is not None:
+            try:
+                value = action.type(raw) if action.type else raw
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"--set {key}: {exc}") from None
+            if action.choices is not None and value not in action.choices:
+                raise ConfigError(f"--set {key}: {value!r}; allowed: {', '.join(map(str, action.choices))}")
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {item!r}: not a YAML value ({str(exc).splitlines()[0]})") from None
+        setattr(args, key, value)
 
 
 def cmd_demo_data(args) -> None:
@@ -164,8 +310,10 @@ def cmd_schemas(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmflow", description=__doc__)
-    parser.add_argument("--log-file", help="also write the log to this file")
+    parser.add_argument("--log-file", type=output_file, help="also write the log to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of a user error too (or set LDMFLOW_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -176,98 +324,119 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def training(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and data loading")
+        p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+        p.add_argument("--threads", type=int_range(1, 1024), default=None, help="CPU threads for torch and data loading")
 
     def fine_tuning(p: argparse.ArgumentParser) -> None:
         p.add_argument("--init", default=None, metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (overrides the config's init.from; fresh optimizer)")
 
     p = command("demo-data", cmd_demo_data, "write the built-in procedural demo dataset and its manifest.csv")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=256, help="number of images")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=output_dir, required=True, help="output folder")
+    p.add_argument("--n", type=int_range(2, MAX_IMAGES), default=256, help="number of images")
+    p.add_argument("--size", type=int_range(8, MAX_IMAGE_SIZE), default=32, help="image side in pixels")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=42)
 
     p = command("train-ae", cmd_train_ae, "train one autoencoder experiment (resumes from RUN_DIR's latest)")
-    p.add_argument("--config", required=True, help="autoencoder experiment YAML")
-    p.add_argument("--data", required=True, help="manifest CSV or folder of images")
-    p.add_argument("--out", required=True, help="run folder RUN_DIR")
+    p.add_argument("--config", type=existing_file, required=True, help="autoencoder experiment YAML")
+    p.add_argument("--data", type=existing_path, required=True, help="manifest CSV or folder of images")
+    p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
     training(p)
     fine_tuning(p)
 
     p = command("select-ae", cmd_select_ae, "pick the best autoencoder run; write selected.json and a plot")
-    p.add_argument("--runs", nargs="+", required=True, help="autoencoder run folders")
-    p.add_argument("--out", required=True, help="path of selected.json")
+    p.add_argument("--runs", type=existing_path, nargs="+", required=True, help="autoencoder run folders")
+    p.add_argument("--out", type=output_file, required=True, help="path of selected.json")
     p.add_argument("--metric", default="val_loss", help="metrics column to compare (default val_loss)")
     p.add_argument("--mode", default="min", choices=("min", "max"))
 
     p = command("train-diffusion", cmd_train_diffusion,
                 "train one diffusion experiment on a latent store (resumes from RUN_DIR's latest)")
-    p.add_argument("--config", required=True, help="diffusion experiment YAML")
-    p.add_argument("--latents", required=True, help="latent store (latents.zarr) from `ldmflow embed`")
-    p.add_argument("--out", required=True, help="run folder RUN_DIR")
+    p.add_argument("--config", type=existing_file, required=True, help="diffusion experiment YAML")
+    p.add_argument("--latents", type=existing_path, required=True, help="latent store (latents.zarr) from `ldmflow embed`")
+    p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
     training(p)
     fine_tuning(p)
 
     p = command("train-controlnet", cmd_train_controlnet,
                 "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)")
-    p.add_argument("--config", required=True, help="ControlNet experiment YAML")
-    p.add_argument("--latents", required=True, help="latent store (latents.zarr) from `ldmflow embed`")
-    p.add_argument("--base", required=True, help="the base diffusion checkpoint (.pt), e.g. NAME_checkpoint_best.pt")
-    p.add_argument("--out", required=True, help="run folder RUN_DIR")
+    p.add_argument("--config", type=existing_file, required=True, help="ControlNet experiment YAML")
+    p.add_argument("--latents", type=existing_path, required=True, help="latent store (latents.zarr) from `ldmflow embed`")
+    p.add_argument("--base", type=existing_file, required=True,
+                   help="the base diffusion checkpoint (.pt), e.g. NAME_checkpoint_best.pt")
+    p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
     training(p)
     fine_tuning(p)
 
     p = command("sample", cmd_sample,
                 "generate images from a diffusion or ControlNet checkpoint (PNGs, grid.png, samples.zarr)")
-    p.add_argument("--checkpoint", required=True, help="diffusion or ControlNet checkpoint (.pt)")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--class", dest="class_id", default=None, help="class name or index (default: cycle classes)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")
+    p.add_argument("--checkpoint", type=existing_file, required=True, help="diffusion or ControlNet checkpoint (.pt)")
+    p.add_argument("--n", type=int_range(1, MAX_IMAGES), default=16, help="number of samples")
+    p.add_argument("--out", type=output_dir, required=True,
+                   help="output folder (sample PNGs, grid.png and samples.zarr of an earlier call are replaced)")
+    p.add_argument("--class", dest="class_id", default=None,
+                   help="class name or index (default: cycle classes); class-conditional models only")
+    p.add_argument("--guidance", type=float_range(0.0, MAX_GUIDANCE), default=None,
+                   help="classifier-free guidance scale (default: config); class-conditional models only")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m"), default=None, help="default: config")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: config)")
+    p.add_argument("--steps", type=int_range(1, 100_000), default=None,
+                   help="sampling steps, at most the model's trained timesteps (default: config)")
     p.add_argument("--control", default=None, metavar="PATH_OR_INDEX",
                    help="ControlNet checkpoints: the control, a row index of the latent store or an image file "
                    "(a mask PNG, an image for edges, or a control image) of the autoencoder's image size")
     p.add_argument("--scale", default=None, metavar="S",
                    help="ControlNet conditioning scale: a number, or one per UNet level as 1,0.5 (default: config)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=42)
+    p.add_argument("--batch-size", type=int_range(1, 65536), default=64)
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--data-values", action="store_true",
                    help="also write OUT/data/ samples in the data's own bit depth and channels (16-bit PNG, "
                    "multi-page TIFF)")
 
     p = command("embed", cmd_embed, "encode every image with an autoencoder into a zarr latent store")
-    p.add_argument("--checkpoint", required=True, help="autoencoder checkpoint .pt, or the selected.json naming one")
-    p.add_argument("--data", required=True, help="manifest CSV or folder of images")
-    p.add_argument("--out", required=True, help="the store to write, e.g. latents.zarr")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    p.add_argument("--checkpoint", type=existing_file, required=True,
+                   help="autoencoder checkpoint .pt, or the selected.json naming one")
+    p.add_argument("--data", type=existing_path, required=True, help="manifest CSV or folder of images")
+    p.add_argument("--out", type=output_dir, required=True, help="the store to write, e.g. latents.zarr")
+    p.add_argument("--batch-size", type=int_range(1, 65536), default=64, help="images per encoder batch (default 64)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="latent dtype (default float16)")
     training(p)
 
     p = command("memorization", cmd_memorization,
                 "compare generated samples with the training set: memorized copies, similarity, quality")
-    p.add_argument("--train", required=True, help="training manifest CSV or latent store (*.zarr)")
-    p.add_argument("--samples", required=True, help="folder of sample PNGs (and samples.zarr), or a samples store")
-    p.add_argument("--out", required=True, help="output folder (per_sample.csv, summary.json, plots)")
-    p.add_argument("--reference", default=None,
+    p.add_argument("--train", type=existing_path, required=True, help="training manifest CSV or latent store (*.zarr)")
+    p.add_argument("--samples", type=existing_path, required=True,
+                   help="folder of sample PNGs (and samples.zarr), or a samples store")
+    p.add_argument("--out", type=output_dir, required=True, help="output folder (per_sample.csv, summary.json, plots)")
+    p.add_argument("--reference", type=existing_path, default=None,
                    help="held-out real images (manifest or store); default: the training input's val split")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
 
     p = command("schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
-    p.add_argument("--out", default="config/schemas", help="output folder (default config/schemas)")
+    p.add_argument("--out", type=output_dir, default="config/schemas", help="output folder (default config/schemas)")
 
+    for p in sub.choices.values():  # --set KEY=VALUE of a plain command is checked like its option --KEY
+        p.set_defaults(set_types={a.dest: a for a in p._actions if a.type is not None or a.choices is not None})
     return parser
 
 
+def debug_requested(args: argparse.Namespace, environ) -> bool:
+    """``--debug`` or ``LDMFLOW_DEBUG=1``: user errors show their traceback too."""
+    return bool(getattr(args, "debug", False)) or environ.get("LDMFLOW_DEBUG", "").strip().lower() not in (
+        "", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (see ``ldmflow.errors``: 0 done, 2 user error, 143 preempted,
+    1 training cannot go on). A bug (any other exception) propagates with its traceback."""
     from ldmflow.errors import Preempted, exit_code
     from ldmflow.training.distributed import init_from_env, shutdown
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage line and the error (exit 2), or --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = debug_requested(args, os.environ)
     try:
         init_from_env(os.environ)  # first: under torchrun, logging is quieter on ranks > 0
         setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -276,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(exc)
         if code is None:
             raise
-        (log.warning if isinstance(exc, Preempted) else log.error)("%s", exc)
+        (log.warning if isinstance(exc, Preempted) else log.error)("%s", exc, exc_info=debug)
         return code
     finally:
         shutdown()

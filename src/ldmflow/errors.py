@@ -38,10 +38,12 @@ class ControlError(DataError):
 
 
 
-# The command line's exit codes: 2 for a user error (usage, config, data), 143 (128 + SIGTERM) for a run that
-# saved a checkpoint on a scheduler's signal (SIGINT, SIGTERM, SIGUSR1 or SIGUSR2: one code for all four) and
-# can be resumed, 1 for a run that cannot go on.
-USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError)
+# The command line's exit codes: 2 for a user error (usage, config, data, a path that cannot be read or
+# written), 143 (128 + SIGTERM) for a run that saved a checkpoint on a scheduler's signal (SIGINT, SIGTERM,
+# SIGUSR1 or SIGUSR2: one code for all four) and can be resumed, 1 for a run that cannot go on. README "When
+# something is wrong" lists them.
+USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError, FileExistsError,
+               PermissionError, IsADirectoryError, NotADirectoryError)
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143
 EXIT_TRAINING_ERROR = 1

@@ -41,7 +41,10 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
     return data
 
 
@@ -53,6 +56,11 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise ConfigError(f"{path}: not a YAML text file ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment file is a mapping of keys (name: ..., model: ...); "
+                          f"found a {type(data).__name__}")
     return {} if data is None else data
 
 

@@ -56,6 +56,10 @@ class MemorizationConfig:
     top_matches: int = param(16, "Most similar sample/training pairs drawn in top_matches.png.", minimum=1)
     batch_size: int = param(64, "Images per batch when decoding and encoding.", minimum=1)
     seed: int = param(0, "Seed of the subsets drawn for the quality numbers.", minimum=0)
+    resize: bool = param(
+        False, "Compare images of different sizes or channel counts (samples vs training vs reference) by resizing "
+        "them all to image_size; false: such a mismatch is an error, since resized copies rarely match.",
+    )
 
 
 def option_names() -> tuple[str, ...]:

@@ -15,6 +15,20 @@ palette images (expanded to RGB, or RGBA when they carry transparency), PNG, TIF
 Pillow reads. A multi-page TIFF is an N-channel image (one page per channel) when ``data.channels`` is N,
 and rejected otherwise. 8-bit images map 0..255 to [-1, 1]; deeper images by ``data.intensity`` (per-channel
 percentiles of the train split by default), and the range used is kept with the run.
+
+Read-time rules (:func:`read_manifest`):
+
+* **Labels** are stripped of surrounding whitespace. An empty label means "unlabelled", never a class: a
+  column of empty labels is dropped, and a column where some rows are labelled and others not is an
+  error naming the unlabelled rows. With ``data.classes: null`` one column holds integer ids or names,
+  not both, and no two names may differ only in case (``Circle`` / ``circle``): both are errors naming
+  the rows, since guessing would silently make or merge classes.
+* **Duplicates**: rows naming the same file, or files with the same content, are one image. They are
+  reported (a warning naming the rows) and always land on the same side of the split (the split is drawn
+  over unique images), so validation never holds a training image. Content is compared only between
+  files of the same byte size, by a hash of their first MiB: exact for files under 1 MiB (nearly every
+  training image), and for larger ones two files of one size and one first MiB count as one image.
+  Duplicates with different labels or different ``split`` values are an error naming both rows.
 """
 
 from __future__ import annotations
@@ -45,6 +59,8 @@ MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 PERCENTILE_PIXELS = 4096  # pixels per train image (per channel) that the percentile rule looks at ...
 PERCENTILE_TOTAL = 2**24  # ... and in all (fewer per image on large datasets: memory stays bounded)
+HASH_BYTES = 2**20  # duplicate files are compared by size and a hash of their first MiB
+MAX_INTEGER_CLASSES = 10_000  # integer labels 0..K-1 with classes: null; larger ids are typos, not classes
 
 
 
@@ -66,8 +82,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     elif path.is_file():
         try:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: empty manifest; a CSV with a header row (image[,mask,label,split,control]) "
+                            "and one row per image is needed") from None
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not a readable CSV manifest: {exc}") from None
+            raise DataError(f"{path}: not a readable CSV manifest: {str(exc).strip()}") from None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise DataError(f"{path}: cannot read the manifest: {exc.strerror}") from None
         if "image" not in frame.columns:
             raise DataError(f"{path}: manifest needs an 'image' column; found columns: {', '.join(frame.columns)}")
         unknown = set(frame.columns) - {"image", "mask", "label", "split", "control"}
@@ -76,14 +97,19 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
                 f"{path}: unknown manifest column(s) {', '.join(sorted(unknown))}; "
                 "allowed: image, mask, label, split, control"
             )
+        if not len(frame):
+            raise DataError(f"{path}: manifest has a header but no rows")
         root = path.parent
         for col in ("image", "mask", "control"):
             if col in frame.columns:
-                frame[col] = [str((root / p).resolve()) if p else "" for p in frame[col]]
+                frame[col] = [_resolve_path(root, p, path, row) for row, p in enumerate(frame[col], 1)]
     else:
         raise DataError(f"{path}: manifest not found (give a CSV file or a folder of images)")
     frame.insert(0, "row", np.arange(1, len(frame) + 1))
     frame.attrs["source"] = str(path)
+    if "label" in frame.columns:
+        frame = normalise_labels(frame, str(path))
+    frame["image_group"] = duplicate_groups(frame, str(path))
     return frame
 
 
@@ -167,6 +193,97 @@ def dataset_metadata(source: str | Path) -> dict:
         raise DataError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: classes, mask_classes")
     return meta
 
+def _resolve_path(root: Path, text: str, source: Path, row: int) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    if "\0" in text:
+        raise DataError(f"{source}: row {row}: {text!r} is not a file path")
+    return str((root / text).resolve())
+
+
+def _rows(rows) -> str:
+    """'rows 2, 5, 9' (at most eight, then the count)."""
+    rows = [int(r) for r in rows]
+    more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+    return f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:8]))}{more}"
+
+
+def normalise_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Strip the labels; drop a column of empty labels; refuse a column where only some rows are labelled."""
+    labels = frame["label"].astype(str).str.strip()
+    empty = labels == ""
+    if empty.all():
+        log.info("%s: the label column is empty: the images are unlabelled", source)
+        return frame.drop(columns="label")
+    if empty.any():
+        raise DataError(f"{source}: {_rows(frame['row'][empty])}: empty label while other rows have one; label "
+                        "every row, or none (an empty label means unlabelled, not a class)")
+    frame["label"] = labels
+    return frame
+
+
+def _content_key(path: str) -> tuple[int, str] | None:
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size, hashlib.blake2b(f.read(HASH_BYTES), digest_size=16).hexdigest()
+    except OSError:
+        return None  # a missing or unreadable file is named, with its row, when the row is decoded
+
+
+def duplicate_groups(frame: pd.DataFrame, source: str) -> np.ndarray:
+    """Each row's image group: the manifest row of the first row with the same file or the same content.
+
+    Rows of one group must agree on label and split (else a DataError names both rows); groups of more
+    than one row are logged as a warning.
+    """
+    paths = list(frame["image"])
+    rows = [int(r) for r in frame["row"]]
+    first_of_path: dict[str, int] = {}
+    group = np.array([first_of_path.setdefault(p, r) if p else r for p, r in zip(paths, rows)], dtype=np.int64)
+    # content: only files whose byte size another file shares can be copies, so most files are never read
+    by_size: dict[int, list[int]] = {}
+    for path, row in first_of_path.items():
+        try:
+            by_size.setdefault(os.stat(path).st_size, []).append(row)
+        except (OSError, ValueError):
+            pass
+    path_of = {r: p for p, r in first_of_path.items()}
+    first_of_content: dict[tuple[int, str], int] = {}
+    same: dict[int, int] = {}
+    for candidates in (v for v in by_size.values() if len(v) > 1):
+        for row in sorted(candidates):
+            key = _content_key(path_of[row])
+            if key is not None:
+                same[row] = first_of_content.setdefault(key, row)
+    group = np.array([same.get(int(g), int(g)) for g in group], dtype=np.int64)
+    repeated = np.flatnonzero(group != np.asarray(rows))
+    if len(repeated):
+        pairs = [f"{rows[i]} (= row {group[i]})" for i in repeated[:8]]
+        log.warning("%s: %d row(s) repeat an earlier row's image (same file or same content): rows %s%s; each "
+                    "image stays on one side of the split", source, len(repeated), ", ".join(pairs),
+                    f" and {len(repeated) - 8} more" if len(repeated) > 8 else "")
+        index = {r: i for i, r in enumerate(rows)}
+        for col in ("label", "split"):
+            if col in frame.columns:
+                values = list(frame[col])
+                for i in repeated:
+                    j = index[int(group[i])]
+                    if values[i] != values[j]:
+                        raise DataError(f"{source}: rows {rows[j]} and {rows[i]} are the same image with different "
+                                        f"{col}s ({values[j]!r}, {values[i]!r}); keep one row, or give them one {col}")
+    return group
+
+
+def split_by_image(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
+    """:func:`assign_split` over unique images: rows of one image (see :func:`duplicate_groups`) share a side.
+
+    Without duplicates this is ``assign_split(len(frame), ...)``, row for row.
+    """
+    groups = frame["image_group"].to_numpy() if "image_group" in frame.columns else np.arange(len(frame))
+    unique, inverse = np.unique(groups, return_inverse=True)
+    return assign_split(len(unique), val_fraction, seed)[inverse]
+
 
 def assign_split(n: int, val_fraction: float, seed: int) -> np.ndarray:
     """A deterministic train/val split of n rows by seed: at least one validation row when n > 1."""
@@ -178,20 +295,46 @@ def assign_split(n: int, val_fraction: float, seed: int) -> np.ndarray:
 
 
 def _is_int(value: str) -> bool:
-    return value.strip().isdigit()
+    value = value.strip()
+    return value.isascii() and value.isdigit()
+
+
+def infer_classes(labels: list[str], source: str, rows) -> list[str]:
+    """The classes of a label column when ``data.classes`` is null: integer ids 0..max become "0".."max",
+    names become the sorted unique names. Ids and names mixed, or names differing only in case, are an
+    error naming the rows."""
+    rows = list(rows)
+    is_int = [_is_int(v) for v in labels]
+    if all(is_int):
+        top = max(int(v) for v in labels)
+        if top >= MAX_INTEGER_CLASSES:
+            bad = [r for r, v in zip(rows, labels) if int(v) >= MAX_INTEGER_CLASSES]
+            raise DataError(f"{source}: {_rows(bad)}: integer label {top}; allowed ids 0..{MAX_INTEGER_CLASSES - 1} "
+                            "(name the classes in data.classes for other labels)")
+        return [str(i) for i in range(top + 1)]
+    if any(is_int):
+        ints = [r for r, b in zip(rows, is_int) if b]
+        names = [r for r, b in zip(rows, is_int) if not b]
+        raise DataError(f"{source}: the label column mixes integer ids ({_rows(ints)}) and names ({_rows(names)}); "
+                        "use one kind, or list the classes in data.classes")
+    folded: dict[str, str] = {}
+    for value, row in zip(labels, rows):
+        other = folded.setdefault(value.casefold(), value)
+        if other != value:
+            first = next(r for r, v in zip(rows, labels) if v == other)
+            raise DataError(f"{source}: rows {first} and {row}: labels {other!r} and {value!r} differ only in case; "
+                            "use one spelling (or list both in data.classes)")
+    return sorted(set(labels))
 
 
 def resolve_labels(labels: list[str], classes: list[str] | None, source: str, rows) -> tuple[np.ndarray, list[str]]:
     """Map manifest labels (names or integer ids) to integer ids; an unknown label names its row.
 
-    With no class list given, integer labels 0..max become classes "0".."max" and names become the
-    sorted unique names.
+    With no class list given, the classes are inferred by :func:`infer_classes`.
     """
+    labels = [str(v).strip() for v in labels]
     if classes is None:
-        if all(_is_int(v) for v in labels):
-            classes = [str(i) for i in range(max(int(v) for v in labels) + 1)]
-        else:
-            classes = sorted(set(labels))
+        classes = infer_classes(labels, source, rows)
     lookup = {name: i for i, name in enumerate(classes)}
     out = np.empty(len(labels), dtype=np.int64)
     for i, (value, row) in enumerate(zip(labels, rows)):
@@ -532,7 +675,7 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
             raise DataError(f"{source}: row {rec['row']}: unknown split {rec['split']!r}; allowed: {', '.join(SPLITS)}")
         split = frame["split"].to_numpy(dtype=object)
     else:
-        split = assign_split(len(frame), cfg.val_fraction, seed)
+        split = split_by_image(frame, cfg.val_fraction, seed)
     if not (split == "train").any():
         raise DataError(f"{source}: no training rows (split column has no 'train')")
 

@@ -12,6 +12,7 @@ import torch
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.diffusion.samplers import guided, sample
 from ldmflow.diffusion.schedules import NoiseSchedule
+from ldmflow.errors import SamplingError
 from ldmflow.viz import to_pixels
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
         y = labels[lo:hi].to(device) if labels is not None else None
         x = torch.randn((hi - lo, *shape), generator=gen, device=device)
         z = denoise_batch(model, x, y, schedule, sampling, prediction, gen) / extra["scale_factor"]
+        if not torch.isfinite(z).all():  # NaN or inf would decode to black images that look like results
+            raise SamplingError(f"sampling produced non-finite latents (guidance {sampling.guidance:g}, "
+                                f"{sampling.sampler}, {sampling.steps} steps); try a smaller --guidance")
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
         images.append(to_pixels(rgb))

@@ -63,6 +63,7 @@ class ImageSet:
     split: np.ndarray | None = None  # (N,) "train" / "val" / "test" where known
     checkpoint: str | None = None  # the autoencoder that made the latents
     images: torch.Tensor | None = None  # (N, C, H, W) in [-1, 1] for in-memory sets
+    image_size: int | None = None  # a latent store's: its files, resized and cropped to this, made the latents
 
     def __len__(self) -> int:
         return len(self.names)
@@ -128,8 +129,9 @@ def _open_store(path: Path) -> ImageSet:
         split = np.array(_strings(group["split"][:]), dtype=object)
         if len(paths) != count or len(split) != count:
             raise DataError(f"{path}: latents has {count} rows but paths {len(paths)} and split {len(split)}")
+        size = attrs.get("image_size")
         return ImageSet(str(path), paths, list(paths), list(range(1, count + 1)), latents, np.arange(count), split,
-                        ckpt)
+                        ckpt, image_size=int(size) if size else None)
     names = [f"sample_{i:05d}" for i in range(count)]
     return ImageSet(str(path), names, [None] * count, list(range(1, count + 1)), latents, np.arange(count),
                     checkpoint=ckpt)
@@ -142,6 +144,39 @@ def tensor_image_set(images: torch.Tensor, name: str = "tensor") -> ImageSet:
     n = len(images)
     return ImageSet(name, [f"{name}_{i:05d}" for i in range(n)], [None] * n, list(range(1, n + 1)),
                     images=images.detach().float().cpu())
+
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def image_formats(s: ImageSet, decoded_size, limit: int = 2000) -> dict[tuple[int, int, str | None], int]:
+    """How many images of a set come in each (width, height, 'gray' / 'colour') as the evaluation reads them.
+
+    Files are read by their headers only, at most ``limit`` of them spread evenly over the set (so a
+    100k-image manifest costs 2000 opens). A latent store's files count at the store's ``image_size``
+    (the size they were embedded at); rows with only a latent at ``decoded_size()`` (the autoencoder's),
+    of unknown channels (None).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if s.images is not None:  # (N, 3, H, W)
+        return {(int(s.images.shape[-1]), int(s.images.shape[-2]), "colour"): len(s)}
+    if s.image_size:
+        return {(s.image_size, s.image_size, None): len(s)}
+    picks = np.unique(np.linspace(0, len(s) - 1, min(len(s), limit)).round().astype(np.int64)) if len(s) else []
+    counts: dict[tuple[int, int, str | None], int] = {}
+    for i in picks:
+        path = s.paths[i]
+        if path is None:
+            key = (decoded_size(), decoded_size(), None)
+        else:
+            try:
+                with Image.open(path) as img:
+                    key = (img.size[0], img.size[1], "gray" if img.mode in GRAY_MODES else "colour")
+            except (OSError, UnidentifiedImageError, ValueError):
+                continue  # the loader names the unreadable file, with its row, when it reads it
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 class Loader:

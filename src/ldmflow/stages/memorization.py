@@ -43,7 +43,7 @@ from ldmflow.config.memorization import MemorizationConfig, memorization_config
 from ldmflow.config.schema import to_dict
 from ldmflow.devices import get_device
 from ldmflow.errors import DataError
-from ldmflow.evaluation.image_sets import ImageSet, Loader, open_image_set, tensor_image_set
+from ldmflow.evaluation.image_sets import ImageSet, Loader, image_formats, open_image_set, tensor_image_set
 from ldmflow.evaluation.memorization_report import _flags, _json_safe, _percentiles, write_histogram, write_per_sample
 from ldmflow.evaluation.search import blocked_search, neighbour_tests
 from ldmflow.viz import grid, save_png, to_uint8
@@ -114,6 +114,29 @@ def _quality(loader: Loader, train: ImageSet, samples: ImageSet, reference: Imag
     return ae, inception
 
 
+def check_formats(sets: dict[str, ImageSet | None], loader: Loader, cfg: MemorizationConfig, notes: list[str]) -> None:
+    """Refuse to compare images of different sizes or channel counts unless ``cfg.resize`` asks for it.
+
+    Every image is resized to ``image_size`` for the features, so a 16 px sample against 32 px training
+    images would be compared blurred against sharp and never flagged; with ``resize`` the mismatch is
+    compared anyway and written into the summary's notes.
+    """
+    formats = {name: image_formats(s, lambda: loader.ae_size) for name, s in sets.items() if s is not None and len(s)}
+    if any(c is None for f in formats.values() for (_, _, c) in f):  # channels unknown somewhere: compare sizes only
+        formats = {name: {(w, h, None): n for (w, h, _), n in f.items()} for name, f in formats.items()}
+    if len(set().union(*formats.values())) <= 1:
+        return
+    text = "; ".join(f"{name} " + ", ".join(f"{w}x{h}{'' if c is None else ' ' + c} ({n})" for (w, h, c), n in f.items())
+                     for name, f in formats.items())
+    if not cfg.resize:
+        raise DataError(f"images of different sizes or channel counts ({text}); give samples and training images "
+                        "of one format, or --set resize=true to compare them all resized to "
+                        f"{cfg.image_size}x{cfg.image_size}")
+    notes.append(f"images of different sizes or channel counts, all resized to {cfg.image_size}x{cfg.image_size} "
+                 f"(resize: true): {text}")
+    log.warning("memorization: %s", notes[-1])
+
+
 def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cfg: MemorizationConfig,
               out: Path | None, device: str | torch.device | None, inputs: dict, notes: list[str]) -> dict:
     device = get_device(str(device) if device else None)
@@ -121,6 +144,7 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
     loader = Loader(cfg, device, checkpoint)
     if len(train) < 2:
         raise DataError(f"{train.source}: {len(train)} training image(s); the tests need at least 2")
+    check_formats({"training": train, "samples": samples, "reference": reference}, loader, cfg, notes)
     if len(train) < cfg.n:
         notes.append(f"{len(train)} training images: the tiled L2 test averages over {len(train)}, not n={cfg.n}")
     t0 = time.monotonic()

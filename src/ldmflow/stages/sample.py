@@ -1,4 +1,9 @@
-"""Sampling from a trained diffusion checkpoint: decoded PNGs, a grid image and ``samples.zarr``."""
+"""Sampling from a trained diffusion checkpoint: decoded PNGs, a grid image and ``samples.zarr``.
+
+The output folder holds one call's samples: the ``sample_*.png``, ``grid.png``, ``control.png`` and
+``samples.zarr`` of an earlier call into the same folder are removed first (other files are left alone), so
+a second call with a smaller N leaves no stale samples behind.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +76,46 @@ def resolve_class(value: str | int | None, classes: list[str] | None, num_classe
     if value.isdigit() and int(value) < num_classes:
         return int(value)
     raise SamplingError(f"unknown class {value!r}; allowed: {', '.join(classes or [])} or 0..{num_classes - 1}")
+
+
+def check_request(n: int, batch_size: int, sampling: SamplingConfig, timesteps: int, num_classes: int | None,
+                  guidance: float | None) -> None:
+    """Refuse a sampling request the checkpoint cannot serve as asked, naming the option and what is allowed."""
+    if n < 1:
+        raise SamplingError(f"--n {n}: allowed: 1 or more samples")
+    if batch_size < 1:
+        raise SamplingError(f"--batch-size {batch_size}: allowed: 1 or more")
+    if not 1 <= sampling.steps <= timesteps:
+        raise SamplingError(f"--steps {sampling.steps}: allowed: 1..{timesteps} (the model's trained timesteps)")
+    if guidance is not None:
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise SamplingError(f"--guidance {guidance}: allowed: a finite number >= 0")
+        if not num_classes:
+            # the guided denoiser ignores the scale without labels: refuse it rather than record a no-op
+            raise SamplingError(f"--guidance {guidance:g}: this checkpoint is unconditional; classifier-free "
+                                "guidance needs a class-conditional model")
+
+
+def recorded_guidance(sampling: SamplingConfig, num_classes: int | None) -> float | None:
+    """The guidance scale that was applied: None for an unconditional model (none is)."""
+    return sampling.guidance if num_classes else None
+
+
+def prepare_out(out: str | Path) -> Path:
+    """OUT as a folder without the samples of an earlier call (their PNGs, grid, control and store go)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SamplingError(f"--out {out}: a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = [p for pattern in ("sample_*.png", "grid.png", "control.png") for p in out.glob(pattern)]
+    for path in earlier:
+        path.unlink()
+    if (out / "samples.zarr").exists():
+        earlier.append(out / "samples.zarr")
+        shutil.rmtree(out / "samples.zarr")
+    if earlier:
+        log.warning("%s: removed %d file(s) of an earlier sampling call", out, len(earlier))
+    return out
 
 
 def write_samples_store(path: Path, latents: np.ndarray, labels: np.ndarray, attrs: dict) -> None:
@@ -146,11 +191,12 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
     ``OUT/data/`` (see :func:`save_data_values`): e.g. 16-bit PNGs for 16-bit microscopy.
     """
     if n < 1:
-        raise SamplingError(f"n must be >= 1, got {n}")
+        raise SamplingError(f"--n {n}: allowed: 1 or more samples")
     dev = get_device(device)
     model, cfg, extra = load_diffusion(checkpoint, dev)
     sampling = from_dict(SamplingConfig, {**vars(cfg.sampling), **{k: v for k, v in
                                           {"sampler": sampler, "steps": steps}.items() if v is not None}})
+    check_request(n, batch_size, sampling, cfg.diffusion.timesteps, extra["num_classes"], guidance)
     if guidance is not None:
         sampling.guidance = guidance
     decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
@@ -160,8 +206,7 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
     labels = None
     if num_classes:
         labels = torch.full((n,), fixed, dtype=torch.long) if fixed is not None else torch.arange(n) % num_classes
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(out)
     start = time.monotonic()
     latents, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, schedule, sampling,
                                        cfg.diffusion.prediction, decoder, seed=seed, device=dev,
@@ -169,13 +214,13 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
     attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
              "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
              "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
-             "eta": sampling.eta, "guidance": sampling.guidance, "seed": seed, "classes": extra["classes"],
-             "ldmflow_version": __version__}
+             "eta": sampling.eta, "guidance": recorded_guidance(sampling, num_classes), "seed": seed,
+             "classes": extra["classes"], "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
     save_samples(out, pixels, latents, lab, attrs)
     if data_values:
         save_data_values(out, latents, decoder, extra.get("intensity"), batch_size)
     seconds = time.monotonic() - start
-    log.info("wrote %d samples to %s in %.1f s (%s, %d steps, guidance %g)", n, out, seconds, sampling.sampler,
-             sampling.steps, sampling.guidance)
+    log.info("wrote %d samples to %s in %.1f s (%s, %d steps, guidance %s)", n, out, seconds, sampling.sampler,
+             sampling.steps, attrs["guidance"])
     return {"n": n, "out": str(out), "seconds": seconds, **attrs}

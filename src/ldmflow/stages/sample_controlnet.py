@@ -36,7 +36,15 @@ from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ControlError, SamplingError
 from ldmflow.models.controlnet import ControlledUNet, Scale, build_controlnet
 from ldmflow.models.unet import build_unet
-from ldmflow.stages.sample import load_verified_autoencoder, resolve_class, save_data_values, save_samples
+from ldmflow.stages.sample import (
+    check_request,
+    load_verified_autoencoder,
+    prepare_out,
+    recorded_guidance,
+    resolve_class,
+    save_data_values,
+    save_samples,
+)
 from ldmflow.viz import save_png
 
 log = logging.getLogger(__name__)
@@ -154,13 +162,16 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
     bit depth and channels into ``OUT/data/`` (:func:`ldmflow.stages.sample.save_data_values`).
     """
     if n < 1:
-        raise SamplingError(f"n must be >= 1, got {n}")
+        raise SamplingError(f"--n {n}: allowed: 1 or more samples")
     dev = get_device(device)
     model, cfg, base_cfg, extra = load_controlnet(checkpoint, dev)
     sampling = cfg.sampling.base()
-    for key, value in {"sampler": sampler, "steps": steps, "guidance": guidance}.items():
+    for key, value in {"sampler": sampler, "steps": steps}.items():
         if value is not None:
             setattr(sampling, key, value)
+    check_request(n, batch_size, sampling, base_cfg.diffusion.timesteps, extra["num_classes"], guidance)
+    if guidance is not None:
+        sampling.guidance = guidance
     validate(to_dict(sampling), SamplingConfig, "--sampler/--steps/--guidance")
     scale = cfg.sampling.scale if scale is None else scale
     controls, row_labels, described = load_controls(control, n, cfg, extra)
@@ -176,8 +187,7 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
     if num_classes:
         labels = torch.tensor([fixed if fixed is not None else (lab if lab is not None else i % num_classes)
                                for i, lab in enumerate(row_labels)], dtype=torch.long)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(out)
     start = time.monotonic()
     latents, pixels = generate_decoded(lambda lo, hi: model.bind(controls[lo:hi].to(dev), scale), n, labels, extra,
                                        schedule, sampling, base_cfg.diffusion.prediction, decoder, seed=seed,
@@ -187,14 +197,14 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
     attrs = {"format": "ldmflow-samples-v1", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
              "autoencoder_checkpoint": extra["autoencoder_checkpoint"],
              "autoencoder_sha256": extra["autoencoder_sha256"], "sampler": sampling.sampler, "steps": sampling.steps,
-             "eta": sampling.eta, "guidance": sampling.guidance, "seed": seed, "classes": extra["classes"],
-             "fusion": cfg.model.fusion, "signal": cfg.control.signal, "control": described, "scale": scale,
+             "eta": sampling.eta, "guidance": recorded_guidance(sampling, num_classes), "seed": seed,
+             "classes": extra["classes"], "fusion": cfg.model.fusion, "signal": cfg.control.signal, "control": described, "scale": scale,
              "ldmflow_version": __version__}
     lab = labels.numpy() if labels is not None else np.full(n, -1)
     save_samples(out, pixels, latents, lab, attrs, controls=previews)
     if data_values:
         save_data_values(out, latents, decoder, extra.get("intensity"), batch_size)
     seconds = time.monotonic() - start
-    log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %g, scale %s)", n, described,
-             out, seconds, sampling.sampler, sampling.steps, sampling.guidance, scale)
+    log.info("wrote %d samples under control %s to %s in %.1f s (%s, %d steps, guidance %s, scale %s)", n, described,
+             out, seconds, sampling.sampler, sampling.steps, attrs["guidance"], scale)
     return {"n": n, "out": str(out), "seconds": seconds, **attrs}
