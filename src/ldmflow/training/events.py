@@ -185,6 +185,7 @@ class RunEvents:
             values["train/grad_norm"] = (grad - self.seen["grad"]) / steps
             values["train/lr"] = run.optimizer.param_groups[0]["lr"]
             self.tb.scalars(values, state["step"])
+            self.tb.flush()  # the curves stay live (a write, no fsync, every log_every steps)
         self.seen = {"n": n, "sums": sums, "grad": grad}
         if time.monotonic() - self.last_status >= STATUS_MIN_INTERVAL_S:
             self.status("running", epoch_progress=micro / run.micro_per_epoch, epoch_seconds=totals.seconds())
