@@ -20,16 +20,14 @@ import socket
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import yaml
 
 from ldmflow.artifacts import atomic_write_bytes
 from ldmflow.errors import Preempted
-
-if TYPE_CHECKING:
-    from ldmflow.training.loop import EpochTotals, Run
+from ldmflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +53,6 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return status if isinstance(status, dict) and status.get("format") == STATUS_FORMAT else None
-
-
-def progress_bar(total: int, desc: str, unit: str, enabled: bool | None = None, initial: int = 0):
-    """A tqdm bar on stderr; ``enabled=None``: only when stderr is a terminal (batch logs stay clean)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=None if enabled is None else not enabled,
-                dynamic_ncols=True, leave=False)
 
 
 class TensorBoardLog:
@@ -100,7 +90,8 @@ class RunEvents:
     ``progress``: True / False force the bar on / off; None shows it only on an interactive terminal.
     """
 
-    def __init__(self, run: Run, resumed: bool, progress: bool | None = None, tensorboard: bool = True):
+    # ``run`` is a training.loop.Run and ``totals`` an EpochTotals (not imported: the loop imports this module)
+    def __init__(self, run: Any, resumed: bool, progress: bool | None = None, tensorboard: bool = True):
         self.run, self.enabled = run, run.writer
         self.progress = progress
         self.started = time.time()
@@ -162,7 +153,7 @@ class RunEvents:
             "started": self.started, "updated": time.time(), "pid": os.getpid(), "host": socket.gethostname()})
         self.last_status = time.monotonic()
 
-    def log_point(self, totals: EpochTotals, micro: int) -> None:
+    def log_point(self, totals: Any, micro: int) -> None:
         """Every ``train.log_every`` steps: the bar, the losses since the last log point, the status file."""
         if not self.enabled:
             return
