@@ -52,6 +52,7 @@ def test_status_of_a_finished_a_killed_and_a_never_started_experiment(tmp_path, 
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert "\r" not in proc.stderr.read(), "no progress bar when stderr is not a terminal (Snakemake logs)"
 
     rows = {r.name: r for r in workflow_status(config, results)}
     assert list(rows) == ["finished", "killed", "never"]
@@ -132,3 +133,39 @@ def test_resumed_run_has_strictly_increasing_tensorboard_steps(tmp_path, demo_ma
     assert [e.step for e in acc.Scalars("epoch/val_loss")] == [4, 8, 12]
     assert [e.step for e in acc.Images("samples")] == [4, 8, 12]
     assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_training_shows_a_progress_bar_on_a_terminal_only(tmp_path, demo_manifest, tiny_ae):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    tiny_ae["train"]["log_every"] = 1
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_ae))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "ldmflow.cli", "--log-file", str(tmp_path / "train.log"), "train-ae",
+                             "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "run"),
+                             "--threads", "1"], stdout=subprocess.DEVNULL, stderr=slave,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=300) == 0
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert "tiny epoch 1/2" in text and "batch" in text and "loss=" in text and "\r" in text
+    assert "epoch 2/2:" in text  # log lines still reach the terminal, above the bar
+    assert "\r" not in (tmp_path / "train.log").read_text()

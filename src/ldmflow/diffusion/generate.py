@@ -11,6 +11,7 @@ import torch
 from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.diffusion.samplers import guided, sample
 from ldmflow.diffusion.schedules import NoiseSchedule
+from ldmflow.progress import progress_bar
 from ldmflow.viz import to_uint8
 
 log = logging.getLogger(__name__)
@@ -61,14 +62,18 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
     shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
     gen = torch.Generator(device=device).manual_seed(seed)
     latents, images = [], []
-    for b in range(math.ceil(n / batch_size)):
+    batches = math.ceil(n / batch_size)
+    bar = progress_bar(batches * sampling.steps, f"sampling {n}", "step")
+    for b in range(batches):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         model = model_for(lo, hi)
         y = labels[lo:hi].to(device) if labels is not None else None
         x = torch.randn((hi - lo, *shape), generator=gen, device=device)
         denoise = guided(model, y, sampling.guidance, model.null_label if y is not None else None)
-        z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen) / extra["scale_factor"]
+        z = sample(denoise, x, schedule, sampling, prediction=prediction, generator=gen,
+                   callback=lambda _: bar.update()) / extra["scale_factor"]
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
         images.append(to_uint8(rgb))
+    bar.close()
     return np.concatenate(latents), np.concatenate(images)
