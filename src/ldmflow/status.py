@@ -185,7 +185,9 @@ def run_status(stage: str, name: str, run_dir: Path, log_file: Path, epochs: int
 def eta(status: dict, history: list[dict[str, str]], now: float) -> float | None:
     """Seconds to the last epoch at the recent pace (early stopping may end the run sooner)."""
     recent = [s for s in (_float(r.get("seconds")) for r in history[-3:]) if s]
-    if recent:
+    if status.get("epoch_wall_s"):  # whole epochs: training, validation, samples, checkpoints
+        per_epoch = status["epoch_wall_s"]
+    elif recent:  # training time only: too short by validation and saving
         per_epoch = sum(recent) / len(recent)
     elif status.get("epoch_progress") and status.get("epoch_seconds"):
         per_epoch = status["epoch_seconds"] / status["epoch_progress"]

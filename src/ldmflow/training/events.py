@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -93,12 +94,13 @@ class RunEvents:
     # ``run`` is a training.loop.Run and ``totals`` an EpochTotals (not imported: the loop imports this module)
     def __init__(self, run: Any, resumed: bool, progress: bool | None = None, tensorboard: bool = True):
         self.run, self.enabled = run, run.writer
-        self.progress = progress
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.started = time.time()
         self.bar = None
         self.bar_epoch = -1
         self.last_status = 0.0
         self.epoch_t0 = time.time()
+        self.epoch_walls: list[float] = []  # wall seconds of this process's epochs: training, validation, saving
         self.start_micro = run.state["micro"]  # where the first epoch's bar starts (mid-epoch after a resume)
         partial = run.state["partial"] or {}  # the epoch's sums at the previous log point (or the checkpoint's)
         self.seen = {"n": partial.get("n_seen", 0), "sums": dict(partial.get("sums", {})),
@@ -111,7 +113,7 @@ class RunEvents:
     def __enter__(self) -> Self:
         if self.enabled:
             self.status("running")
-            if self.progress is not False:
+            if self.progress:
                 from tqdm.contrib.logging import logging_redirect_tqdm
 
                 # log lines are printed above the bar instead of through it
@@ -147,7 +149,9 @@ class RunEvents:
         write_status(run.paths.status, {
             "stage": run.fc.stage, "name": run.name, "state": state, "message": message,
             "epoch": s["epoch"], "epochs": run.fc.train.epochs, "epoch_progress": round(epoch_progress, 4),
-            "epoch_seconds": epoch_seconds, "step": s["step"], "total_steps": run.total_steps,
+            "epoch_seconds": epoch_seconds,
+            "epoch_wall_s": sum(self.epoch_walls[-3:]) / len(self.epoch_walls[-3:]) if self.epoch_walls else None,
+            "step": s["step"], "total_steps": run.total_steps,
             "metric": es.metric, "mode": es.mode, "best": s["best"], "best_epoch": s["best_epoch"],
             "samples_per_s": history[-1].get("samples_per_s") if history else None,
             "started": self.started, "updated": time.time(), "pid": os.getpid(), "host": socket.gethostname()})
@@ -194,5 +198,6 @@ class RunEvents:
             if png.is_file() and png.stat().st_mtime >= self.epoch_t0 - 1:
                 self.tb.image("samples", png, step)
             self.tb.flush()
+        self.epoch_walls.append(time.time() - self.epoch_t0)
         self.epoch_t0 = time.time()
         self.status("running")
