@@ -87,12 +87,22 @@ def test_snakemake_markers_and_log_errors_give_queued_and_failed(tmp_path, tiny_
 def test_failed_and_preempted_runs_say_why(tmp_path, demo_manifest, tiny_ae):
     from ldmflow.errors import TrainingError
 
-    tiny_ae["optim"].update(lr=1e30, grad_clip=None)
-    config = write_workflow(tmp_path, {"nan": tiny_ae})
+    nan = copy.deepcopy(tiny_ae)
+    nan["optim"].update(lr=1e30, grad_clip=None)
+    tiny_ae["train"]["epochs"] = 50
+    config = write_workflow(tmp_path, {"nan": nan, "stopped": tiny_ae})
     with pytest.raises(TrainingError):
-        train_autoencoder({**tiny_ae, "name": "nan"}, demo_manifest, tmp_path / "results/autoencoder/nan")
-    (row,) = workflow_status(config, tmp_path / "results")
-    assert row.state == "failed" and "NaN or inf" in row.message
+        train_autoencoder({**nan, "name": "nan"}, demo_manifest, tmp_path / "results/autoencoder/nan")
+    run_dir = tmp_path / "results/autoencoder/stopped"
+    proc = start_cli("train-ae", "--config", str(tmp_path / "config/autoencoders/stopped.yaml"), "--data",
+                     str(demo_manifest), "--out", str(run_dir), "--threads", "1")
+    wait_for((run_dir / "checkpoints/stopped_checkpoint_latest.pt").is_file, proc)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before its kill
+    assert proc.wait(timeout=120) == 143
+    rows = {r.name: r for r in workflow_status(config, tmp_path / "results")}
+    assert rows["nan"].state == "failed" and "NaN or inf" in rows["nan"].message
+    assert rows["stopped"].state == "preempted" and "signal 15" in rows["stopped"].message
+    assert 1 <= rows["stopped"].epoch < 50
 
 
 def test_resumed_run_has_strictly_increasing_tensorboard_steps(tmp_path, demo_manifest, tiny_ae):
