@@ -179,3 +179,23 @@ def test_training_shows_a_progress_bar_on_a_terminal_only(tmp_path, demo_manifes
     assert "tiny epoch 1/2" in text and "batch" in text and "loss=" in text and "\r" in text
     assert "epoch 2/2:" in text  # log lines still reach the terminal, above the bar
     assert "\r" not in (tmp_path / "train.log").read_text()
+
+
+def test_training_without_tensorboard_installed_writes_no_event_files(tmp_path, demo_manifest, tiny_ae):
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_ae))
+    # sys.modules[name] = None is how Python spells "not installed" to every import and find_spec
+    code = ("import sys; sys.modules['tensorboard'] = None; from ldmflow.cli import main; "
+            f"sys.exit(main(['-v', 'train-ae', '--config', {str(config)!r}, '--data', {str(demo_manifest)!r}, "
+            f"'--out', {str(tmp_path / 'run')!r}, '--threads', '1']))")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("tensorboard is not installed") == 1
+    assert (tmp_path / "run/checkpoints/tiny_checkpoint_best.pt").is_file()
+    assert not (tmp_path / "run/tensorboard").exists()
+    assert json.loads((tmp_path / "run/tiny_status.json").read_text())["state"] == "done"

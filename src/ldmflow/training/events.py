@@ -36,8 +36,7 @@ STATUS_FORMAT = "ldmflow-status-v1"
 RunState = Literal["running", "done", "early-stopped", "failed", "preempted", "interrupted"]
 # Only the package's presence is checked at import; torch.utils.tensorboard (0.2 s) is imported when a run starts.
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-if not HAVE_TENSORBOARD:
-    log.debug("tensorboard is not installed: runs write no event files (pip install 'ldmflow[tensorboard]')")
+_told_no_tensorboard = False
 # A status write is an fsync: at log points, at most this often (epoch ends and state changes always write).
 STATUS_MIN_INTERVAL_S = 5.0
 
@@ -109,6 +108,11 @@ class RunEvents:
         self.tb = None
         if self.enabled and tensorboard and HAVE_TENSORBOARD:
             self.tb = TensorBoardLog(run.paths.tensorboard, run.state["step"], resumed, run.fc.resolved)
+        elif self.enabled and tensorboard:
+            global _told_no_tensorboard
+            if not _told_no_tensorboard:  # once per process
+                log.debug("tensorboard is not installed: no event files (pip install 'ldmflow[tensorboard]')")
+                _told_no_tensorboard = True
 
     def __enter__(self) -> Self:
         if self.enabled:
