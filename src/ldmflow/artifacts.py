@@ -153,6 +153,15 @@ class RunPaths:
     def metrics(self) -> Path:
         return self.out_dir / f"{self.name}{METRICS_SUFFIX}"
 
+    @property
+    def status(self) -> Path:
+        """A small JSON file the loop rewrites while it runs (read by ``ldmflow status``)."""
+        return self.out_dir / f"{self.name}_status.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.out_dir / "tensorboard"
+
     def sample(self, epoch: int) -> Path:
         return self.out_dir / "samples" / f"epoch_{epoch:03d}.png"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
 from ldmflow.diffusion.samplers import guided, sample
 from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import SamplingError
+from ldmflow.progress import progress_bar
 from ldmflow.viz import to_pixels
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,11 @@ def generate_latents(model, cfg: DiffusionExperiment, schedule: NoiseSchedule, l
 
 
 def denoise_batch(model, x: torch.Tensor, labels: torch.Tensor | None, schedule: NoiseSchedule,
-                  sampling: SamplingConfig, prediction: str, generator: torch.Generator) -> torch.Tensor:
+                  sampling: SamplingConfig, prediction: str, generator: torch.Generator,
+                  callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Noise x (N, C, h, w) to latents in the scaled latent space: classifier-free guidance, then the sampler."""
     denoise = guided(model, labels, sampling.guidance, model.null_label if labels is not None else None)
-    return sample(denoise, x, schedule, sampling, prediction=prediction, generator=generator)
+    return sample(denoise, x, schedule, sampling, prediction=prediction, generator=generator, callback=callback)
 
 
 @torch.no_grad()
@@ -65,16 +68,20 @@ def generate_decoded(model_for, n: int, labels: torch.Tensor | None, extra: dict
     shape = (extra["latent_channels"], extra["latent_size"], extra["latent_size"])
     gen = torch.Generator(device=device).manual_seed(seed)
     latents, images = [], []
-    for b in range(math.ceil(n / batch_size)):
+    batches = math.ceil(n / batch_size)
+    bar = progress_bar(batches * sampling.steps, f"sampling {n}", "step")
+    for b in range(batches):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         model = model_for(lo, hi)
         y = labels[lo:hi].to(device) if labels is not None else None
         x = torch.randn((hi - lo, *shape), generator=gen, device=device)
-        z = denoise_batch(model, x, y, schedule, sampling, prediction, gen) / extra["scale_factor"]
+        z = denoise_batch(model, x, y, schedule, sampling, prediction, gen,
+                          callback=lambda _: bar.update()) / extra["scale_factor"]
         if not torch.isfinite(z).all():  # NaN or inf would decode to black images that look like results
             raise SamplingError(f"sampling produced non-finite latents (guidance {sampling.guidance:g}, "
                                 f"{sampling.sampler}, {sampling.steps} steps); try a smaller --guidance")
         rgb, _ = decoder.decode(z)
         latents.append(z.float().cpu().numpy())
         images.append(to_pixels(rgb))
+    bar.close()
     return np.concatenate(latents), np.concatenate(images)

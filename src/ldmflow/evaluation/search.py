@@ -13,6 +13,7 @@ from ldmflow.config.memorization import MemorizationConfig
 from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.features import Features
+from ldmflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
         torch.cuda.reset_peak_memory_stats(device)
         cuda_start = torch.cuda.memory_allocated(device)
     out_sim, out_idx, out_tl2, out_tidx = [], [], [], []
+    bar = progress_bar(math.ceil(nq / q_block) * math.ceil(nt / t_block), "nearest-neighbour search", "block")
     for qs in range(0, nq, q_block):
         qa, qn = _augmented(_rows(queries, qs, qs + q_block), device, tiles, query=True)  # (q, T, d + 2), (q, T)
         q = len(qa)
@@ -178,10 +180,12 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
             best_s, best_si = _merge(best_s, best_si, sim, ts, k, largest=True)
             best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
             del ta, tn, total, sim, d2, x, raw
+            bar.update()
         out_sim.append(best_s.cpu())
         out_idx.append(best_si.cpu())
         out_tl2.append(best_d.clamp_min(0).sqrt().cpu())
         out_tidx.append(best_di.cpu())
+    bar.close()
     stats = {"query_block": q_block, "train_block": t_block, "peak_bytes": peak,
              "budget_bytes": int(memory_gb * 2**30), "device": str(device)}
     if device.type == "cuda":  # the allocator's own count, on top of what was allocated before

@@ -35,6 +35,7 @@ from ldmflow.data.manifest import SPLITS, ImageDataset, prepare_data
 from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
 from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
+from ldmflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         train = data.split == "train"
         moments, posterior_var = RunningMoments(c), np.zeros(c, dtype=np.float64)
         done, t0, next_log = 0, time.monotonic(), 0.0
-        with torch.inference_mode():
+        with torch.inference_mode(), progress_bar(n, f"embedding {out.name}", "img") as bar:
             for batch in batches:
                 mean, logvar = model.encode(batch["image"].to(dev))  # (B, C, h, w) each
                 stored = mean.float().cpu().numpy().astype(dtype)
@@ -212,6 +213,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
                 if "masks" in writers:
                     writers["masks"].append(batch["mask"].numpy().astype(np.uint8))
                 done += len(stored)
+                bar.update(len(stored))
                 if time.monotonic() >= next_log or done == n:
                     log.info("embedded %d / %d images (%.1f images/s)", done, n, done / (time.monotonic() - t0))
                     next_log = time.monotonic() + 30

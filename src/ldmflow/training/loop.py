@@ -16,7 +16,6 @@ import csv
 import io
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
 from ldmflow.devices import get_device, rng_state, set_deterministic, set_rng_state
 from ldmflow.errors import Preempted, TrainingError
 from ldmflow.training.batching import EpochBatchSampler, make_loader
+from ldmflow.training.events import RunEvents
 from ldmflow.training.optim import Ema, build_optimizer, lr_factor, update_ema
 from ldmflow.training.preemption import SignalFlag
 
@@ -89,7 +89,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------
-# Metrics and progress
+# Metrics
 # --------------------------------------------------------------------------------------------------
 
 
@@ -104,22 +104,6 @@ def write_metrics_csv(history: list[dict], path: str | Path) -> None:
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_bytes(path, buf.getvalue().encode())
-
-
-class Progress:
-    """A one-line progress bar on an interactive terminal; silent in batch jobs (logs carry epochs)."""
-
-    def __init__(self, enabled: bool | None = None):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def update(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + text[:150].ljust(80))
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +385,7 @@ def checkpoint_mid_epoch(run: Run, totals: EpochTotals, micro: int, signals: Sig
                             f"at epoch {state['epoch']}, step {state['step']} ({signals.name})")
 
 
-def train_epoch(run: Run, signals: SignalFlag, bar: Progress) -> EpochTotals:
+def train_epoch(run: Run, signals: SignalFlag, bar: RunEvents) -> EpochTotals:
     """Train from the run's position to the end of its current epoch."""
     tcfg, state = run.fc.train, run.state
     run.model.train()
@@ -419,8 +403,7 @@ def train_epoch(run: Run, signals: SignalFlag, bar: Progress) -> EpochTotals:
         at_log = state["step"] % tcfg.log_every == 0 or micro == run.micro_per_epoch
         if at_log:
             count_bad_steps(run, totals)
-            bar.update(f"{run.name} epoch {state['epoch'] + 1}/{tcfg.epochs} batch {micro}/{run.micro_per_epoch} "
-                       f"loss {float(totals.sums['loss'] / totals.n_seen):.4f}")
+            bar.log_point(totals, micro)
         checkpoint_mid_epoch(run, totals, micro, signals)
     count_bad_steps(run, totals)
     return totals
@@ -492,15 +475,15 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
     state, epochs = run.state, fc.train.epochs
     if run.writer and state["history"]:
         write_metrics_csv(state["history"], run.paths.metrics)
-    bar = Progress(progress if run.writer else False)
-    with SignalFlag() as signals:
+    with SignalFlag() as signals, RunEvents(run, resumed_from is not None, progress) as bar:
         while not state["early_stopped"] and state["epoch"] < epochs:
             totals = train_epoch(run, signals, bar)
-            end_epoch(run, epoch_row(run, totals))
+            row = epoch_row(run, totals)
+            end_epoch(run, row)
+            bar.end_epoch(row)
             if signals.poll(run.world, run.flag_group)[0]:
                 raise Preempted(f"{name}: signal {signals.received} received after epoch {state['epoch']}; "
                                 f"saved {run.paths.latest} ({signals.name})")
-    bar.close()
     if run.writer and not run.paths.best.is_file():
         raise TrainingError(f"{name}: no epoch gave a finite {fc.train.early_stopping.metric}; no best checkpoint")
     return {"epoch": state["epoch"], "best": {"metric": fc.train.early_stopping.metric, "value": state["best"],
