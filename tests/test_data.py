@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 
 from ldmflow.config.common import DataConfig
+from ldmflow.data.dataset import ImageDataset, prepare_data
 from ldmflow.data.demo import CLASSES, write_demo_data
-from ldmflow.data.manifest import ImageDataset, assign_split, prepare_data, read_manifest, resize_center_crop
+from ldmflow.data.images import resize_center_crop
+from ldmflow.data.manifest import assign_split, read_manifest
 from ldmflow.errors import DataError
 
 

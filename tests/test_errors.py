@@ -24,7 +24,8 @@ from PIL import Image
 
 from ldmflow.cli import main
 from ldmflow.config.common import DataConfig
-from ldmflow.data.manifest import prepare_data, read_manifest
+from ldmflow.data.dataset import prepare_data
+from ldmflow.data.manifest import read_manifest
 from ldmflow.errors import DataError
 
 from .conftest import TINY_AE

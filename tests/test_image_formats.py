@@ -13,8 +13,10 @@ from PIL import Image
 
 from ldmflow.artifacts import load_checkpoint
 from ldmflow.config.common import DataConfig, IntensityConfig
+from ldmflow.data.dataset import ImageDataset, prepare_data
+from ldmflow.data.images import from_unit_range
 from ldmflow.data.latent_store import LatentStore
-from ldmflow.data.manifest import ImageDataset, from_unit_range, prepare_data, read_manifest
+from ldmflow.data.manifest import read_manifest
 from ldmflow.errors import DataError
 from ldmflow.stages.embed import embed_latents
 from ldmflow.stages.train_autoencoder import train_autoencoder

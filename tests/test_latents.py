@@ -14,8 +14,8 @@ import zarr
 
 import ldmflow
 from ldmflow.artifacts import file_sha256, load_checkpoint
+from ldmflow.data.dataset import prepare_data
 from ldmflow.data.latent_store import STORE_FORMAT, LatentDataset, LatentStore
-from ldmflow.data.manifest import prepare_data
 from ldmflow.errors import LatentError
 from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
 from ldmflow.stages.embed import RunningMoments, embed_latents, store_autoencoder

@@ -267,7 +267,8 @@ def write_store(path, checkpoint, manifest, copies: int = 6):
     """A latent store (posterior means of the demo images) and a sample folder with PNGs and samples.zarr."""
     import zarr
 
-    from ldmflow.data.manifest import load_row, read_manifest
+    from ldmflow.data.images import load_row
+    from ldmflow.data.manifest import read_manifest
     from ldmflow.models.autoencoder import load_autoencoder
 
     model, cfg = load_autoencoder(checkpoint)

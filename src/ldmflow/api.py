@@ -31,7 +31,7 @@ def _stage_of(config: Any) -> str:
 
 
 def _autoencoder(cfg: AutoencoderExperiment, data) -> torch.nn.Module:
-    from ldmflow.data.manifest import prepare_data
+    from ldmflow.data.dataset import prepare_data
     from ldmflow.models.autoencoder import build_autoencoder
     from ldmflow.stages.train_autoencoder import resolve_data_fields
 
@@ -177,7 +177,7 @@ def build_dataset(config, data: str | Path, split: str | None = "train", threads
     """
     stage = _stage_of(config)
     if stage == "autoencoder":
-        from ldmflow.data.manifest import build_dataset as image_dataset
+        from ldmflow.data.dataset import build_dataset as image_dataset
 
         return image_dataset(config, data, split, threads)
     from ldmflow.data.latent_store import LatentDataset, LatentStore

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmflow.data.manifest import decode_image, load_row, read_manifest, resize_planes
+from ldmflow.data.images import decode_image, load_row, resize_planes
+from ldmflow.data.manifest import read_manifest
 from ldmflow.errors import ControlError
 
 log = logging.getLogger(__name__)

@@ -37,28 +37,17 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image, UnidentifiedImageError
 
-from ldmflow.artifacts import atomic_write_json
-from ldmflow.config.common import DataConfig
 from ldmflow.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SPLITS = ("train", "val", "test")
-ONE_CHANNEL_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
-MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
-PERCENTILE_PIXELS = 4096  # pixels per train image (per channel) that the percentile rule looks at ...
-PERCENTILE_TOTAL = 2**24  # ... and in all (fewer per image on large datasets: memory stays bounded)
 HASH_BYTES = 2**20  # duplicate files are compared by size and a hash of their first MiB
 MAX_INTEGER_CLASSES = 10_000  # integer labels 0..K-1 with classes: null; larger ids are typos, not classes
 
@@ -355,174 +344,24 @@ def resolve_labels(labels: list[str], classes: list[str] | None, source: str, ro
 # --------------------------------------------------------------------------------------------------
 
 
-def resize_center_crop(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """Resize the short side to ``size`` and centre-crop to a ``size`` x ``size`` square."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample=resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
-def _open(path: str, what: str, source: str, row: int) -> Image.Image:
-    if not path:
-        raise DataError(f"{source}: row {row}: empty {what} path")
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise DataError(f"{source}: row {row}: {what} file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{source}: row {row}: cannot read {what} {path}: {exc}") from None
 
 
-def source_bits(img: Image.Image) -> int:
-    """Bit depth of an opened image's pixel values: 8, 16 (I;16 modes) or 32 (I, F)."""
-    if img.mode.startswith("I;16"):
-        return 16
-    return 32 if img.mode in ("I", "F") else 8
 
 
-def probe_image(path: str) -> tuple[int, int] | None:
-    """(channels, bits) from a file's header alone, without decoding; None when it cannot be opened
-    (decoding reports why, with the row)."""
-    try:
-        with Image.open(path) as img:
-            pages = getattr(img, "n_frames", 1)
-            channels = pages if pages > 1 else (1 if img.mode in ONE_CHANNEL_MODES else 3)
-            return channels, source_bits(img)
-    except (OSError, SyntaxError, ValueError):
-        return None
 
 
-def _frame_planes(img: Image.Image) -> np.ndarray:
-    """One frame (H, W, c): uint8 for 8-bit modes, float32 raw values for 16- and 32-bit modes."""
-    mode = img.mode
-    if source_bits(img) > 8:
-        return np.asarray(img).astype(np.float32)[..., None]
-    if mode in ("1", "L"):
-        return np.asarray(img.convert("L"))[..., None]
-    if mode in ("P", "PA"):
-        img = img.convert("RGBA" if ("transparency" in img.info or mode == "PA") else "RGB")
-        mode = img.mode
-    if mode in ("LA", "La", "RGBA", "RGBa"):
-        arr = np.asarray(img.convert("LA" if mode.startswith("L") else "RGBA")).astype(np.float32)
-        # composited on black: a transparent pixel is background (0), not the colour hidden under alpha 0
-        return np.round(arr[..., :-1] * arr[..., -1:] / 255.0).astype(np.uint8)
-    return np.asarray(img.convert("RGB"))
 
 
-def decode_image(img: Image.Image, channels: int | None, path: str, what: str, source: str, row: int) -> np.ndarray:
-    """An opened image as (H, W, C) with C = ``channels`` (None: the file's own): uint8 for 8-bit files,
-    float32 raw values for deeper ones. Grayscale is repeated only when 3 channels are asked for, RGB
-    becomes luma only when 1 is; a multi-page file is N channels only when ``channels`` is N (or None)."""
-    pages = getattr(img, "n_frames", 1)
-    if pages > 1:
-        if channels is not None and channels != pages:
-            raise DataError(f"{source}: row {row}: {what} {path} is a multi-page file ({pages} pages); set "
-                            f"data.channels: {pages} if each page is one channel of the image, else store one "
-                            "image per file")
-        planes = []
-        for k in range(pages):
-            img.seek(k)
-            plane = _frame_planes(img)
-            if plane.shape[-1] != 1 or (planes and plane.shape != planes[0].shape):
-                raise DataError(f"{source}: row {row}: {what} {path} page {k + 1} is {img.mode} "
-                                f"{img.size[0]}x{img.size[1]}; every page of a channel stack must be "
-                                "single-channel and the size of page 1")
-            planes.append(plane.astype(np.float32) if source_bits(img) > 8 else plane)
-        if len({p.dtype for p in planes}) > 1:
-            planes = [p.astype(np.float32) for p in planes]
-        return np.concatenate(planes, axis=-1)
-    arr = _frame_planes(img)
-    have = arr.shape[-1]
-    if channels is None or have == channels:
-        return arr
-    if have == 1 and channels == 3:
-        return np.repeat(arr, 3, axis=-1)
-    if have == 3 and channels == 1:
-        luma = arr.astype(np.float32) @ LUMA
-        return (np.round(luma).astype(np.uint8) if arr.dtype == np.uint8 else luma)[..., None]
-    raise DataError(f"{source}: row {row}: {what} {path} has {have} channel(s) (mode {img.mode}) but "
-                    f"data.channels is {channels}; allowed for this file: 1 or 3")
 
 
-def resize_planes(arr: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) -> (size, size, C) by :func:`resize_center_crop` (bicubic), keeping the dtype; planes that
-    are not 8-bit gray or RGB are resized one by one as 32-bit float images, clipped to the file's own
-    per-channel min..max."""
-    c = arr.shape[-1]
-    if arr.dtype == np.uint8 and c in (1, 3):
-        img = Image.fromarray(arr[..., 0] if c == 1 else arr, "L" if c == 1 else "RGB")
-        out = np.asarray(resize_center_crop(img, size, Image.Resampling.BICUBIC))
-        return out[..., None] if out.ndim == 2 else out
-    planes = [np.asarray(resize_center_crop(Image.fromarray(np.ascontiguousarray(arr[..., k], np.float32), "F"),
-                                            size, Image.Resampling.BICUBIC)) for k in range(c)]
-    out = np.stack(planes, axis=-1)
-    if arr.dtype == np.uint8:
-        return np.clip(np.round(out), 0, 255).astype(np.uint8)
-    # bicubic rings past sharp edges; keep each channel within the values the file has (as uint8 clamps)
-    return np.clip(out, arr.min(axis=(0, 1)), arr.max(axis=(0, 1)))
 
 
-def load_row(
-    image_path: str, mask_path: str | None, size: int, mask_classes: int | None, source: str, row: int,
-    channels: int | None = 3,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode, check and preprocess one manifest row: (H, W, C) image (uint8 for 8-bit files, float32 raw
-    values for deeper ones; see :func:`decode_image`), (H, W) uint8 mask."""
-    img = _open(image_path, "image", source, row)
-    raw_size = img.size
-    image = resize_planes(decode_image(img, channels, image_path, "image", source, row), size)
-    mask = None
-    if mask_path is not None:
-        m = _open(mask_path, "mask", source, row)
-        if m.mode not in MASK_MODES:
-            raise DataError(f"{source}: row {row}: mask {mask_path} has mode {m.mode}; a mask must be single-channel")
-        if m.size != raw_size:
-            raise DataError(
-                f"{source}: row {row}: mask {mask_path} is {m.size[0]}x{m.size[1]} but its image "
-                f"{image_path} is {raw_size[0]}x{raw_size[1]}"
-            )
-        arr = np.asarray(m)
-        top = int(arr.max()) if arr.size else 0
-        if top > 255 or (mask_classes is not None and top >= mask_classes):
-            limit = mask_classes if mask_classes is not None else 256
-            raise DataError(
-                f"{source}: row {row}: mask {mask_path} has class id {top}; allowed ids 0..{limit - 1} "
-                "(data.mask_classes)"
-            )
-        m = Image.fromarray(arr.astype(np.uint8), mode="L")
-        mask = np.asarray(resize_center_crop(m, size, Image.Resampling.NEAREST))
-    return image, mask
 
 
-def to_unit_range(images: np.ndarray, value_range: list[list[float]] | None = None) -> torch.Tensor:
-    """Decoded images (N, H, W, C) -> (N, C, H, W) float in [-1, 1]: per channel, raw ``low`` -> -1 and
-    ``high`` -> 1, clipped; uint8 with no range: 0..255 (bit for bit the 8-bit rule)."""
-    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
-    if value_range is None:
-        if images.dtype != np.uint8:
-            raise ValueError("images deeper than 8 bits need their value range (data.intensity.range)")
-        return x.div_(127.5).sub_(1.0)
-    low, high = torch.tensor(value_range, dtype=torch.float32).T[:, :, None, None]  # (C, 1, 1) each
-    return ((x - low) / (high - low)).clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
 
 
-def from_unit_range(images: torch.Tensor, value_range: list[list[float]], bits: int) -> np.ndarray:
-    """The inverse of :func:`to_unit_range`: (N, C, H, W) in [-1, 1] -> (N, H, W, C) raw values in the data's
-    own type (uint8 for 8 bits, uint16 for 16, float32 for 32), e.g. to write samples back as 16-bit files."""
-    low, high = torch.tensor(value_range, dtype=torch.float32).T[:, :, None, None]
-    x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2 * (high - low) + low
-    x = x.permute(0, 2, 3, 1).numpy()
-    if bits <= 8:
-        return np.clip(np.round(x), 0, 255).astype(np.uint8)
-    if bits <= 16:
-        return np.clip(np.round(x), 0, 65535).astype(np.uint16)
-    return x.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,228 +369,15 @@ def from_unit_range(images: torch.Tensor, value_range: list[list[float]], bits: 
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PreparedData:
-    """Every valid manifest row, checked, with labels, split and (when it fits) decoded pixels."""
-
-    source: str
-    image_size: int
-    paths: list[str]
-    mask_paths: list[str] | None
-    labels: np.ndarray | None  # (N,) int64
-    classes: list[str] | None
-    mask_classes: int | None
-    split: np.ndarray  # (N,) of "train" / "val" / "test"
-    images: np.ndarray | None = None  # (N, H, W, C) uint8 (8-bit files) or float32 raw values, when cached
-    masks: np.ndarray | None = None  # (N, H, W) uint8 when cached
-    skipped: list[dict] = field(default_factory=list)
-    channels: int = 3
-    value_range: list[list[float]] | None = None  # per channel [low, high] raw values -> [-1, 1]; None: 8-bit
-    source_bits: int = 8
-    fingerprint: str | None = None  # sha256 of the manifest, its rows and its files' sizes and mtimes
-
-    @property
-    def has_masks(self) -> bool:
-        return self.mask_paths is not None
-
-    @property
-    def has_labels(self) -> bool:
-        return self.labels is not None
-
-    def indices(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-    def write_skipped(self, out_dir: str | Path) -> None:
-        """Write skipped_rows.json (count and reasons) next to a stage's outputs when rows were skipped."""
-        if self.skipped:
-            atomic_write_json(Path(out_dir) / "skipped_rows.json", {"count": len(self.skipped), "rows": self.skipped})
-
-
-def infer_channels(probes: list[tuple[int, int] | None]) -> int:
-    """data.channels null: 1 when every readable image is single-channel, else 3 (a colour file anywhere
-    makes the dataset RGB; multi-page stacks need data.channels set)."""
-    counts = {p[0] for p in probes if p is not None}
-    return 1 if counts <= {1} else 3
-
-
-def resolve_value_range(cfg: DataConfig, bits: int, channels: int, train_pixels: list[np.ndarray],
-                        source: str) -> list[list[float]] | None:
-    """The per-channel [low, high] of data.intensity for data of ``bits`` bits; None for 8-bit data."""
-    icfg = cfg.intensity
-    if bits <= 8:
-        return None
-    if icfg.range is not None:
-        if len(icfg.range) != channels or any(len(r) != 2 or r[1] <= r[0] for r in icfg.range):
-            raise DataError(f"{source}: key 'data.intensity.range' has {icfg.range}; allowed: {channels} "
-                            "[low, high] pair(s) with high > low, one per channel")
-        return [[float(lo), float(hi)] for lo, hi in icfg.range]
-    if icfg.mode == "bit_depth":
-        return [[0.0, float(2**icfg.bit_depth - 1)]] * channels
-    if icfg.high <= icfg.low:
-        raise DataError(f"{source}: key 'data.intensity.high' ({icfg.high}) must exceed 'low' ({icfg.low})")
-    pixels = np.concatenate(train_pixels).astype(np.float64)  # (P, C)
-    low, high = np.percentile(pixels, [icfg.low, icfg.high], axis=0)
-    out = []
-    for c in range(channels):
-        lo, hi = float(low[c]), float(high[c])
-        if hi <= lo:
-            log.warning("%s: channel %d is constant (%g) over the train split; its range is [%g, %g]", source, c,
-                        lo, lo, lo + 1)
-            hi = lo + 1.0
-        out.append([lo, hi])
-    log.info("%d-bit data: percentiles %g..%g of the train split per channel: %s", bits, icfg.low, icfg.high, out)
-    return out
-
-
-def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads: int | None = None) -> PreparedData:
-    """Read a manifest, decode and check every row, resolve labels, split, channels and the intensity
-    range; cache pixels that fit."""
-    frame = read_manifest(manifest)
-    source = frame.attrs["source"]
-    fingerprint = data_fingerprint(frame)
-    has_masks = "mask" in frame.columns
-    meta = dataset_metadata(source)
-    known_mask_classes = cfg.mask_classes or (meta.get("mask_classes") if has_masks else None)
-    size = cfg.image_size
-    threads = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        probes = list(pool.map(probe_image, frame["image"]))
-    channels = cfg.channels or infer_channels(probes)
-    deep = any(p is not None and p[1] > 8 for p in probes)
-    bytes_per_row = size * size * (channels * (4 if deep else 1) + (1 if has_masks else 0))
-    cache = len(frame) * bytes_per_row <= cfg.cache_max_gb * 2**30
-    step = max(1, size * size // max(16, min(PERCENTILE_PIXELS, PERCENTILE_TOTAL // max(len(frame), 1))))
-
-    def check(i: int):
-        rec = frame.iloc[i]
-        try:
-            img, mask = load_row(rec["image"], rec["mask"] if has_masks else None, size, known_mask_classes, source,
-                                 int(rec["row"]), channels)
-            pixels = img.reshape(-1, channels)[::step] if img.dtype != np.uint8 else None
-            kept = (img, mask) if cache else (None, None if mask is None else mask.max())
-            return (*kept, pixels, probes[i][1] if probes[i] else (8 if img.dtype == np.uint8 else 32))
-        except DataError as exc:
-            if not cfg.skip_bad_rows:
-                raise
-            return exc
-
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(check, range(len(frame))))
-    skipped = [
-        {"row": int(frame.iloc[i]["row"]), "file": frame.iloc[i]["image"], "reason": str(r)}
-        for i, r in enumerate(results)
-        if isinstance(r, DataError)
-    ]
-    keep = [i for i, r in enumerate(results) if not isinstance(r, DataError)]
-    if skipped:
-        log.warning("skipped %d bad manifest row(s) of %d (data.skip_bad_rows)", len(skipped), len(frame))
-        for s in skipped:
-            log.warning("  %s", s["reason"])
-    if not keep:
-        raise DataError(f"{source}: no usable rows")
-    frame = frame.iloc[keep].reset_index(drop=True)
-    results = [results[i] for i in keep]
-    depths = [r[3] for r in results]
-    if len({d > 8 for d in depths}) > 1:
-        first = next(i for i, d in enumerate(depths) if (d > 8) != (depths[0] > 8))
-        raise DataError(f"{source}: row {frame.iloc[first]['row']}: image {frame.iloc[first]['image']} is "
-                        f"{depths[first]}-bit but row {frame.iloc[0]['row']}'s is {depths[0]}-bit; one dataset "
-                        "needs one bit depth (convert the files)")
-
-    mask_classes = known_mask_classes
-    if has_masks and mask_classes is None:
-        mask_classes = max(2, 1 + max(int(m.max()) if cache else int(m) for _, m, _, _ in results))
-        log.info("data.mask_classes not set: %d classes inferred from the masks", mask_classes)
-
-    labels = classes = None
-    if "label" in frame.columns:
-        labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
-                                         frame["row"])
-
-    if "split" in frame.columns and any(frame["split"]):
-        bad = frame[~frame["split"].isin(SPLITS)]
-        if len(bad):
-            rec = bad.iloc[0]
-            raise DataError(f"{source}: row {rec['row']}: unknown split {rec['split']!r}; allowed: {', '.join(SPLITS)}")
-        split = frame["split"].to_numpy(dtype=object)
-    else:
-        split = split_by_image(frame, cfg.val_fraction, seed)
-    if not (split == "train").any():
-        raise DataError(f"{source}: no training rows (split column has no 'train')")
-
-    bits = cfg.intensity.source_bits or max(depths)
-    train_pixels = [r[2] for r, s in zip(results, split) if s == "train" and r[2] is not None]
-    data = PreparedData(
-        source=source,
-        image_size=size,
-        paths=list(frame["image"]),
-        mask_paths=list(frame["mask"]) if has_masks else None,
-        labels=labels,
-        classes=classes,
-        mask_classes=mask_classes,
-        split=split,
-        skipped=skipped,
-        channels=channels,
-        value_range=resolve_value_range(cfg, max(depths), channels, train_pixels, source),
-        source_bits=bits,
-        fingerprint=fingerprint,
-    )
-    if cache:
-        data.images = np.stack([img for img, _, _, _ in results])
-        if has_masks:
-            data.masks = np.stack([m for _, m, _, _ in results])
-    return data
 
 
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Images (C, H, W) in [-1, 1], masks (H, W) int64 and labels, for the rows of one split.
-
-    Batches are built whole by ``__getitems__`` (one vectorised gather from the cache, or a decode of
-    each row when the dataset did not fit in memory), so the DataLoader adds no per-item overhead.
-    """
-
-    def __init__(self, data: PreparedData, split: str | None = "train"):
-        self.data = data
-        self.rows = np.arange(len(data.paths)) if split is None else data.indices(split)
-        labels = data.labels[self.rows] if data.has_labels else None
-        self.labels = None if labels is None else torch.from_numpy(labels)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _pixels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        d = self.data
-        if d.images is not None:
-            return d.images[rows], (d.masks[rows] if d.masks is not None else None)
-        pairs = [
-            load_row(d.paths[r], d.mask_paths[r] if d.has_masks else None, d.image_size, d.mask_classes, d.source,
-                     r + 1, d.channels)
-            for r in rows
-        ]
-        imgs = np.stack([p[0] for p in pairs])
-        masks = np.stack([p[1] for p in pairs]) if d.has_masks else None
-        return imgs, masks
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(indices, dtype=np.int64)
-        imgs, masks = self._pixels(self.rows[idx])
-        batch = {
-            "image": to_unit_range(imgs, self.data.value_range),  # (N, C, H, W)
-            "index": torch.from_numpy(idx),
-        }
-        if masks is not None:
-            batch["mask"] = torch.from_numpy(masks).long()  # (N, H, W)
-        if self.labels is not None:
-            batch["label"] = self.labels[idx]
-        return batch
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
-def build_dataset(config, manifest: str | Path, split: str | None = "train", threads: int | None = None) -> ImageDataset:
-    """The research module's notebook helper: an :class:`ImageDataset` for one split of a manifest."""
-    data = prepare_data(manifest, config.data, config.seed, threads)
-    return ImageDataset(data, split)
+
+
+
+
+
+

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ldmflow.config.memorization import MemorizationConfig
-from ldmflow.data.manifest import IMAGE_SUFFIXES, load_row, read_manifest, to_unit_range
+from ldmflow.data.images import load_row, to_unit_range
+from ldmflow.data.manifest import IMAGE_SUFFIXES, read_manifest
 from ldmflow.errors import ConfigError, DataError
 from ldmflow.evaluation.features import Features, tile_features
 

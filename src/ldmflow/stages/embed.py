@@ -30,8 +30,9 @@ from ldmflow.artifacts import (
 )
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.schema import to_dict
+from ldmflow.data.dataset import ImageDataset, prepare_data
 from ldmflow.data.latent_store import COMPRESSOR, DTYPES, STORE_FORMAT, LatentStore, chunk_rows
-from ldmflow.data.manifest import SPLITS, ImageDataset, prepare_data
+from ldmflow.data.manifest import SPLITS
 from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
 from ldmflow.models.autoencoder import Autoencoder, load_autoencoder

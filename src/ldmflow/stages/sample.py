@@ -159,7 +159,7 @@ def save_data_values(out: Path, latents: np.ndarray, decoder, intensity: dict | 
     through the data's intensity range (the store's ``intensity``; null: 8-bit). One channel of 8 or 16 bits:
     ``sample_NNNNN.png`` (L or I;16); 8-bit RGB: PNG; any other channel count or 32-bit data:
     ``sample_NNNNN.tif``, one page per channel."""
-    from ldmflow.data.manifest import from_unit_range
+    from ldmflow.data.images import from_unit_range
 
     intensity = intensity or {}
     bits = intensity.get("source_bits") or 8

@@ -29,7 +29,7 @@ from ldmflow.data.controls import (
     manifest_controls,
     to_model_input,
 )
-from ldmflow.data.manifest import decode_image
+from ldmflow.data.images import decode_image
 from ldmflow.devices import get_device
 from ldmflow.diffusion.generate import generate_decoded
 from ldmflow.diffusion.schedules import NoiseSchedule

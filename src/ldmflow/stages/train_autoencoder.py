@@ -11,7 +11,7 @@ import torch
 from ldmflow.artifacts import file_sha256
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.loading import resolve_experiment
-from ldmflow.data.manifest import ImageDataset, PreparedData, prepare_data
+from ldmflow.data.dataset import ImageDataset, PreparedData, prepare_data
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import confusion, miou, psnr

@@ -1,0 +1,225 @@
+"""Prepared data: every manifest row decoded and checked once, split, channels and intensity resolved; the image
+dataset the autoencoder trains on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldmflow.artifacts import atomic_write_json
+from ldmflow.config.common import DataConfig
+from ldmflow.data.images import (
+    PERCENTILE_PIXELS,
+    PERCENTILE_TOTAL,
+    infer_channels,
+    load_row,
+    probe_image,
+    resolve_value_range,
+    to_unit_range,
+)
+from ldmflow.data.manifest import (
+    SPLITS,
+    data_fingerprint,
+    dataset_metadata,
+    read_manifest,
+    resolve_labels,
+    split_by_image,
+)
+from ldmflow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Every valid manifest row, checked, with labels, split and (when it fits) decoded pixels."""
+
+    source: str
+    image_size: int
+    paths: list[str]
+    mask_paths: list[str] | None
+    labels: np.ndarray | None  # (N,) int64
+    classes: list[str] | None
+    mask_classes: int | None
+    split: np.ndarray  # (N,) of "train" / "val" / "test"
+    images: np.ndarray | None = None  # (N, H, W, C) uint8 (8-bit files) or float32 raw values, when cached
+    masks: np.ndarray | None = None  # (N, H, W) uint8 when cached
+    skipped: list[dict] = field(default_factory=list)
+    channels: int = 3
+    value_range: list[list[float]] | None = None  # per channel [low, high] raw values -> [-1, 1]; None: 8-bit
+    source_bits: int = 8
+    fingerprint: str | None = None  # sha256 of the manifest, its rows and its files' sizes and mtimes
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_paths is not None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def write_skipped(self, out_dir: str | Path) -> None:
+        """Write skipped_rows.json (count and reasons) next to a stage's outputs when rows were skipped."""
+        if self.skipped:
+            atomic_write_json(Path(out_dir) / "skipped_rows.json", {"count": len(self.skipped), "rows": self.skipped})
+
+
+def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads: int | None = None) -> PreparedData:
+    """Read a manifest, decode and check every row, resolve labels, split, channels and the intensity
+    range; cache pixels that fit."""
+    frame = read_manifest(manifest)
+    source = frame.attrs["source"]
+    fingerprint = data_fingerprint(frame)
+    has_masks = "mask" in frame.columns
+    meta = dataset_metadata(source)
+    known_mask_classes = cfg.mask_classes or (meta.get("mask_classes") if has_masks else None)
+    size = cfg.image_size
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        probes = list(pool.map(probe_image, frame["image"]))
+    channels = cfg.channels or infer_channels(probes)
+    deep = any(p is not None and p[1] > 8 for p in probes)
+    bytes_per_row = size * size * (channels * (4 if deep else 1) + (1 if has_masks else 0))
+    cache = len(frame) * bytes_per_row <= cfg.cache_max_gb * 2**30
+    step = max(1, size * size // max(16, min(PERCENTILE_PIXELS, PERCENTILE_TOTAL // max(len(frame), 1))))
+
+    def check(i: int):
+        rec = frame.iloc[i]
+        try:
+            img, mask = load_row(rec["image"], rec["mask"] if has_masks else None, size, known_mask_classes, source,
+                                 int(rec["row"]), channels)
+            pixels = img.reshape(-1, channels)[::step] if img.dtype != np.uint8 else None
+            kept = (img, mask) if cache else (None, None if mask is None else mask.max())
+            return (*kept, pixels, probes[i][1] if probes[i] else (8 if img.dtype == np.uint8 else 32))
+        except DataError as exc:
+            if not cfg.skip_bad_rows:
+                raise
+            return exc
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(check, range(len(frame))))
+    skipped = [
+        {"row": int(frame.iloc[i]["row"]), "file": frame.iloc[i]["image"], "reason": str(r)}
+        for i, r in enumerate(results)
+        if isinstance(r, DataError)
+    ]
+    keep = [i for i, r in enumerate(results) if not isinstance(r, DataError)]
+    if skipped:
+        log.warning("skipped %d bad manifest row(s) of %d (data.skip_bad_rows)", len(skipped), len(frame))
+        for s in skipped:
+            log.warning("  %s", s["reason"])
+    if not keep:
+        raise DataError(f"{source}: no usable rows")
+    frame = frame.iloc[keep].reset_index(drop=True)
+    results = [results[i] for i in keep]
+    depths = [r[3] for r in results]
+    if len({d > 8 for d in depths}) > 1:
+        first = next(i for i, d in enumerate(depths) if (d > 8) != (depths[0] > 8))
+        raise DataError(f"{source}: row {frame.iloc[first]['row']}: image {frame.iloc[first]['image']} is "
+                        f"{depths[first]}-bit but row {frame.iloc[0]['row']}'s is {depths[0]}-bit; one dataset "
+                        "needs one bit depth (convert the files)")
+
+    mask_classes = known_mask_classes
+    if has_masks and mask_classes is None:
+        mask_classes = max(2, 1 + max(int(m.max()) if cache else int(m) for _, m, _, _ in results))
+        log.info("data.mask_classes not set: %d classes inferred from the masks", mask_classes)
+
+    labels = classes = None
+    if "label" in frame.columns:
+        labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
+                                         frame["row"])
+
+    if "split" in frame.columns and any(frame["split"]):
+        bad = frame[~frame["split"].isin(SPLITS)]
+        if len(bad):
+            rec = bad.iloc[0]
+            raise DataError(f"{source}: row {rec['row']}: unknown split {rec['split']!r}; allowed: {', '.join(SPLITS)}")
+        split = frame["split"].to_numpy(dtype=object)
+    else:
+        split = split_by_image(frame, cfg.val_fraction, seed)
+    if not (split == "train").any():
+        raise DataError(f"{source}: no training rows (split column has no 'train')")
+
+    bits = cfg.intensity.source_bits or max(depths)
+    train_pixels = [r[2] for r, s in zip(results, split) if s == "train" and r[2] is not None]
+    data = PreparedData(
+        source=source,
+        image_size=size,
+        paths=list(frame["image"]),
+        mask_paths=list(frame["mask"]) if has_masks else None,
+        labels=labels,
+        classes=classes,
+        mask_classes=mask_classes,
+        split=split,
+        skipped=skipped,
+        channels=channels,
+        value_range=resolve_value_range(cfg, max(depths), channels, train_pixels, source),
+        source_bits=bits,
+        fingerprint=fingerprint,
+    )
+    if cache:
+        data.images = np.stack([img for img, _, _, _ in results])
+        if has_masks:
+            data.masks = np.stack([m for _, m, _, _ in results])
+    return data
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images (C, H, W) in [-1, 1], masks (H, W) int64 and labels, for the rows of one split.
+
+    Batches are built whole by ``__getitems__`` (one vectorised gather from the cache, or a decode of
+    each row when the dataset did not fit in memory), so the DataLoader adds no per-item overhead.
+    """
+
+    def __init__(self, data: PreparedData, split: str | None = "train"):
+        self.data = data
+        self.rows = np.arange(len(data.paths)) if split is None else data.indices(split)
+        labels = data.labels[self.rows] if data.has_labels else None
+        self.labels = None if labels is None else torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _pixels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        d = self.data
+        if d.images is not None:
+            return d.images[rows], (d.masks[rows] if d.masks is not None else None)
+        pairs = [
+            load_row(d.paths[r], d.mask_paths[r] if d.has_masks else None, d.image_size, d.mask_classes, d.source,
+                     r + 1, d.channels)
+            for r in rows
+        ]
+        imgs = np.stack([p[0] for p in pairs])
+        masks = np.stack([p[1] for p in pairs]) if d.has_masks else None
+        return imgs, masks
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        imgs, masks = self._pixels(self.rows[idx])
+        batch = {
+            "image": to_unit_range(imgs, self.data.value_range),  # (N, C, H, W)
+            "index": torch.from_numpy(idx),
+        }
+        if masks is not None:
+            batch["mask"] = torch.from_numpy(masks).long()  # (N, H, W)
+        if self.labels is not None:
+            batch["label"] = self.labels[idx]
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def build_dataset(config, manifest: str | Path, split: str | None = "train", threads: int | None = None) -> ImageDataset:
+    """The research module's notebook helper: an :class:`ImageDataset` for one split of a manifest."""
+    data = prepare_data(manifest, config.data, config.seed, threads)
+    return ImageDataset(data, split)
