@@ -1,4 +1,3 @@
-import shutil
 from pathlib import Path
 
 from ldmflow.workflow import (
@@ -6,6 +5,7 @@ from ldmflow.workflow import (
     controlnet_bases,
     controlnets_for_data,
     experiments,
+    gpus_per_local_job,
     init_checkpoint_of,
     init_parent,
     manifest_path,
@@ -37,7 +37,7 @@ MEMORIZATION = memorization_options(config)
 # The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster
 # profiles do): one on a machine with an NVIDIA GPU, none on a CPU machine (there only --cores limits
 # how many run at once). Locally each job takes a GPU no other job holds (ldmflow.devices).
-GPU_PER_JOB = 1 if shutil.which("nvidia-smi") else 0
+GPU_PER_JOB = gpus_per_local_job()
 
 
 wildcard_constraints:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -206,3 +207,10 @@ def controlnets_for_data(controlnets: dict[str, str], manifest: str) -> dict[str
         print(f"note: {manifest} has no masks; left out the mask-controlled ControlNet experiment(s) "
               f"{', '.join(dropped)}", file=sys.stderr)
     return {n: p for n, p in controlnets.items() if n not in dropped}
+
+
+def gpus_per_local_job() -> int:
+    """The ``gpu`` each GPU-class rule asks for unless a profile's set-resources says otherwise (the cluster
+    profiles do): one on a machine with an NVIDIA GPU, none on a CPU machine, where only --cores limits how
+    many jobs run at once."""
+    return 1 if shutil.which("nvidia-smi") else 0
