@@ -40,12 +40,13 @@ def remove_stale_temporaries(out: Path) -> None:
     for kind in ("tmp", "old"):
         for tmp in out.parent.glob(f".{out.name}.{kind}*"):
             pid = tmp.name.rsplit(f".{kind}", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 log.info("removing %s, left by an interrupted run", tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -205,12 +205,20 @@ def print_best(result: dict) -> None:
         print(f"best {best['metric']} = {best['value']:.6g} at epoch {best['epoch']}")
 
 
-def cmd_train_ae(args) -> None:
-    from ldmflow.stages.train_autoencoder import train_autoencoder
+def cmd_train(args) -> None:
+    """train-ae, train-diffusion, train-controlnet: one experiment of the command's stage."""
+    from ldmflow.stages import trainer
 
-    result = train_autoencoder(args.config, args.data, args.out, overrides=args.set or (), device=args.device,
-                               threads=args.threads, init=args.init)
+    inputs = {"manifest": args.data} if args.stage == "autoencoder" else {"latents": args.latents}
+    if args.stage == "controlnet":
+        inputs["base"] = args.base
+    result = trainer(args.stage)(args.config, **inputs, out_dir=args.out, overrides=args.set or (),
+                                 device=args.device, threads=args.threads, init=args.init)
     print_best(result)
+    fidelity = result.get("control_fidelity") or {}
+    if fidelity.get("available") and "controlled" in fidelity:
+        print(f"control mIoU {fidelity['controlled']['miou']:.4f} (uncontrolled base "
+              f"{fidelity['uncontrolled_base']['miou']:.4f})")
 
 
 def cmd_select_ae(args) -> None:
@@ -219,26 +227,6 @@ def cmd_select_ae(args) -> None:
     _apply_sets(args, ("metric", "mode"))
     result = select_autoencoder(args.runs, args.out, metric=args.metric, mode=args.mode)
     print(f"selected {result['name']} ({result['metric']} = {result['value']:.6g}): {result['checkpoint']}")
-
-
-def cmd_train_diffusion(args) -> None:
-    from ldmflow.stages.train_diffusion import train_diffusion
-
-    result = train_diffusion(args.config, args.latents, args.out, overrides=args.set or (), device=args.device,
-                             threads=args.threads, init=args.init)
-    print_best(result)
-
-
-def cmd_train_controlnet(args) -> None:
-    from ldmflow.stages.train_controlnet import train_controlnet
-
-    result = train_controlnet(args.config, args.latents, args.base, args.out, overrides=args.set or (),
-                              device=args.device, threads=args.threads, init=args.init)
-    print_best(result)
-    fidelity = result["control_fidelity"]
-    if fidelity["available"] and "controlled" in fidelity:
-        print(f"control mIoU {fidelity['controlled']['miou']:.4f} (uncontrolled base "
-              f"{fidelity['uncontrolled_base']['miou']:.4f})")
 
 
 def parse_scale(text: str | float | list | None) -> float | list[float] | None:
@@ -368,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int_range(8, MAX_IMAGE_SIZE), default=32, help="image side in pixels")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=42)
 
-    p = command("train-ae", cmd_train_ae, "train one autoencoder experiment (resumes from RUN_DIR's latest)")
+    p = command("train-ae", cmd_train, "train one autoencoder experiment (resumes from RUN_DIR's latest)")
     p.add_argument("--config", type=existing_file, required=True, help="autoencoder experiment YAML")
     p.add_argument("--data", type=existing_path, required=True, help="manifest CSV or folder of images")
     p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
@@ -381,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="val_loss", help="metrics column to compare (default val_loss)")
     p.add_argument("--mode", default="min", choices=("min", "max"))
 
-    p = command("train-diffusion", cmd_train_diffusion,
+    p = command("train-diffusion", cmd_train,
                 "train one diffusion experiment on a latent store (resumes from RUN_DIR's latest)")
     p.add_argument("--config", type=existing_file, required=True, help="diffusion experiment YAML")
     p.add_argument("--latents", type=existing_path, required=True, help="latent store (latents.zarr) from `ldmflow embed`")
@@ -389,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     training(p)
     fine_tuning(p)
 
-    p = command("train-controlnet", cmd_train_controlnet,
+    p = command("train-controlnet", cmd_train,
                 "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)")
     p.add_argument("--config", type=existing_file, required=True, help="ControlNet experiment YAML")
     p.add_argument("--latents", type=existing_path, required=True, help="latent store (latents.zarr) from `ldmflow embed`")

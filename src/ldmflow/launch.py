@@ -15,32 +15,18 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 from ldmflow.cli import main, setup_logging
 from ldmflow.devices import claim_gpu
 from ldmflow.errors import EXIT_PREEMPTED, exit_code
+from ldmflow.stages import TrainingStage, trainer
 from ldmflow.training.preemption import SignalFlag
 
 log = logging.getLogger("ldmflow")
 
-Stage = Literal["autoencoder", "diffusion", "controlnet"]
 # stage -> the command line's subcommand (for torchrun)
 COMMANDS: dict[str, str] = {"autoencoder": "train-ae", "diffusion": "train-diffusion",
                             "controlnet": "train-controlnet"}
-
-
-def trainer(stage: Stage):
-    """The library function that trains one experiment of ``stage``."""
-    if stage == "autoencoder":
-        from ldmflow.stages.train_autoencoder import train_autoencoder as fn
-    elif stage == "diffusion":
-        from ldmflow.stages.train_diffusion import train_diffusion as fn
-    elif stage == "controlnet":
-        from ldmflow.stages.train_controlnet import train_controlnet as fn
-    else:
-        raise ValueError(f"stage {stage!r}; allowed: {', '.join(COMMANDS)}")
-    return fn
 
 
 def run_cli(argv: list[str], nproc: int = 1) -> None:
@@ -66,7 +52,7 @@ def run_cli(argv: list[str], nproc: int = 1) -> None:
         raise SystemExit(code)
 
 
-def run_training(stage: Stage, *, gpus: int, environ: Mapping[str, str], log_file: str | Path, threads: int,
+def run_training(stage: TrainingStage, *, gpus: int, environ: Mapping[str, str], log_file: str | Path, threads: int,
                  **inputs: str | Path) -> None:
     """Train one experiment of ``stage`` from the rule's named inputs (``config``, ``out_dir``, and ``manifest``,
     ``latents`` or ``base`` as the stage's function takes them), on the job's ``gpus``.

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ldmflow.artifacts import RunPaths
+from ldmflow.artifacts import RunPaths, process_alive
 from ldmflow.config.loading import load_config
 from ldmflow.errors import ConfigError
 from ldmflow.training.events import read_status
@@ -103,13 +103,7 @@ def _float(value: Any) -> float | None:
 def _alive(pid: int | None, host: str | None, updated: float | None, now: float, stale_after: float) -> bool:
     """Whether the process that wrote a status file still runs: by its pid on this host, else by its age."""
     if host == socket.gethostname() and pid:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_alive(pid)
     return updated is not None and now - updated < stale_after
 
 

@@ -39,6 +39,20 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def up_path(cfg: AutoencoderModelConfig, ch: int, blocks_per_level: int) -> tuple[list[nn.Module], int]:
+    """The upsampling half of a decoder: per level, deepest first, ResNet blocks to that level's width, then
+    a 2x upsample (none after the last). Returns the modules and their output width."""
+    chans = [cfg.base_channels * m for m in cfg.channel_mult]
+    modules: list[nn.Module] = []
+    for level in reversed(range(len(chans))):
+        for _ in range(blocks_per_level):
+            modules.append(ResnetBlock(ch, chans[level], cfg.dropout))
+            ch = chans[level]
+        if level > 0:
+            modules.append(Upsample(ch))
+    return modules, ch
+
+
 class Decoder(nn.Module):
     """Latent (N, C, h, w) -> image (N, I, H, W): the mirror of the encoder."""
 
@@ -48,13 +62,7 @@ class Decoder(nn.Module):
         ch = chans[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
         self.mid = ResnetBlock(ch, ch, cfg.dropout)
-        blocks: list[nn.Module] = []
-        for level in reversed(range(len(chans))):
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(ch, chans[level], cfg.dropout))
-                ch = chans[level]
-            if level > 0:
-                blocks.append(Upsample(ch))
+        blocks, ch = up_path(cfg, ch, cfg.num_res_blocks)
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, image_channels, 3, padding=1)
@@ -72,13 +80,9 @@ class SegmentationHead(nn.Module):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
         ch = chans[-1]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)]
-        for level in reversed(range(len(chans))):
-            layers.append(ResnetBlock(ch, chans[level], cfg.dropout))
-            ch = chans[level]
-            if level > 0:
-                layers.append(Upsample(ch))
-        self.blocks = nn.Sequential(*layers)
+        first = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
+        layers, ch = up_path(cfg, ch, 1)
+        self.blocks = nn.Sequential(first, *layers)
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, mask_classes, 3, padding=1)
 

@@ -28,7 +28,7 @@ from ldmflow.artifacts import (
     publish_dir,
     remove_stale_temporaries,
 )
-from ldmflow.config.diffusion import DiffusionExperiment, SamplingConfig
+from ldmflow.config.diffusion import DiffusionExperiment, NoiseConfig, SamplingConfig
 from ldmflow.config.schema import from_dict
 from ldmflow.devices import get_device
 from ldmflow.diffusion.generate import generate_decoded
@@ -63,6 +63,12 @@ def load_diffusion(checkpoint: str | Path, device) -> tuple[torch.nn.Module, Dif
     model = build_unet(cfg, extra["latent_channels"], extra["num_classes"])
     model.load_state_dict(inference_weights(state))
     return model.to(device).eval().requires_grad_(False), cfg, extra
+
+
+def decoder_and_schedule(extra: dict, noise: NoiseConfig, device) -> tuple:
+    """What turns a run's noise into images: its autoencoder (sha256-checked) and its noise schedule."""
+    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], device)
+    return decoder, NoiseSchedule.from_config(noise).to(device)
 
 
 def resolve_class(value: str | int | None, classes: list[str] | None, num_classes: int | None) -> int | None:
@@ -199,8 +205,7 @@ def sample_checkpoint(checkpoint: str | Path, n: int, out: str | Path, *, class_
     check_request(n, batch_size, sampling, cfg.diffusion.timesteps, extra["num_classes"], guidance)
     if guidance is not None:
         sampling.guidance = guidance
-    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
-    schedule = NoiseSchedule.from_config(cfg.diffusion).to(dev)
+    decoder, schedule = decoder_and_schedule(extra, cfg.diffusion, dev)
     num_classes = extra["num_classes"]
     fixed = resolve_class(class_id, extra["classes"], num_classes)
     labels = None

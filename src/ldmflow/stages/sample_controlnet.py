@@ -32,13 +32,12 @@ from ldmflow.data.controls import (
 from ldmflow.data.images import decode_image
 from ldmflow.devices import get_device
 from ldmflow.diffusion.generate import generate_decoded
-from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ControlError, SamplingError
 from ldmflow.models.controlnet import ControlledUNet, Scale, build_controlnet
 from ldmflow.models.unet import build_unet
 from ldmflow.stages.sample import (
     check_request,
-    load_verified_autoencoder,
+    decoder_and_schedule,
     prepare_out,
     recorded_guidance,
     resolve_class,
@@ -179,8 +178,7 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
         model.level_scales(scale)
     except ValueError as exc:
         raise SamplingError(f"--scale: {exc}") from None
-    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
-    schedule = NoiseSchedule.from_config(base_cfg.diffusion).to(dev)
+    decoder, schedule = decoder_and_schedule(extra, base_cfg.diffusion, dev)
     num_classes = extra["num_classes"]
     fixed = resolve_class(class_id, extra["classes"], num_classes)
     labels = None
