@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
     training(p)
     fine_tuning(p)
+    p.set_defaults(stage="autoencoder")
 
     p = command("select-ae", cmd_select_ae, "pick the best autoencoder run; write selected.json and a plot")
     p.add_argument("--runs", type=existing_path, nargs="+", required=True, help="autoencoder run folders")
@@ -376,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
     training(p)
     fine_tuning(p)
+    p.set_defaults(stage="diffusion")
 
     p = command("train-controlnet", cmd_train,
                 "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)")
@@ -386,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
     training(p)
     fine_tuning(p)
+    p.set_defaults(stage="controlnet")
 
     p = command("sample", cmd_sample,
                 "generate images from a diffusion or ControlNet checkpoint (PNGs, grid.png, samples.zarr)")
