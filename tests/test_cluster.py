@@ -7,6 +7,7 @@ LSF has no free implementation: a fake `bsub` on PATH records the command the LS
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
@@ -246,3 +247,7 @@ def test_lsf_profile_submits_gpu_rules_with_bsub_asking_queue_project_gpu_memory
     assert value("-gpu") == "num=1:mode=exclusive_process"
     assert value("-cwd") == str(root) and "-env" in call
     assert "--target-jobs" in call[-1] and "train_autoencoder" in call[-1]
+    # the job's own Snakemake gets the GPU count (2 or more would run DDP), uncapped
+    passed = [base64.b64decode(word.removeprefix("base64//")).decode() for word in shlex.split(call[-1])
+              if word.startswith("base64//")]
+    assert "train_autoencoder:gpu=1" in passed, passed
