@@ -10,7 +10,7 @@ import yaml
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import UNET_PRESETS, DiffusionExperiment
-from ldmflow.config.schema import from_dict, json_schema, validate
+from ldmflow.config.schema import from_dict, json_schema, to_dict, validate
 from ldmflow.errors import ConfigError
 
 STAGES: dict[str, type] = {"autoencoder": AutoencoderExperiment, "diffusion": DiffusionExperiment,
@@ -121,6 +121,15 @@ def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
         return from_dict(cls, data)
     except ValueError as exc:  # cross-field checks in __post_init__
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def resolved_config(cfg) -> dict:
+    """The resolved experiment config that checkpoints and stores record; without ``init`` when it is unset, so
+    that runs and stores made before fine-tuning existed still resume and match."""
+    out = to_dict(cfg)
+    if out.get("init", {}).get("from") is None:
+        out.pop("init", None)
+    return out
 
 
 def schema_documents() -> dict[str, str]:

@@ -29,7 +29,7 @@ from ldmflow.artifacts import (
     resolve_checkpoint,
 )
 from ldmflow.config.autoencoder import AutoencoderExperiment
-from ldmflow.config.schema import to_dict
+from ldmflow.config.loading import resolved_config
 from ldmflow.data.latent_store import COMPRESSOR, DTYPES, STORE_FORMAT, LatentStore, chunk_rows
 from ldmflow.data.manifest import SPLITS, ImageDataset, prepare_data
 from ldmflow.devices import get_device
@@ -240,7 +240,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
             "mask_classes": data.mask_classes if data.has_masks else None,
             "autoencoder": {"checkpoint": str(ckpt_path.resolve()), "sha256": ae_sha256, "name": cfg.name,
                             "selected": str(selected.resolve()) if selected else None,
-                            "config": to_dict(cfg)},
+                            "config": resolved_config(cfg)},
             "manifest": {"path": str(Path(manifest).resolve()), "sha256": manifest_sha256,
                          "autoencoder_trained_on_it": None if not (trained_on and manifest_sha256)
                          else trained_on == manifest_sha256, "skipped_rows": len(data.skipped)},
