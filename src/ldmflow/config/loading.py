@@ -140,6 +140,10 @@ def schema_documents() -> dict[str, str]:
     for stage, cls in STAGES.items():
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
                   "title": f"ldmflow {stage} experiment", **json_schema(cls)}
+        # the optional stage key that load_config reads (and removes) before validating against the dataclass
+        schema["properties"] = {"stage": {"enum": [stage], "description": "Optional: the stage this file is for; "
+                                          "without it load_config infers the stage from the keys."},
+                                **schema["properties"]}
         docs[f"{stage}.schema.json"] = json.dumps(schema, indent=2) + "\n"
     return docs
 
