@@ -10,7 +10,7 @@ import yaml
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import UNET_PRESETS, DiffusionExperiment
-from ldmflow.config.schema import from_dict, json_schema, validate
+from ldmflow.config.schema import from_dict, json_schema, to_dict, validate
 from ldmflow.errors import ConfigError
 
 STAGES: dict[str, type] = {"autoencoder": AutoencoderExperiment, "diffusion": DiffusionExperiment,
@@ -131,6 +131,15 @@ def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def resolved_config(cfg) -> dict:
+    """The resolved experiment config that checkpoints and stores record; without ``init`` when it is unset, so
+    that runs and stores made before fine-tuning existed still resume and match."""
+    out = to_dict(cfg)
+    if out.get("init", {}).get("from") is None:
+        out.pop("init", None)
+    return out
+
+
 def schema_documents() -> dict[str, str]:
     """The JSON schema of each stage's experiment files, as written to ``config/schemas/<stage>.schema.json``,
     and of the workflow config's memorization options (``memorization.schema.json``)."""
@@ -140,10 +149,16 @@ def schema_documents() -> dict[str, str]:
 
     docs = {}
     titles = {f"{stage}.schema.json": (f"ldmflow {stage} experiment", cls) for stage, cls in STAGES.items()}
-    # the workflow config's `memorization:` section ($ref from config.schema.yaml)
+    # the workflow config's `memorization:` section (validated at plan time by ldmflow.workflow)
     titles["memorization.schema.json"] = ("ldmflow memorization options", MemorizationConfig)
     for name, (title, cls) in titles.items():
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **json_schema(cls)}
+        stage = name.removesuffix(".schema.json")
+        if stage in STAGES:
+            # the optional stage key that load_config reads (and removes) before validating against the dataclass
+            schema["properties"] = {"stage": {"enum": [stage], "description": "Optional: the stage this file is "
+                                              "for; without it load_config infers the stage from the keys."},
+                                    **schema["properties"]}
         docs[name] = json.dumps(schema, indent=2) + "\n"
     return docs
 

@@ -29,6 +29,7 @@ from ldmflow.artifacts import (
     resolve_checkpoint,
 )
 from ldmflow.config.autoencoder import AutoencoderExperiment
+from ldmflow.config.loading import resolved_config
 from ldmflow.data.dataset import ImageDataset, prepare_data
 from ldmflow.data.latent_store import COMPRESSOR, DTYPES, STORE_FORMAT, LatentStore, chunk_rows
 from ldmflow.data.manifest import SPLITS
@@ -36,7 +37,6 @@ from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
 from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
 from ldmflow.progress import progress_bar
-from ldmflow.training.finetune import resolved_config
 
 log = logging.getLogger(__name__)
 

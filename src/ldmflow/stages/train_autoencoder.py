@@ -10,13 +10,13 @@ import torch
 
 from ldmflow.artifacts import file_sha256
 from ldmflow.config.autoencoder import AutoencoderExperiment
-from ldmflow.config.loading import resolve_experiment
+from ldmflow.config.loading import resolve_experiment, resolved_config
 from ldmflow.data.dataset import ImageDataset, PreparedData, prepare_data
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import confusion, miou, psnr
 from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder
-from ldmflow.training.finetune import initialise, resolved_config
+from ldmflow.training.finetune import initialise
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import colorize, grid, save_png, to_uint8
 

@@ -20,8 +20,7 @@ import torch
 from ldmflow.artifacts import RunPaths, atomic_write_json, file_sha256, inference_weights, load_checkpoint
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment
-from ldmflow.config.loading import resolve_experiment
-from ldmflow.config.schema import to_dict
+from ldmflow.config.loading import resolve_experiment, resolved_config
 from ldmflow.data.controls import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
 from ldmflow.devices import get_device, set_deterministic
@@ -34,7 +33,7 @@ from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
 from ldmflow.stages.train_diffusion import DiffusionTask
 from ldmflow.training.batching import balancing_weights
 from ldmflow.training.distributed import rank
-from ldmflow.training.finetune import initialise, resolved_config
+from ldmflow.training.finetune import initialise
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -257,7 +256,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
              len(train_set), len(val_set), count_parameters(model, trainable_only=True) / 1e6,
              count_parameters(model) / 1e6)
     extra = {**provenance, "num_classes": num_classes, "base_checkpoint": str(base_path),
-             "base_sha256": file_sha256(base_path), "base_config": to_dict(base_cfg), "signal": cfg.control.signal,
+             "base_sha256": file_sha256(base_path), "base_config": resolved_config(base_cfg), "signal": cfg.control.signal,
              "control_channels": k, "downsample": factor, "image_size": image_size, **({"init": parent} if parent else {})}
     fc = FitConfig(stage="controlnet", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
                    resolved=resolved_config(cfg), extra=extra)

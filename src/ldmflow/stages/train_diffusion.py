@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldmflow.config.diffusion import DiffusionExperiment
-from ldmflow.config.loading import resolve_experiment
+from ldmflow.config.loading import resolve_experiment, resolved_config
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.diffusion.generate import generate
@@ -17,7 +17,7 @@ from ldmflow.errors import ConfigError
 from ldmflow.models.unet import build_unet, count_parameters
 from ldmflow.stages.embed import store_autoencoder
 from ldmflow.training.batching import balancing_weights
-from ldmflow.training.finetune import initialise, resolved_config
+from ldmflow.training.finetune import initialise
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.viz import grid, save_png, to_uint8
 

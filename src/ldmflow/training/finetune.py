@@ -16,7 +16,6 @@ from torch import nn
 
 from ldmflow.artifacts import RunPaths, file_sha256, inference_weights, load_checkpoint
 from ldmflow.config.common import InitConfig
-from ldmflow.config.schema import to_dict
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,15 +42,6 @@ def init_checkpoint(init: InitConfig, results: Path = RESULTS) -> Path | None:
     stage, name = run
     paths = RunPaths(results / stage / name, name)
     return paths.best if init.checkpoint == "best" else paths.latest
-
-
-def resolved_config(cfg) -> dict:
-    """The resolved config a checkpoint stores; without ``init`` when it is unset, so that runs made before
-    fine-tuning existed still resume."""
-    out = to_dict(cfg)
-    if out.get("init", {}).get("from") is None:
-        out.pop("init", None)
-    return out
 
 
 def initialise(model: nn.Module, init: InitConfig, checkpoint: str | Path | None = None, source: str = "<config>") -> dict:
