@@ -70,12 +70,16 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     train_diffusion(uncond, store, root / "uncond")
     cond = root / "cond/checkpoints/fuzzd_checkpoint_best.pt"
     sample_checkpoint(cond, 4, root / "samples", steps=2)
+    from ldmflow.stages.train_controlnet import train_controlnet
+
+    train_controlnet(TINY_CONTROLNET, store, cond, root / "controlnet")
     configs = {}
     for name, cfg in {"ae": ae_cfg, "diffusion": TINY_DIFFUSION, "controlnet": TINY_CONTROLNET}.items():
         configs[name] = root / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(cfg))
     return {"root": root, "manifest": manifest, "ae": ae, "ae_run": root / "ae", "store": store, "cond": cond,
             "uncond": root / "uncond/checkpoints/fuzzu_checkpoint_best.pt", "samples": root / "samples",
+            "controlnet": root / "controlnet/checkpoints/fuzzc_checkpoint_best.pt",
             **{f"{k}_config": v for k, v in configs.items()}}
 
 
@@ -124,12 +128,16 @@ COMMANDS: dict[str, tuple[dict[str, str], list[str]]] = {
                           "--device": "cpu"}, ["--threads", "--set"]),
     "sample": ({"--checkpoint": "cond", "--out": "@out", "--n": "2", "--steps": "2", "--device": "cpu"},
                ["--class", "--guidance", "--sampler", "--control", "--scale", "--seed", "--batch-size", "--set"]),
+    "sample:controlnet": ({"--checkpoint": "controlnet", "--control": "0", "--out": "@out", "--n": "2",
+                           "--steps": "2", "--device": "cpu"},
+                          ["--class", "--guidance", "--scale", "--seed", "--batch-size", "--set"]),
     "memorization": ({"--train": "manifest", "--samples": "samples", "--out": "@out", "--device": "cpu",
                       "--set": "quality=false"}, ["--reference"]),
     "schemas": ({"--out": "@out"}, []),
 }
-SET_KEYS = ["n", "size", "seed", "steps", "guidance", "batch_size", "class_id", "metric", "mode", "dtype", "k",
-            "alpha", "image_size", "feature", "train.epochs", "data.image_size", "optim.lr", "colour", ""]
+SET_KEYS = ["n", "size", "seed", "steps", "guidance", "control", "scale", "batch_size", "class_id", "metric", "mode",
+            "dtype", "k", "alpha", "image_size", "feature", "resize", "train.epochs", "data.image_size", "optim.lr",
+            "colour", ""]
 
 
 def complete_outputs(command: str, out: Path) -> list[Path]:
@@ -138,7 +146,8 @@ def complete_outputs(command: str, out: Path) -> list[Path]:
         return []
     if out.is_file():
         return [out] if command == "select-ae" else []
-    names = {"demo-data": ["manifest.csv"], "sample": ["samples.zarr", "grid.png"], "memorization": ["summary.json"],
+    names = {"demo-data": ["manifest.csv"], "sample": ["samples.zarr", "grid.png"],
+             "sample:controlnet": ["samples.zarr", "grid.png"], "memorization": ["summary.json"],
              "embed": ["zarr.json"]}.get(command, [])
     found = [out / n for n in names if (out / n).exists()]
     return found + (list(out.glob("checkpoints/*_checkpoint_best.pt")) if command.startswith("train") else [])
@@ -200,7 +209,7 @@ def test_fuzzed_command_lines_exit_with_a_named_error_or_succeed(command, tiny, 
         argv, out = materialise(options, tiny, scratch)
         monkeypatch.chdir(scratch)  # a fuzzed value is often a relative path: keep what it makes in here
         existed = out is not None and out.exists()
-        code, printed = run(capsys, [command, *argv])
+        code, printed = run(capsys, [command.partition(":")[0], *argv])
         tried[code] = tried.get(code, 0) + 1
         assert code in EXIT_CODES, (argv, code, printed[-2000:])
         assert "Traceback" not in printed, (argv, printed[-3000:])
