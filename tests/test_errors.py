@@ -435,3 +435,18 @@ def test_finite_checks_are_not_fooled_by_spellings():
         with pytest.raises(Exception, match="finite"):
             parse(text)
     assert math.isclose(parse(" 7.5 "), 7.5) and np.isfinite(parse("1e-320"))
+
+
+def test_non_finite_samples_stop_before_anything_is_written(tiny, tmp_path, capsys):
+    import torch
+
+    state = torch.load(tiny["cond"], weights_only=True)
+    for weights in (state["model"], state.get("ema") or {}):
+        for value in weights.values():
+            if value.is_floating_point():
+                value.fill_(float("nan"))  # a diverged model: every output NaN
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    code, printed = run(capsys, ["sample", "--checkpoint", broken, "--out", tmp_path / "s", "--n", "2"])
+    assert code == 2 and "sampling produced non-finite latents" in printed and "Traceback" not in printed
+    assert not list((tmp_path / "s").glob("*.png")) and not (tmp_path / "s" / "samples.zarr").exists()
