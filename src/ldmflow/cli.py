@@ -179,7 +179,8 @@ def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...],
             except argparse.ArgumentTypeError as exc:
                 raise ConfigError(f"--set {key}: {exc}") from None
             if action.choices is not None and value not in action.choices:
-                raise ConfigError(f"--set {key}: {value!r}; allowed: {', '.join(map(str, action.choices))}")
+                raise ConfigError(f"--set: key {key!r} has value {value!r}; allowed: "
+                                  f"{', '.join(map(str, action.choices))}")
         else:
             try:
                 value = yaml.safe_load(raw)

@@ -79,7 +79,7 @@ def resolve_class(value: str | int | None, classes: list[str] | None, num_classe
     value = str(value)
     if classes and value in classes:
         return classes.index(value)
-    if value.isdigit() and int(value) < num_classes:
+    if value.isascii() and value.isdigit() and int(value) < num_classes:
         return int(value)
     raise SamplingError(f"unknown class {value!r}; allowed: {', '.join(classes or [])} or 0..{num_classes - 1}")
 

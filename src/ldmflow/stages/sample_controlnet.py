@@ -86,7 +86,7 @@ def load_control(value: str | int, cfg: ControlNetExperiment, extra: dict) -> tu
     description for the outputs' attributes."""
     signal, size, k = cfg.control.signal, extra["image_size"], extra["control_channels"]
     text = str(value)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         from ldmflow.data.latent_store import LatentStore
 
         store = LatentStore(extra["latents"])
