@@ -30,36 +30,34 @@ MAX_GUIDANCE = 100.0  # classifier-free guidance beyond ~20 saturates every pixe
 # --------------------------------------------------------------------------------------------------
 
 
-def int_range(minimum: int, maximum: int):
-    """An argparse ``type=``: an integer in ``minimum..maximum``."""
+def number_range(kind: type, minimum: float, maximum: float):
+    """An argparse ``type=``: an ``int`` or a finite ``float`` in ``minimum..maximum`` (NaN and infinity are
+    refused)."""
+    word, fmt = ("an integer", "{}") if kind is int else ("a number", "{:g}")
+    allowed = f"allowed: {fmt.format(minimum)}..{fmt.format(maximum)}"
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(str(text).strip())
+            value = kind(str(text).strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: {minimum}..{maximum}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}; {allowed}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; {allowed}")
         if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: {minimum}..{maximum}")
+            raise argparse.ArgumentTypeError(f"{fmt.format(value)} is out of range; {allowed}")
         return value
 
     return parse
+
+
+def int_range(minimum: int, maximum: int):
+    """An argparse ``type=``: an integer in ``minimum..maximum``."""
+    return number_range(int, minimum, maximum)
 
 
 def float_range(minimum: float, maximum: float):
-    """An argparse ``type=``: a finite number in ``minimum..maximum`` (NaN and infinity are refused)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: {minimum:g}..{maximum:g}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; allowed: {minimum:g}..{maximum:g}")
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: {minimum:g}..{maximum:g}")
-        return value
-
-    return parse
+    """An argparse ``type=``: a finite number in ``minimum..maximum``."""
+    return number_range(float, minimum, maximum)
 
 
 def _path(text: str) -> Path:
@@ -347,9 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
         p.add_argument("--threads", type=int_range(1, 1024), default=None, help="CPU threads for torch and data loading")
 
-    def fine_tuning(p: argparse.ArgumentParser) -> None:
+    def train_command(name: str, stage: str, help: str, inputs: dict[str, tuple]) -> None:
+        """A training command: its experiment file, its ``inputs`` (flag -> (type, help)), the run folder,
+        device and threads, and ``--init`` for fine-tuning."""
+        p = command(name, cmd_train, help)
+        p.add_argument("--config", type=existing_file, required=True, help=f"{stage} experiment YAML")
+        for flag, (kind, text) in inputs.items():
+            p.add_argument(flag, type=kind, required=True, help=text)
+        p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
+        training(p)
         p.add_argument("--init", default=None, metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (overrides the config's init.from; fresh optimizer)")
+        p.set_defaults(stage=stage)
+
+    latents = (existing_path, "latent store (latents.zarr) from `ldmflow embed`")
 
     p = command("demo-data", cmd_demo_data, "write the built-in procedural demo dataset and its manifest.csv")
     p.add_argument("--out", type=output_dir, required=True, help="output folder")
@@ -357,13 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int_range(8, MAX_IMAGE_SIZE), default=32, help="image side in pixels")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=42)
 
-    p = command("train-ae", cmd_train, "train one autoencoder experiment (resumes from RUN_DIR's latest)")
-    p.add_argument("--config", type=existing_file, required=True, help="autoencoder experiment YAML")
-    p.add_argument("--data", type=existing_path, required=True, help="manifest CSV or folder of images")
-    p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
-    training(p)
-    fine_tuning(p)
-    p.set_defaults(stage="autoencoder")
+    train_command("train-ae", "autoencoder", "train one autoencoder experiment (resumes from RUN_DIR's latest)",
+                  {"--data": (existing_path, "manifest CSV or folder of images")})
 
     p = command("select-ae", cmd_select_ae, "pick the best autoencoder run; write selected.json and a plot")
     p.add_argument("--runs", type=existing_path, nargs="+", required=True, help="autoencoder run folders")
@@ -371,25 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="val_loss", help="metrics column to compare (default val_loss)")
     p.add_argument("--mode", default="min", choices=("min", "max"))
 
-    p = command("train-diffusion", cmd_train,
-                "train one diffusion experiment on a latent store (resumes from RUN_DIR's latest)")
-    p.add_argument("--config", type=existing_file, required=True, help="diffusion experiment YAML")
-    p.add_argument("--latents", type=existing_path, required=True, help="latent store (latents.zarr) from `ldmflow embed`")
-    p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
-    training(p)
-    fine_tuning(p)
-    p.set_defaults(stage="diffusion")
-
-    p = command("train-controlnet", cmd_train,
-                "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)")
-    p.add_argument("--config", type=existing_file, required=True, help="ControlNet experiment YAML")
-    p.add_argument("--latents", type=existing_path, required=True, help="latent store (latents.zarr) from `ldmflow embed`")
-    p.add_argument("--base", type=existing_file, required=True,
-                   help="the base diffusion checkpoint (.pt), e.g. NAME_checkpoint_best.pt")
-    p.add_argument("--out", type=output_dir, required=True, help="run folder RUN_DIR")
-    training(p)
-    fine_tuning(p)
-    p.set_defaults(stage="controlnet")
+    train_command("train-diffusion", "diffusion",
+                  "train one diffusion experiment on a latent store (resumes from RUN_DIR's latest)",
+                  {"--latents": latents})
+    train_command("train-controlnet", "controlnet",
+                  "train one ControlNet experiment on a latent store and a diffusion checkpoint (resumes from RUN_DIR)",
+                  {"--latents": latents, "--base": (existing_file, "the base diffusion checkpoint (.pt), e.g. "
+                                                    "NAME_checkpoint_best.pt")})
 
     p = command("sample", cmd_sample,
                 "generate images from a diffusion or ControlNet checkpoint (PNGs, grid.png, samples.zarr)")
