@@ -111,15 +111,40 @@ def line(r: dict) -> str:
             f"{b['params'] / 1e6:.3g}M")
 
 
+def markdown(records: list[dict]) -> str:
+    """The records of one run as a Markdown table (the README's), skipped and failed cases included."""
+    header = ("| stage | mode | batch | ldmflow | baseline | ratio | achieved, ldmflow / baseline | "
+              "GFLOP per step, ldmflow / baseline | parameters, ldmflow / baseline |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "ours" not in r:
+            rows.append(f"| {r['case']} | | | {r.get('skipped') or r.get('error')} | | | | | |")
+            continue
+        o, b = r["ours"], r["baseline"]
+        unit, k = ("GFLOP/s", 1e3) if o["tflop_per_s"] < 1 else ("TFLOP/s", 1.0)
+        params = f"{o['params'] / 1e6:.3g}M / {b['params'] / 1e6:.3g}M" if b["params"] else "-"
+        rows.append(f"| {r['stage']} | {r['mode']} | {r['batch']} | {o['items_per_s']:.4g} {r['unit']} | "
+                    f"{b['items_per_s']:.4g} {r['unit']} | **{r['ratio']['items_per_s']:.2f}x** | "
+                    f"{o['tflop_per_s'] * k:.3g} / {b['tflop_per_s'] * k:.3g} {unit} | "
+                    f"{o['gflop_per_step']:.4g} / {b['gflop_per_step']:.4g} | {params} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), help="default: gpu on a CUDA device, cpu otherwise")
-    parser.add_argument("--out", required=True, help="JSON-lines file to write (one record per comparison)")
+    parser.add_argument("--out", help="JSON-lines file to write (one record per comparison)")
+    parser.add_argument("--show", metavar="JSONL", help="print an earlier run's records as a Markdown table")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds (default: the scale's)")
     parser.add_argument("--modes", nargs="+", choices=sorted(sw.MODES), help="override the scale's modes")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the scale's)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    if args.show:
+        print(markdown([json.loads(line) for line in Path(args.show).read_text().splitlines()]))
+        return
+    if not args.out:
+        parser.error("--out is required (or --show)")
 
     device = get_device(args.device)
     scale = SCALES[args.scale or ("gpu" if device.type == "cuda" else "cpu")]
