@@ -6,9 +6,9 @@ reduce-overhead mode) on both sides; the KL-f4 autoencoder at 128 px; embedding 
 DDIM 25 and 50 steps; the memorization search at 4,096 x 32,768). ``cpu``: a reduced copy of it
 (demo_tiny UNet on 8x8x4 latents, eager fp32, a few steps) so that the suite itself is tested without a
 GPU. Each case times a fixed number of steps after a fixed warm-up; cases run in order of importance
-(every stage eager first, then compile, then CUDA graphs) and, once ``--budget-s`` seconds have passed,
-the rest are written as skipped, so the run ends in a known time. A case that fails is written with its
-error and the suite goes on.
+(every stage eager first, then compile, then CUDA graphs); once ``--budget-s`` seconds have passed the
+rest are written as skipped, and a case still running at ``--hard-limit-s`` is stopped and written as
+such, so the run ends in a known time. A case that fails is written with its error and the suite goes on.
 
     PYTHONPATH=src python benchmarks/suite.py --scale cpu --out /tmp/suite.jsonl
     bash benchmarks/gpu_suite.sh             # on a GPU machine: installs from .whl/, picks the scale
@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -53,17 +54,18 @@ class Scale:
     embed_images: int
     embed_image: int
     search: tuple[int, int, int]  # queries, training images, image side
-    budget_s: float
+    budget_s: float  # start no case after this many seconds
+    hard_limit_s: float  # stop the case running at this many seconds
     threads: int | None = None  # torch's CPU threads; None: torch's default
 
 
 SCALES = {
     "gpu": Scale("capacity_unet128_d4", 32, (64, 256), tuple(sw.MODES), warmup=3, steps=10, rounds=2,
                  sample_batch=(64, 256), sample_repeats=2, ae_image=128, ae_base=32, embed_images=1024, embed_image=128,
-                 search=(4096, 32768, 32), budget_s=360.0),
+                 search=(4096, 32768, 32), budget_s=330.0, hard_limit_s=430.0),
     "cpu": Scale("demo_tiny", 8, (8,), ("eager_fp32",), warmup=2, steps=8, rounds=3,
                  sample_batch=(4,), sample_repeats=3,
-                 ae_image=16, ae_base=16, embed_images=256, embed_image=16, search=(256, 1024, 16), budget_s=300.0,
+                 ae_image=16, ae_base=16, embed_images=256, embed_image=16, search=(256, 1024, 16), budget_s=300.0, hard_limit_s=600.0,
                  # one thread: on a busy shared machine two threads wait on each other (10x slower here)
                  threads=1),
 }
@@ -111,6 +113,14 @@ def line(r: dict) -> str:
             f"{b['params'] / 1e6:.3g}M")
 
 
+class CaseStopped(BaseException):
+    """Raised in a case that runs past the suite's hard limit (a BaseException: no case code catches it)."""
+
+
+def _stop_case(signum, frame):
+    raise CaseStopped
+
+
 def markdown(records: list[dict]) -> str:
     """The records of one run as a Markdown table (the README's), skipped and failed cases included."""
     header = ("| stage | mode | batch | ldmflow | baseline | ratio | achieved, ldmflow / baseline | "
@@ -136,6 +146,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="JSON-lines file to write (one record per comparison)")
     parser.add_argument("--show", metavar="JSONL", help="print an earlier run's records as a Markdown table")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds (default: the scale's)")
+    parser.add_argument("--hard-limit-s", type=float, help="stop the running case at this many seconds")
+    parser.add_argument("--since", type=float, metavar="EPOCH_S",
+                        help="count the budget and the limit from this Unix time (gpu_suite.sh: its own start)")
     parser.add_argument("--modes", nargs="+", choices=sorted(sw.MODES), help="override the scale's modes")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the scale's)")
     parser.add_argument("--device", default=None)
@@ -151,32 +164,42 @@ def main(argv=None) -> None:
     if args.modes:
         scale = dataclasses.replace(scale, modes=tuple(args.modes))
     budget = args.budget_s if args.budget_s is not None else scale.budget_s
+    hard = args.hard_limit_s if args.hard_limit_s is not None else scale.hard_limit_s
     if args.threads or scale.threads:
         torch.set_num_threads(args.threads or scale.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = machine(device)
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    print(f"scale {args.scale or scale.preset}: {info}; budget {budget:.0f} s; writing {out}", flush=True)
+    print(f"scale {args.scale or scale.preset}: {info}; budget {budget:.0f} s, hard limit {hard:.0f} s; "
+          f"writing {out}", flush=True)
     print(f"{'stage':<24} {'mode':<16} {'batch':>5}  {'ours/s':>12} {'baseline/s':>12} {'ratio':>7}  "
           f"{'ours':>8} {'baseline':>8}", flush=True)
-    t_start = time.perf_counter()
+    # seconds already spent before this point (installs, imports) count against the budget and the limit
+    t_start = time.perf_counter() - (time.time() - args.since if args.since else 0.0)
     with tempfile.TemporaryDirectory(prefix="ldmflow-suite-") as tmp, open(out, "w") as fh:
         for name, thunk in cases(scale, device, Path(tmp)):
             base = {"case": name, "started": started, **info}
-            if time.perf_counter() - t_start > budget:
+            if time.perf_counter() - t_start > min(budget, hard):
                 fh.write(json.dumps({**base, "skipped": f"time budget of {budget:.0f} s spent"}) + "\n")
                 print(f"{name}: skipped (budget)", flush=True)
                 continue
             t0 = time.perf_counter()
+            signal.signal(signal.SIGALRM, _stop_case)
+            signal.setitimer(signal.ITIMER_REAL, max(1.0, hard - (t0 - t_start)))
             try:
                 result = thunk()
+            except CaseStopped:
+                fh.write(json.dumps({**base, "skipped": f"stopped at the hard limit of {hard:.0f} s"}) + "\n")
+                print(f"{name}: stopped (hard limit)", flush=True)
+                continue
             except Exception as exc:  # noqa: BLE001  (a failing case, e.g. a compile error, must not lose the others)
                 fh.write(json.dumps({**base, "error": f"{type(exc).__name__}: {exc}",
                                      "traceback": traceback.format_exc()[-4000:]}) + "\n")
                 print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 continue
             finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
                 # drop the case's compiled graphs and CUDA-graph memory pools before the next case
                 torch._dynamo.reset()
                 gc.collect()
