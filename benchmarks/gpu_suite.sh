@@ -11,8 +11,10 @@
 # along with the working tree.)
 #
 # On a CUDA machine it runs the realistic scale (unet128_d4, 32x32x4 latents, batches 64 and 256, eager
-# fp32 / bf16 / compile / CUDA graphs on both sides): no case starts after 5.5 minutes and a case still running at 7 min 10 s is stopped (both counted
-# from this script's start), so it ends within 8 minutes; on a CPU-only machine the reduced scale, as CI does.
+# fp32 / bf16 / compile / CUDA graphs on both sides): no case starts after 5.5 minutes and a case still
+# running at 7 min 10 s is stopped (both counted from this script's start), so that it ends within 8
+# minutes; the cases run eager first, so the compile and CUDA-graph ones are those cut when time is short.
+# On a CPU-only machine it runs the reduced scale, as CI does.
 #
 #   bash benchmarks/gpu_suite.sh [OUT.jsonl] [extra suite.py options, e.g. --budget-s 420]
 set -euo pipefail
