@@ -71,26 +71,39 @@ SCALES = {
 }
 
 
-def cases(s: Scale, device: torch.device, workdir: Path):
-    """(name, thunk) pairs in the order they run; each thunk returns one record or a list of them."""
+def cases(s: Scale, device: torch.device, workdir: Path) -> list[tuple[str, object]]:
+    """(name, thunk) pairs in the order they run; each thunk returns one record or a list of them.
+
+    Order of importance, so that a short budget cuts the least: every stage in the eager modes; then, in
+    each compiled mode, the headline cases (diffusion training and DDIM 50 at the largest batch); then the
+    rest of the compiled cases.
+    """
+    todo = []  # (tier, name, thunk)
     for mode_name in s.modes:
         mode = sw.MODES[mode_name]
+        compiled = mode.compile
         for batch in s.batches:
-            yield (f"diffusion training {mode_name} batch {batch}",
-                   lambda mode=mode, batch=batch: sw.compare_diffusion_training(
-                       s.preset, s.latent, batch, mode, device, warmup=s.warmup, steps=s.steps, rounds=s.rounds))
-            yield (f"autoencoder training {mode_name} batch {batch}",
-                   lambda mode=mode, batch=batch: sw.compare_autoencoder_training(
-                       s.ae_image, s.ae_base, batch, mode, device, warmup=s.warmup, steps=s.steps, rounds=s.rounds))
+            headline = batch == max(s.batches)
+            todo.append((1 + compiled * (1 if headline else 2), f"diffusion training {mode_name} batch {batch}",
+                         lambda mode=mode, batch=batch: sw.compare_diffusion_training(
+                             s.preset, s.latent, batch, mode, device, warmup=s.warmup, steps=s.steps,
+                             rounds=s.rounds)))
+            todo.append((1 + 2 * compiled, f"autoencoder training {mode_name} batch {batch}",
+                         lambda mode=mode, batch=batch: sw.compare_autoencoder_training(
+                             s.ae_image, s.ae_base, batch, mode, device, warmup=s.warmup, steps=s.steps,
+                             rounds=s.rounds)))
         for batch in s.sample_batch:
             for steps in (25, 50):
-                yield (f"sampling DDIM {steps} {mode_name} batch {batch}",
-                       lambda mode=mode, batch=batch, steps=steps: sw.compare_sampling(
-                           s.preset, s.latent, batch, steps, mode, device, repeats=s.sample_repeats))
+                headline = batch == max(s.sample_batch) and steps == 50
+                todo.append((1 + compiled * (1 if headline else 2), f"sampling DDIM {steps} {mode_name} batch {batch}",
+                             lambda mode=mode, batch=batch, steps=steps: sw.compare_sampling(
+                                 s.preset, s.latent, batch, steps, mode, device, repeats=s.sample_repeats)))
         if mode_name == s.modes[0]:  # embedding and the search have one mode: the stage's own
-            yield ("embedding", lambda: sw.compare_embedding(s.ae_image, s.ae_base, s.embed_images, 64, device,
-                                                              repeats=s.rounds, workdir=workdir))
-            yield ("memorization search", lambda: sw.compare_search(*s.search, 4, device, repeats=s.rounds))
+            todo.append((1, "embedding", lambda: sw.compare_embedding(
+                s.ae_image, s.ae_base, s.embed_images, 64, device, repeats=s.rounds, workdir=workdir)))
+            todo.append((1, "memorization search",
+                         lambda: sw.compare_search(*s.search, 4, device, repeats=s.rounds)))
+    return [(name, thunk) for _, name, thunk in sorted(todo, key=lambda item: item[0])]  # stable within a tier
 
 
 def machine(device: torch.device) -> dict:
