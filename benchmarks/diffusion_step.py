@@ -64,6 +64,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = get_device(args.device)
+    if args.compile and device.type != "cuda":
+        parser.error("--compile needs a CUDA device: training.fit compiles only there, and both sides must match")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     kind = "cudagraphs" if args.cuda_graphs else "compile" if args.compile else "eager"
     mode = sw.Mode(f"{kind}_{precision}", precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
