@@ -39,11 +39,12 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def show(r: dict, peak: float | None) -> None:
     o, b, ratio = r["ours"], r["baseline"], r["ratio"]
+    unit, k = ("GFLOP/s", 1e3) if o["tflop_per_s"] < 1 else ("TFLOP/s", 1.0)
     print(f"\n{r['stage']}: extras: {r['extras']}")
     print(f"  {'':<54} {'params':>10} {'GFLOP/step':>11} {'samples/s':>10} {'achieved':>14}")
     for side in (o, b):
         print(f"  {side['name']:<54} {side['params'] / 1e6:>9.2f}M {side['gflop_per_step']:>11.3f} "
-              f"{side['items_per_s']:>10.1f} {side['tflop_per_s'] * 1e3:>8.1f} GFLOP/s"
+              f"{side['items_per_s']:>10.1f} {side['tflop_per_s'] * k:>8.1f} {unit}"
               + (f" ({100 * side['tflop_per_s'] / peak:.1f}% of bf16 peak)" if peak else ""))
     print(f"  {'ratio ldmflow / diffusers':<54} {ratio['params']:>10.4f} {ratio['gflop_per_step']:>11.4f} "
           f"{ratio['items_per_s']:>10.3f} {ratio['tflop_per_s']:>14.3f}")

@@ -22,6 +22,9 @@ achieved TFLOP/s, and the ratio ours / baseline of each. "Same work" means:
   ratio is the samplers' overhead;
 - memorization search: ``evaluation.search.blocked_search`` against one fp32 matrix product of the same
   shapes with both operands already on the device (the arithmetic alone).
+
+The two sides are timed in alternating rounds after a warm-up, and the best round of each counts
+(:func:`paired_seconds`); for the training loop, the baseline's rounds run between ``fit``'s epochs.
 """
 
 from __future__ import annotations
