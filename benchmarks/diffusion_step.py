@@ -25,8 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import same_work as sw  # a sibling script, not a package
 
-from ldmflow.training.devices import get_device
-
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -64,7 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    device = get_device(args.device)
+    device = sw.pick_device(args.device)
     if args.compile and device.type != "cuda":
         parser.error("--compile needs a CUDA device: training.fit compiles only there, and both sides must match")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -105,6 +105,11 @@ def record(stage: str, mode: str, batch: int, unit: str, extras: str, ours: Side
 # Timing and counting
 # -------------------------------------------------------------------------------------------------
 
+def pick_device(name: str | None = None) -> torch.device:
+    """The named device, else CUDA when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -35,8 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import same_work as sw  # a sibling script, not a package
 
-from ldmflow.training.devices import get_device
-
 
 @dataclasses.dataclass
 class Scale:
@@ -172,7 +170,7 @@ def main(argv=None) -> None:
     if not args.out:
         parser.error("--out is required (or --show)")
 
-    device = get_device(args.device)
+    device = sw.pick_device(args.device)
     scale = SCALES[args.scale or ("gpu" if device.type == "cuda" else "cpu")]
     if args.modes:
         scale = dataclasses.replace(scale, modes=tuple(args.modes))
