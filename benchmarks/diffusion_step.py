@@ -25,8 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import same_work as sw  # a sibling script, not a package
 
-from ldmflow.devices import get_device
-
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -39,11 +37,12 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def show(r: dict, peak: float | None) -> None:
     o, b, ratio = r["ours"], r["baseline"], r["ratio"]
+    unit, k = ("GFLOP/s", 1e3) if o["tflop_per_s"] < 1 else ("TFLOP/s", 1.0)
     print(f"\n{r['stage']}: extras: {r['extras']}")
     print(f"  {'':<54} {'params':>10} {'GFLOP/step':>11} {'samples/s':>10} {'achieved':>14}")
     for side in (o, b):
         print(f"  {side['name']:<54} {side['params'] / 1e6:>9.2f}M {side['gflop_per_step']:>11.3f} "
-              f"{side['items_per_s']:>10.1f} {side['tflop_per_s'] * 1e3:>8.1f} GFLOP/s"
+              f"{side['items_per_s']:>10.1f} {side['tflop_per_s'] * k:>8.1f} {unit}"
               + (f" ({100 * side['tflop_per_s'] / peak:.1f}% of bf16 peak)" if peak else ""))
     print(f"  {'ratio ldmflow / diffusers':<54} {ratio['params']:>10.4f} {ratio['gflop_per_step']:>11.4f} "
           f"{ratio['items_per_s']:>10.3f} {ratio['tflop_per_s']:>14.3f}")
@@ -63,7 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    device = get_device(args.device)
+    device = sw.pick_device(args.device)
+    if args.compile and device.type != "cuda":
+        parser.error("--compile needs a CUDA device: training.fit compiles only there, and both sides must match")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     kind = "cudagraphs" if args.cuda_graphs else "compile" if args.compile else "eager"
     mode = sw.Mode(f"{kind}_{precision}", precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
