@@ -395,10 +395,12 @@ def compare_sampling(preset: str, side: int, batch: int, steps: int, mode: Mode,
 # -------------------------------------------------------------------------------------------------
 
 def autoencoder_config(image_size: int, base_channels: int, batch: int):
-    """The demo autoencoder (KL, f4, 4 latent channels, all heads) at this image size and width."""
+    """The demo autoencoder (KL, f4, 4 latent channels, all heads: the demo's 3 classes and 4 mask classes,
+    which the experiment file leaves to the data) at this image size and width."""
     return load_config(REPO / "config/autoencoders/demo_kl_c4_f4.yaml",
                        overrides=[f"data.image_size={image_size}", f"model.base_channels={base_channels}",
-                                  f"data.batch_size={batch}"])
+                                  f"data.batch_size={batch}", "data.classes=[circle, square, triangle]",
+                                  "data.mask_classes=4"])
 
 
 def diffusers_autoencoder(model_cfg, width: int):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ldmflow.api import build_loss, build_model, build_optimizer
+from ldmflow.api import build_dataset, build_loss, build_model, build_optimizer
 from ldmflow.config.loading import load_config
-from ldmflow.data.dataset import build_dataset
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.stages.memorization import check_memorization, compute_sample_similarity
 
