@@ -76,7 +76,9 @@ def build_model(config, data: str | Path | None = None, *, base: str | Path | to
     checkpoint (or UNet) it steers.
 
     >>> from ldmflow import load_config, build_model
-    >>> ae = build_model(load_config("config/autoencoders/demo_kl_c4_f4.yaml"))
+    >>> cfg = load_config("config/autoencoders/demo_kl_c4_f4.yaml", overrides=["data.mask_classes=4",
+    ...                   "data.classes=[circle, square, triangle]"])  # or build_model(cfg, manifest)
+    >>> ae = build_model(cfg)
     >>> ae.segmenter is not None and ae.classifier is not None
     True
     >>> build_model(load_config({"name": "ae", "data": {"mask_classes": 4}}))
@@ -197,9 +199,9 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
     """AdamW over the model's trainable parameters with the config's ``optim`` section.
 
     >>> from ldmflow import load_config, build_model, build_optimizer
-    >>> cfg = load_config("config/autoencoders/demo_kl_c4_f4.yaml")
-    >>> build_optimizer(build_model(cfg), cfg).param_groups[0]["lr"]
-    0.003
+    >>> cfg = load_config("config/diffusion/demo_unet_tiny.yaml")
+    >>> build_optimizer(build_model(cfg, latent_channels=4), cfg).param_groups[0]["lr"]
+    0.001
     """
     from ldmflow.training.optim import build_optimizer as adamw
 
