@@ -200,7 +200,7 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
 
     >>> from ldmflow import load_config, build_model, build_optimizer
     >>> cfg = load_config("config/diffusion/demo_unet_tiny.yaml")
-    >>> build_optimizer(build_model(cfg, latent_channels=4), cfg).param_groups[0]["lr"]
+    >>> build_optimizer(build_model(cfg, latent_channels=4, num_classes=3), cfg).param_groups[0]["lr"]
     0.001
     """
     from ldmflow.training.optim import build_optimizer as adamw
