@@ -12,6 +12,7 @@ curves never show a step twice or out of order.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -55,6 +56,19 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
     return status if isinstance(status, dict) and status.get("format") == STATUS_FORMAT else None
 
 
+def wait_for_a_later_second(log_dir: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with the second the file was
+    made (``events.out.tfevents.SECONDS.HOST.PID.N``): a file made in the same second as a killed run's would
+    sort before it by pid, and the killed run's purge would then hide the resumed run's events. Start in a
+    later second than every existing file (a wait of at most one second, and only right after a crash)."""
+    newest = 0
+    for path in log_dir.glob("events.out.tfevents.*"):
+        with contextlib.suppress(IndexError, ValueError):
+            newest = max(newest, int(path.name.split(".")[3]))
+    while int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
 class TensorBoardLog:
     """TensorBoard event files of one run, resumable: a new file per process, purging events after ``step``."""
 
@@ -64,6 +78,7 @@ class TensorBoardLog:
         # A fresh run purges every earlier event (of a killed run whose checkpoint was dropped); a resumed
         # one, those after its checkpoint's step, which the resumed run computes again.
         first = step + 1 if resumed else 0
+        wait_for_a_later_second(log_dir)
         self.writer = SummaryWriter(str(log_dir), purge_step=first, flush_secs=10)
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", first)
 
