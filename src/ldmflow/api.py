@@ -105,9 +105,9 @@ def build_model(config, data: str | Path | None = None, *, base: str | Path | to
 def _controlnet(cfg: ControlNetExperiment, data, base, control_channels: int | None, downsample: int | None):
     import copy
 
-    from ldmflow.data.controls import control_channels as channels_of
     from ldmflow.data.latent_store import LatentStore
     from ldmflow.models.controlnet import build_controlnet
+    from ldmflow.stages.train_controlnet import control_geometry
 
     if base is None:
         raise ConfigError(f"{cfg.name}: a ControlNet steers a trained diffusion UNet; pass base=CHECKPOINT (the "
@@ -117,9 +117,7 @@ def _controlnet(cfg: ControlNetExperiment, data, base, control_channels: int | N
 
         base = load_diffusion(base, "cpu")[0]
     if data is not None:
-        store = LatentStore(data)
-        control_channels = channels_of(cfg.control.signal, store.mask_classes)
-        downsample = int(store.attrs["image_size"]) // store.latent_shape[1]
+        control_channels, downsample = control_geometry(cfg, LatentStore(data))
     if control_channels is None or downsample is None:
         raise ConfigError(f"{cfg.name}: the control's channels and resolution come from the latent store; pass it "
                           "(build_model(cfg, 'latents.zarr', base=...)) or control_channels= and downsample=")
@@ -185,14 +183,11 @@ def build_dataset(config, data: str | Path, split: str | None = "train", threads
     from ldmflow.data.latent_store import LatentDataset, LatentStore
 
     store = LatentStore(data)
-    latents = LatentDataset(store, split, kl_latents=config.data.kl_latents)
     if stage == "diffusion":
-        return latents
-    from ldmflow.data.controls import ControlDataset
-    from ldmflow.stages.train_controlnet import stored_controls
+        return LatentDataset(store, split, kl_latents=config.data.kl_latents)
+    from ldmflow.stages.train_controlnet import control_dataset, stored_controls
 
-    stored = stored_controls(config, store, int(store.attrs["image_size"]))
-    return ControlDataset(latents, config.control.signal, store.mask_classes, stored)
+    return control_dataset(config, store, split, stored_controls(config, store, int(store.attrs["image_size"])))
 
 
 def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:

@@ -296,16 +296,14 @@ def checkpoint_images(checkpoint: str | Path, n: int, *, seed: int = 42, device:
     """n decoded samples (N, 3, H, W) in [-1, 1] of a trained diffusion checkpoint, with its sampler and
     autoencoder (a class-conditional model cycles through the classes, as ``ldmflow sample`` does)."""
     from ldmflow.diffusion.generate import generate_decoded
-    from ldmflow.diffusion.schedules import NoiseSchedule
-    from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
+    from ldmflow.stages.sample import decoder_and_schedule, load_diffusion
 
     dev = get_device(str(device) if device else None)
     model, cfg, extra = load_diffusion(checkpoint, dev)
-    decoder = load_verified_autoencoder(extra["autoencoder_checkpoint"], extra["autoencoder_sha256"], dev)
+    decoder, schedule = decoder_and_schedule(extra, cfg.diffusion, dev)
     labels = torch.arange(n) % extra["num_classes"] if extra["num_classes"] else None
-    _, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, NoiseSchedule.from_config(cfg.diffusion).to(dev),
-                                 cfg.sampling, cfg.diffusion.prediction, decoder, seed=seed, device=dev,
-                                 batch_size=batch_size)
+    _, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, schedule, cfg.sampling,
+                                 cfg.diffusion.prediction, decoder, seed=seed, device=dev, batch_size=batch_size)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
 
 

@@ -214,6 +214,17 @@ def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: i
     return None
 
 
+def control_geometry(cfg: ControlNetExperiment, store: LatentStore) -> tuple[int, int]:
+    """A ControlNet's control channels and the factor from image to latent resolution, from its latent store."""
+    return control_channels(cfg.control.signal, store.mask_classes), int(store.attrs["image_size"]) // store.latent_shape[1]
+
+
+def control_dataset(cfg: ControlNetExperiment, store: LatentStore, split: str | None, stored) -> ControlDataset:
+    """One split's latents with their controls (``stored``: the store's control images, see :func:`stored_controls`)."""
+    return ControlDataset(LatentDataset(store, split, kl_latents=cfg.data.kl_latents), cfg.control.signal,
+                          store.mask_classes, stored)
+
+
 def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str | Path, *, overrides=(),
                      device: str | None = None, threads: int | None = None, progress: bool | None = None,
                      init: str | Path | None = None) -> dict:
@@ -235,15 +246,10 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
     base_model, base_cfg, base_extra = load_diffusion(base_path, dev)
     check_base(cfg, base_cfg, base_extra, provenance, base_path, source)
     num_classes = base_extra["num_classes"]
-    k = control_channels(cfg.control.signal, store.mask_classes)
+    k, factor = control_geometry(cfg, store)
     image_size = int(store.attrs["image_size"])
-    factor = image_size // store.latent_shape[1]
-
     stored = stored_controls(cfg, store, image_size)
-    train_set = ControlDataset(LatentDataset(store, "train", kl_latents=cfg.data.kl_latents), cfg.control.signal,
-                               store.mask_classes, stored)
-    val_set = ControlDataset(LatentDataset(store, "val", kl_latents=cfg.data.kl_latents), cfg.control.signal,
-                             store.mask_classes, stored)
+    train_set, val_set = (control_dataset(cfg, store, split, stored) for split in ("train", "val"))
     if len(val_set) == 0:
         raise ConfigError(f"{latents}: the store has no validation rows; the ControlNet stage needs some")
 
