@@ -17,6 +17,7 @@ include: "rules/latents.smk"
 include: "rules/controlnet.smk"
 include: "rules/memorization.smk"
 include: "rules/report.smk"
+include: "rules/phases.smk"
 
 
 rule all:

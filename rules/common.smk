@@ -14,15 +14,19 @@ from ldmflow.workflow import (
     check_config_files,
     check_default_profile,
     memorization_options,
+    phase_members,
 )
 
 check_config_files(workflow.overwrite_configfiles)
 check_default_profile(Path(workflow.basedir, "profiles"))
 
-AUTOENCODERS = experiments(config["autoencoders"], "autoencoder")
-DIFFUSION = experiments(config["diffusion"], "diffusion")
+# name -> experiment file; a grid entry of a list expands to one experiment per combination, each written
+# to results/experiments/STAGE/NAME.yaml (ldmflow.config.grid)
+AUTOENCODERS = experiments(config["autoencoders"], "autoencoder", "autoencoders")
+DIFFUSION = experiments(config["diffusion"], "diffusion", "diffusion")
 CONTROLNETS = controlnets_for_data(
-    experiments(config["controlnets"], "controlnet"), manifest_path(config)
+    experiments(config["controlnets"], "controlnet", "controlnets"),
+    manifest_path(config),
 )
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
 WORKFLOW = {
@@ -31,6 +35,8 @@ WORKFLOW = {
     "controlnet": CONTROLNETS,
 }
 selection_warnings(AUTOENCODERS, config["selection"])
+# phase name -> its experiments as (stage, name); rules/phases.smk makes each a target rule
+PHASES = phase_members(config["phases"], WORKFLOW)
 MEMORIZATION = memorization_options(config)
 
 
@@ -131,6 +137,33 @@ def all_outputs():
         *expand("results/controlnet/{name}/{name}_curves.png", name=CONTROLNETS),
         *(["results/controlnet/control_fidelity.csv"] if CONTROLNETS else []),
     ]
+
+
+def experiment_outputs(stage, name):
+    """What building one experiment means: its training curves, and for a diffusion or ControlNet experiment its
+    evaluation samples and memorization summary (a ControlNet's control fidelity too).
+    """
+    outputs = [f"results/{stage}/{name}/{name}_curves.png"]
+    if stage != "autoencoder":
+        outputs += [
+            f"results/{stage}/{name}/eval_samples/grid.png",
+            f"results/memorization/{stage}/{name}/summary.json",
+        ]
+    if stage == "controlnet":
+        outputs.append(f"results/controlnet/{name}/control_fidelity.json")
+    return outputs
+
+
+def phase_outputs(phase):
+    """What the target of a phase builds: each of its experiments' outputs, and the autoencoder selection and
+    latent store when the phase holds every autoencoder experiment."""
+    members = PHASES[phase]
+    outputs = [
+        out for stage, name in members for out in experiment_outputs(stage, name)
+    ]
+    if AUTOENCODERS and {("autoencoder", n) for n in AUTOENCODERS} <= set(members):
+        outputs += ["results/autoencoder/selected.json", "results/latents/latents.zarr"]
+    return outputs
 
 
 def parent_of_output(wildcards, output):

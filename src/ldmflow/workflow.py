@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ldmflow.artifacts import METRICS_SUFFIX, RunPaths
+from ldmflow.artifacts import METRICS_SUFFIX, RunPaths, atomic_write_bytes
 from ldmflow.config.loading import load_config
 from ldmflow.config.memorization import MemorizationConfig
 from ldmflow.config.schema import validate
@@ -19,6 +19,8 @@ from ldmflow.errors import ConfigError
 log = logging.getLogger("ldmflow.workflow")
 # The workflow config's lists of experiment files: a --configfile that sets one must set all of them.
 EXPERIMENT_LISTS = ("autoencoders", "diffusion", "controlnets")
+# Where the experiments of grids are written, one file per combination (results/experiments/STAGE/NAME.yaml).
+GRID_DIR = Path("results") / "experiments"
 # Keys that are machine choices even though no cluster profile sets them, with what they would do to a
 # cluster run: Snakemake caps every job's threads at --cores and every resource at --resources, remote
 # jobs included, and a cluster job's own Snakemake reads profiles/default too.
@@ -29,15 +31,63 @@ MACHINE_KEYS = {
 }
 
 
-def experiments(paths: list[str], stage: str) -> dict[str, str]:
-    """Validate each experiment file of a stage now (so ``snakemake -n`` reports a bad key at once) and
-    map each experiment's ``name`` to its file; two files with one name are an error."""
+def experiments(entries: list, stage: str, key: str | None = None) -> dict[str, str]:
+    """Validate each experiment of a stage now (so ``snakemake -n`` reports a bad key at once) and map each
+    experiment's ``name`` to its file; two experiments with one name are an error.
+
+    An entry is an experiment file, or a grid (``{grid: {base: FILE, axes: {...}, name: TEMPLATE}}``, see
+    :mod:`ldmflow.config.grid`): each of its combinations is written to ``results/experiments/STAGE/NAME.yaml``
+    (rewritten only when its content changes, so an unchanged combination stays up to date when an axis gains a
+    value) and that file is the experiment's. ``key`` names the config list in messages (default: ``stage``)."""
+    from ldmflow.config.grid import expand_grid
+
+    key = key or stage
     out: dict[str, str] = {}
-    for path in paths:
-        cfg = load_config(path, stage)
-        if cfg.name in out:
-            raise ConfigError(f"{path}: experiment name {cfg.name!r} is also used by {out[cfg.name]}")
-        out[cfg.name] = str(path)
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            if set(entry) != {"grid"}:
+                raise ConfigError(f"config: key '{key}[{i}]' is a mapping with keys {', '.join(map(str, entry))}; "
+                                  f"allowed: an experiment file, or {{grid: {{base: FILE, axes: {{...}}}}}}")
+            points = expand_grid(entry["grid"], stage, f"config: key '{key}[{i}].grid'")
+            base = entry["grid"]["base"]
+            named = [(p.name, write_grid_experiment(stage, p.name, p.data, base)) for p in points]
+        else:
+            named = [(load_config(entry, stage).name, str(entry))]
+        for name, path in named:
+            if name in out:
+                raise ConfigError(f"{path}: experiment name {name!r} is also used by {out[name]}")
+            out[name] = path
+    return out
+
+
+def write_grid_experiment(stage: str, name: str, data: dict, base: str) -> str:
+    """Write one grid combination's experiment file (``results/experiments/STAGE/NAME.yaml``) unless it already
+    holds the same text, so that its modification time, which Snakemake compares, changes only with its content."""
+    path = GRID_DIR / stage / f"{name}.yaml"
+    text = (f"# Written by the workflow from a grid over {base}; edit the grid in the config, not this file.\n"
+            + yaml.safe_dump(data, sort_keys=False))
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+    return str(path)
+
+
+def phase_members(phases: dict, workflow: dict[str, dict[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """The experiments of each phase, as (stage, name): a phase is a list of ``STAGE/NAME`` patterns (shell-style
+    wildcards: ``diffusion/unet_base__*``, ``autoencoder/*``); a pattern that matches no experiment is an error.
+    ``workflow`` maps each stage to its experiments (name -> file)."""
+    import fnmatch
+
+    everything = [f"{stage}/{name}" for stage, names in workflow.items() for name in names]
+    out: dict[str, list[tuple[str, str]]] = {}
+    for phase, patterns in (phases or {}).items():
+        members: list[str] = []
+        for pattern in patterns:
+            hits = [exp for exp in everything if fnmatch.fnmatchcase(exp, pattern)]
+            if not hits:
+                raise ConfigError(f"config: key 'phases.{phase}' has pattern {pattern!r}, which matches no "
+                                  f"experiment; allowed: STAGE/NAME patterns over {', '.join(everything) or 'none'}")
+            members += [exp for exp in hits if exp not in members]
+        out[phase] = [tuple(exp.split("/", 1)) for exp in members]
     return out
 
 

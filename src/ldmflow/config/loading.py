@@ -35,17 +35,23 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: 
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} must look like dotted.key=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+        set_dotted(data, key.strip(), value, source)
     return data
+
+
+def set_dotted(data: dict, key: str, value, source: str = "--set") -> None:
+    """Set ``data[a][b][c] = value`` for the dotted key ``a.b.c`` (in place; missing sections are created)."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -98,7 +104,7 @@ def infer_stage(data: dict, source: str = "<config>") -> str:
 
 
 def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
-                overrides: list[str] | tuple[str, ...] = ()):
+                overrides: list[str] | tuple[str, ...] = (), source: str | None = None):
     """Load, override and validate an experiment config; returns the typed experiment dataclass.
 
     ``stage`` (autoencoder, diffusion, controlnet) defaults to the one the file says it is
@@ -110,13 +116,15 @@ def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
     'ControlNetExperiment'
     >>> load_config({"name": "ae", "model": {"latent_channels": 8}}).model.latent_channels
     8
+
+    ``source`` names the config in error messages (default: the path, or ``<config>`` for a mapping).
     """
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
     if isinstance(path_or_dict, dict):
-        data, source = path_or_dict, "<config>"
+        data, source = path_or_dict, source or "<config>"
     else:
-        data, source = read_yaml(path_or_dict), str(path_or_dict)
+        data, source = read_yaml(path_or_dict), source or str(path_or_dict)
     data = apply_overrides(data, overrides)
     named = data.pop("stage", None) if isinstance(data, dict) else None
     if named is not None and stage is not None and named != stage:

@@ -1,0 +1,115 @@
+"""Experiment grids declared once: expansion, names, validation at plan time, and the files the workflow writes."""
+
+from __future__ import annotations
+
+import doctest
+import os
+
+import pytest
+import yaml
+
+import ldmflow.config.grid
+from ldmflow.config.grid import expand_grid, value_label
+from ldmflow.config.loading import load_config
+from ldmflow.errors import ConfigError
+from ldmflow.workflow import experiments, phase_members
+
+from .conftest import REPO
+
+UNET = "config/diffusion/demo_unet_tiny.yaml"
+AE = "config/autoencoders/demo_kl_c4_f4.yaml"
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # grids name the repository's demo experiment files
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(ldmflow.config.grid, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 1 and result.failed == 0
+
+
+def test_one_experiment_per_combination_with_readable_unique_names_and_the_axis_values_set():
+    points = expand_grid({"base": UNET, "axes": {
+        "capacity": {"small": {"model.base_channels": 16, "optim.lr": 1.5e-4},
+                     "large": {"model.base_channels": 48, "optim.lr": 1.0e-4}},
+        "model.attention_levels": [[], [0, 1]]}}, "diffusion")
+    assert [p.name for p in points] == [
+        "demo_unet_tiny__capacity-small__attention_levels-none", "demo_unet_tiny__capacity-small__attention_levels-0-1",
+        "demo_unet_tiny__capacity-large__attention_levels-none", "demo_unet_tiny__capacity-large__attention_levels-0-1"]
+    cfg = load_config(points[3].data, "diffusion")
+    assert (cfg.name, cfg.model.base_channels, cfg.optim.lr, cfg.model.attention_levels) == \
+        (points[3].name, 48, 1.0e-4, [0, 1])
+    base = load_config(UNET, "diffusion")
+    assert cfg.sampling == base.sampling and cfg.train.epochs == base.train.epochs  # the rest is the base's
+
+
+def test_a_name_template_names_each_combination():
+    points = expand_grid({"base": AE, "name": "ae_c{model.latent_channels}_{optim.lr}",
+                          "axes": {"model.latent_channels": [4, 8], "optim.lr": [1e-4]}}, "autoencoder")
+    assert [p.name for p in points] == ["ae_c4_0.0001", "ae_c8_0.0001"]
+
+
+def test_value_labels_are_filesystem_safe():
+    assert [value_label(v) for v in (True, None, 1.5e-4, [2, 3], [], "a b/c", {"x": 1})] == \
+        ["true", "null", "0.00015", "2-3", "none", "a-b-c", "x-1"]
+
+
+@pytest.mark.parametrize(("grid", "expected"), [
+    # a bad value of an axis: the base file, the axis setting and the allowed values
+    ({"base": UNET, "axes": {"model.preset": ["demo_tiny", "unet999"]}},
+     ["demo_unet_tiny.yaml with model.preset='unet999'", "model.preset", "allowed:", "capacity_unet128_d4"]),
+    ({"base": UNET, "axes": {"diffusion.schedule": ["cosine", "quadratic"]}},
+     ["diffusion.schedule='quadratic'", "allowed:", "scaled_linear"]),
+    ({"base": UNET, "axes": {"model.widht": [8]}}, ["model.widht"]),
+    ({"base": UNET, "axes": {"optim.lr": []}}, ["axis 'optim.lr'", "non-empty list"]),
+    ({"base": "config/diffusion/missing.yaml", "axes": {"optim.lr": [1e-4]}}, ["missing.yaml", "does not exist"]),
+    ({"base": UNET, "axes": {"optim.lr": [1e-4]}, "name": "x_{optim.lr}_{seed}"}, ["{seed}", "allowed: {base}"]),
+    ({"base": UNET, "axes": {"optim.lr": [1e-4, 2e-4]}, "name": "same"}, ["both named 'same'", "name template"]),
+    ({"base": UNET, "axes": {"optim.lr": [1e-4]}, "size": 3}, ["unknown key(s) size", "allowed: base, axes, name"]),
+])
+def test_a_bad_grid_stops_the_plan_naming_grid_key_and_allowed_values(grid, expected):
+    with pytest.raises(ConfigError) as err:
+        expand_grid(grid, "diffusion", "config: key 'diffusion[1].grid'")
+    message = str(err.value)
+    assert "diffusion[1].grid" in message and all(part in message for part in expected), message
+
+
+def test_the_workflow_writes_each_combination_once_and_only_rewrites_a_changed_one(tmp_path, monkeypatch):
+    (tmp_path / "config").mkdir()
+    base = tmp_path / "config/unet.yaml"
+    base.write_text((REPO / UNET).read_text())
+    monkeypatch.chdir(tmp_path)
+    entries = ["config/unet.yaml", {"grid": {"base": "config/unet.yaml", "axes": {"optim.lr": [1e-4, 2e-4]}}}]
+    names = experiments(entries, "diffusion")
+    assert names == {"demo_unet_tiny": "config/unet.yaml",
+                     "demo_unet_tiny__lr-0.0001": "results/experiments/diffusion/demo_unet_tiny__lr-0.0001.yaml",
+                     "demo_unet_tiny__lr-0.0002": "results/experiments/diffusion/demo_unet_tiny__lr-0.0002.yaml"}
+    first = tmp_path / names["demo_unet_tiny__lr-0.0001"]
+    assert load_config(first, "diffusion").optim.lr == 1e-4
+    os.utime(first, (1_000_000, 1_000_000))
+    entries[1]["grid"]["axes"]["optim.lr"].append(5e-4)  # a new value: a new file, the others untouched
+    assert len(experiments(entries, "diffusion")) == 4 and first.stat().st_mtime == 1_000_000
+    data = yaml.safe_load(base.read_text())
+    data["train"]["epochs"] = 3  # the base changed: every combination's file changes
+    base.write_text(yaml.safe_dump(data))
+    experiments(entries, "diffusion")
+    assert first.stat().st_mtime != 1_000_000 and load_config(first, "diffusion").train.epochs == 3
+
+
+def test_a_grid_name_that_another_experiment_has_is_refused():
+    entries = [{"grid": {"base": UNET, "axes": {"optim.lr": [1e-4]}, "name": "demo_unet_tiny"}}, UNET]
+    with pytest.raises(ConfigError, match="experiment name 'demo_unet_tiny' is also used by"):
+        experiments(entries, "diffusion")
+
+
+def test_phases_pick_experiments_by_stage_and_name_pattern():
+    workflow = {"autoencoder": {"ae1": "a", "ae2": "b"}, "diffusion": {"u__lr-1": "c", "u__lr-2": "d", "v": "e"},
+                "controlnet": {}}
+    phases = phase_members({"phase1": ["autoencoder/*"], "phase2": ["diffusion/u__*", "diffusion/u__lr-1"]}, workflow)
+    assert phases == {"phase1": [("autoencoder", "ae1"), ("autoencoder", "ae2")],
+                      "phase2": [("diffusion", "u__lr-1"), ("diffusion", "u__lr-2")]}
+    with pytest.raises(ConfigError, match=r"phases.phase3' has pattern 'controlnet/\*', which matches no experiment; "
+                                          r"allowed: STAGE/NAME patterns over autoencoder/ae1"):
+        phase_members({"phase3": ["controlnet/*"]}, workflow)
