@@ -113,3 +113,37 @@ def test_phases_pick_experiments_by_stage_and_name_pattern():
     with pytest.raises(ConfigError, match=r"phases.phase3' has pattern 'controlnet/\*', which matches no experiment; "
                                           r"allowed: STAGE/NAME patterns over autoencoder/ae1"):
         phase_members({"phase3": ["controlnet/*"]}, workflow)
+
+
+@pytest.mark.slow
+def test_a_grid_trains_one_job_per_combination_and_a_new_axis_value_plans_only_the_new_one(tmp_path):
+    from ldmflow.artifacts import load_checkpoint
+
+    from .test_workflow import planned_jobs, smk, tiny_workflow
+
+    root = tiny_workflow(tmp_path)
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    base = config["autoencoders"][0]
+    name = yaml.safe_load((root / base).read_text())["name"]
+    grid = {"base": base, "axes": {"optim.lr": [1e-3, 2e-3]}}
+    config.update(autoencoders=[{"grid": grid}], diffusion=[], controlnets=[], phases={"phase1": ["autoencoder/*"]})
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+    names = [f"{name}__lr-0.001", f"{name}__lr-0.002"]
+
+    plan = smk(root, "-n", "phase1")
+    assert planned_jobs(plan) == {"demo_data": 1, "train_autoencoder": 2, "select_autoencoder": 1,
+                                  "training_curves": 2, "embed_latents": 1, "phase1": 1}
+    assert all(f"results/autoencoder/{n}/{n}_metrics.csv" in plan.stdout for n in names)
+    smk(root, "phase1")
+    for n, lr in zip(names, (1e-3, 2e-3)):  # each checkpoint records its combination's resolved config
+        ckpt = load_checkpoint(root / f"results/autoencoder/{n}/checkpoints/{n}_checkpoint_best.pt")
+        assert (ckpt["name"], ckpt["config"]["name"], ckpt["config"]["optim"]["lr"]) == (n, n, lr)
+    done = smk(root, "-n", "phase1")
+    assert "Nothing to be done" in done.stdout + done.stderr
+
+    grid["axes"]["optim.lr"].append(5e-3)  # a new value: only its combination trains (selection ranks all three)
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+    plan = smk(root, "-n", "phase1")
+    assert planned_jobs(plan) == {"train_autoencoder": 1, "training_curves": 1, "select_autoencoder": 1,
+                                  "embed_latents": 1, "phase1": 1}
+    assert f"results/autoencoder/{name}__lr-0.005/{name}__lr-0.005_metrics.csv" in plan.stdout
