@@ -84,10 +84,13 @@ def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_
     assert "--workflow-profile profiles/NAME" in out
 
 
-RESEARCH_256_PLAN = {"demo_data": 1, "train_autoencoder": 4, "select_autoencoder": 1, "embed_latents": 1,
-                     "train_diffusion": 2, "sample_diffusion": 2, "train_controlnet": 2, "sample_controlnet": 2,
-                     "controlnet_summary": 1, "evaluate_memorization": 4, "memorization_summary": 1,
-                     "training_curves": 8, "all": 1}
+RESEARCH_256_PLAN = {"demo_data": 1, "train_autoencoder": 8, "select_autoencoder": 1, "embed_latents": 1,
+                     "train_diffusion": 13, "sample_diffusion": 13, "train_controlnet": 4, "sample_controlnet": 4,
+                     "controlnet_summary": 1, "evaluate_memorization": 17, "memorization_summary": 1,
+                     "training_curves": 25, "all": 1}
+RESEARCH_256_AUTOENCODERS = [f"{variant}_c{c}_f{f}" for variant in ("kl", "plain") for c in (4, 8) for f in (8, 4)]
+RESEARCH_256_UNETS = [f"unet{width}_d4_attn-{attn}" for width in (128, 144, 160)
+                      for attn in ("none", "3", "2-3", "0-1-2-3")]
 
 
 def test_the_research_preset_plans_every_stage_with_its_own_experiments_only(project):
@@ -95,12 +98,33 @@ def test_the_research_preset_plans_every_stage_with_its_own_experiments_only(pro
     assert planned_jobs(proc) == RESEARCH_256_PLAN
     out = proc.stdout + proc.stderr
     assert not re.search(r"config/(autoencoders|diffusion|controlnet)/", out)  # none of the demo's experiments
-    # the ControlNets train on the preset's own diffusion UNets
-    for controlnet, base in (("unet144_d4_controlnet_add_mask", "unet144_d4"),
-                             ("unet128_d4_attn_all_controlnet_film_edges", "unet128_d4_attn_all")):
-        assert (f"input: config/presets/controlnet/{controlnet}.yaml, results/latents/latents.zarr, "
-                f"results/diffusion/{base}/{base}_metrics.csv") in out
+    for name in RESEARCH_256_AUTOENCODERS:  # the grids' combinations, each written as an experiment file
+        assert f"input: results/experiments/autoencoder/{name}.yaml" in out
+    for name in RESEARCH_256_UNETS:
+        assert f"input: results/experiments/diffusion/{name}.yaml, results/latents/latents.zarr" in out
+    # the fine-tune starts from its parent's best checkpoint, and the ControlNets train on that UNet
+    parent = "results/diffusion/unet144_d4_attn-2-3/unet144_d4_attn-2-3_metrics.csv"
+    assert f"input: config/presets/diffusion/finetune_unet144_d4_attn-2-3.yaml, {parent}" in out
+    for fusion in ("add", "film"):
+        for signal in ("mask", "edges"):
+            assert (f"input: results/experiments/controlnet/unet144_d4_attn-2-3_{fusion}_{signal}.yaml, "
+                    f"results/latents/latents.zarr, {parent}") in out
     assert resources_of(proc, "train_controlnet")["gpu"] == "1"
+
+
+def test_the_research_preset_runs_in_phases(project):
+    plans = {phase: dry_run(project, phase, "--configfile", "config/presets/research_256.yaml")
+             for phase in ("phase1", "phase2", "phase3")}
+    jobs = {phase: planned_jobs(proc) for phase, proc in plans.items()}
+    # phase1: the autoencoder grid, its selection and the latent store; no UNet
+    assert jobs["phase1"] == {"demo_data": 1, "train_autoencoder": 8, "select_autoencoder": 1, "training_curves": 8,
+                              "embed_latents": 1, "phase1": 1}
+    # phase2: the 12 ablation UNets (and what they need), not the fine-tune nor the ControlNets
+    assert jobs["phase2"]["train_diffusion"] == jobs["phase2"]["evaluate_memorization"] == 12
+    assert "train_controlnet" not in jobs["phase2"]
+    assert "finetune" not in plans["phase2"].stdout
+    # phase3: the fine-tune and the 4 ControlNets, with the one ablation UNet they start from
+    assert jobs["phase3"]["train_diffusion"] == 2 and jobs["phase3"]["train_controlnet"] == 4
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config/presets").glob("*.yaml")))
