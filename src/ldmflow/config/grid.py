@@ -4,7 +4,7 @@ A grid is an entry of the workflow config's experiment lists (``autoencoders``, 
 written as a mapping instead of a file path::
 
     - grid:
-        base: config/presets/diffusion/unet_base.yaml
+        base: config/presets/diffusion/unet_256.yaml
         axes:
           capacity:                       # linked settings, one label per combination: capacity-unet128, ...
             unet128: {model.preset: capacity_unet128_d4, optim.lr: 1.5e-4}
