@@ -199,3 +199,15 @@ def test_training_without_tensorboard_installed_writes_no_event_files(tmp_path, 
     assert (tmp_path / "run/checkpoints/tiny_checkpoint_best.pt").is_file()
     assert not (tmp_path / "run/tensorboard").exists()
     assert json.loads((tmp_path / "run/tiny_status.json").read_text())["state"] == "done"
+
+
+def test_status_lists_each_combination_of_a_grid(tmp_path, tiny_ae, monkeypatch):
+    config = write_workflow(tmp_path, {"plain": tiny_ae})
+    wf = yaml.safe_load(config.read_text())
+    wf["autoencoders"].append({"grid": {"base": "config/autoencoders/plain.yaml", "axes": {"optim.lr": [1e-3, 2e-3]},
+                                        "name": "plain_lr{optim.lr}"}})
+    config.write_text(yaml.safe_dump(wf))
+    monkeypatch.chdir(tmp_path.parent)  # the grid's base is found from the workflow's folder, as Snakemake does
+    rows = workflow_status(config, tmp_path / "results")
+    assert [(r.name, r.state) for r in rows] == [
+        ("plain", "not started"), ("plain_lr0.001", "not started"), ("plain_lr0.002", "not started")]

@@ -207,13 +207,28 @@ def workflow_status(config: str | Path = "config/config.yaml", results: str | Pa
     incomplete = incomplete_outputs(workdir)
     rows = []
     for key, stage in STAGES.items():
-        for file in wf.get(key) or []:
-            path = Path(file) if Path(file).is_absolute() or Path(file).is_file() else workdir / file
-            cfg = load_config(path, stage)
+        for cfg in _experiments(wf.get(key) or [], stage, workdir):
             es = cfg.train.early_stopping
             rows.append(run_status(stage, cfg.name, results / stage / cfg.name, workdir / "logs" / stage / f"{cfg.name}.log",
                                    cfg.train.epochs, es.metric, es.mode, incomplete, now, stale_after))
     return rows
+
+
+def _experiments(entries: list, stage: str, workdir: Path) -> list:
+    """The experiments of one of the workflow config's lists: its files, and each combination of its grids."""
+    from ldmflow.config.grid import expand_grid
+
+    def here(file: str) -> Path:
+        return Path(file) if Path(file).is_absolute() or Path(file).is_file() else workdir / file
+
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("grid"), dict):
+            grid = {**entry["grid"], "base": str(here(entry["grid"].get("base", "")))}
+            out += [load_config(p.data, stage, source=p.name) for p in expand_grid(grid, stage)]
+        else:
+            out.append(load_config(here(entry), stage))
+    return out
 
 
 def as_json(rows: list[RunStatus]) -> list[dict[str, Any]]:
