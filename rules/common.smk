@@ -24,10 +24,9 @@ check_default_profile(Path(workflow.basedir, "profiles"))
 # to results/experiments/STAGE/NAME.yaml (ldmflow.config.grid)
 AUTOENCODERS = experiments(config["autoencoders"], "autoencoder", "autoencoders")
 DIFFUSION = experiments(config["diffusion"], "diffusion", "diffusion")
-CONTROLNETS = controlnets_for_data(
-    experiments(config["controlnets"], "controlnet", "controlnets"),
-    manifest_path(config),
-)
+DECLARED_CONTROLNETS = experiments(config["controlnets"], "controlnet", "controlnets")
+# without masks in the data, the mask-controlled ControlNets are left out
+CONTROLNETS = controlnets_for_data(DECLARED_CONTROLNETS, manifest_path(config))
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
 WORKFLOW = {
     "autoencoder": AUTOENCODERS,
@@ -36,7 +35,9 @@ WORKFLOW = {
 }
 selection_warnings(AUTOENCODERS, config["selection"])
 # phase name -> its experiments as (stage, name); rules/phases.smk makes each a target rule
-PHASES = phase_members(config["phases"], WORKFLOW)
+PHASES = phase_members(
+    config["phases"], WORKFLOW, {**WORKFLOW, "controlnet": DECLARED_CONTROLNETS}
+)
 MEMORIZATION = memorization_options(config)
 
 

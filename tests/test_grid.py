@@ -113,6 +113,9 @@ def test_phases_pick_experiments_by_stage_and_name_pattern():
     with pytest.raises(ConfigError, match=r"phases.phase3' has pattern 'controlnet/\*', which matches no experiment; "
                                           r"allowed: STAGE/NAME patterns over autoencoder/ae1"):
         phase_members({"phase3": ["controlnet/*"]}, workflow)
+    # a ControlNet the data cannot train (mask control, no masks) is declared but left out: its phase is empty
+    declared = {**workflow, "controlnet": {"c_mask": "f"}}
+    assert phase_members({"phase3": ["controlnet/*"]}, workflow, declared) == {"phase3": []}
 
 
 @pytest.mark.slow

@@ -71,13 +71,17 @@ def write_grid_experiment(stage: str, name: str, data: dict, base: str) -> str:
     return str(path)
 
 
-def phase_members(phases: dict, workflow: dict[str, dict[str, str]]) -> dict[str, list[tuple[str, str]]]:
+def phase_members(phases: dict, workflow: dict[str, dict[str, str]],
+                  declared: dict[str, dict[str, str]] | None = None) -> dict[str, list[tuple[str, str]]]:
     """The experiments of each phase, as (stage, name): a phase is a list of ``STAGE/NAME`` patterns (shell-style
-    wildcards: ``diffusion/unet_base__*``, ``autoencoder/*``); a pattern that matches no experiment is an error.
-    ``workflow`` maps each stage to its experiments (name -> file)."""
+    wildcards: ``diffusion/unet_base__*``, ``autoencoder/*``). ``workflow`` maps each stage to the experiments the
+    workflow runs (name -> file); ``declared`` to those the config declares (default: the same), which may be more
+    (mask-controlled ControlNets on data without masks): a pattern that matches no declared experiment is an
+    error, one that matches only left-out experiments adds nothing."""
     import fnmatch
 
-    everything = [f"{stage}/{name}" for stage, names in workflow.items() for name in names]
+    planned = {f"{stage}/{name}" for stage, names in workflow.items() for name in names}
+    everything = [f"{stage}/{name}" for stage, names in (declared or workflow).items() for name in names]
     out: dict[str, list[tuple[str, str]]] = {}
     for phase, patterns in (phases or {}).items():
         members: list[str] = []
@@ -86,7 +90,7 @@ def phase_members(phases: dict, workflow: dict[str, dict[str, str]]) -> dict[str
             if not hits:
                 raise ConfigError(f"config: key 'phases.{phase}' has pattern {pattern!r}, which matches no "
                                   f"experiment; allowed: STAGE/NAME patterns over {', '.join(everything) or 'none'}")
-            members += [exp for exp in hits if exp not in members]
+            members += [exp for exp in hits if exp in planned and exp not in members]
         out[phase] = [tuple(exp.split("/", 1)) for exp in members]
     return out
 
