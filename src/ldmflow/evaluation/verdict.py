@@ -121,6 +121,11 @@ def verdict(tests: dict, ref_tests: dict | None, criterion: str, rate: float) ->
     headline["reference_false_flag_rate"] = headline.pop("reference_false_flags")
     if used == "calibrated":
         headline["threshold"] = calibration["threshold"]
+        if calibration["guaranteed_rate"] > rate * (1 + 1e-9):
+            headline["warning"] = (f"only {calibration['references']} held-out images: the threshold (their "
+                                   f"smallest score) bounds the false flag rate of new images by "
+                                   f"{calibration['guaranteed_rate']:.1%}, not the {rate:.1%} asked; give at least "
+                                   f"{math.ceil(1 / rate) - 1} held-out images")
     elif not has_ref:
         headline["uncalibrated"] = ("no held-out reference images: the headline uses the fixed tiled_l2 threshold, "
                                     "whose false flag rate on new images is unknown")

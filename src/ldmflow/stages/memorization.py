@@ -169,6 +169,8 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
                                                    map_shape=f_ref.map_shape, memory_gb=cfg.memory_gb, device=device)
         t_search = time.monotonic()
     judged, tests["memorized"], calibrated = verdict(tests, ref_tests, cfg.criterion, cfg.calibration_rate)
+    if "warning" in judged["memorized"]:
+        notes.append(judged["memorized"]["warning"])
     if ref_tests is None:
         notes.append("no held-out reference images: give --reference, or a training manifest/store with a "
                      f"'{cfg.reference_split}' split, to calibrate the verdict; the headline is uncalibrated")
