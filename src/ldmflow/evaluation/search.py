@@ -210,12 +210,13 @@ def brute_force_search(queries: np.ndarray | torch.Tensor, train: np.ndarray | t
 
 @torch.no_grad()
 def shift_ratio(queries: Features | np.ndarray, train: Features | np.ndarray, nb: Neighbours, *, n: int, shift: int,
-                map_shape: tuple[int, int, int], memory_gb: float = 1.0,
+                map_shape: tuple[int, int, int], memory_gb: float = 1.0, candidates: int = 50,
                 device: str | torch.device | None = None) -> np.ndarray:
     """Shift-tolerant tiled-L2 ratio of each query (Q,): the smallest tiled-L2 distance between the query
     moved by up to ``shift`` feature pixels (each of the (2 shift + 1)^2 offsets, edges replicated, then
-    normalised again) and any of its ``n`` tiled-L2 nearest training items, divided by the mean unshifted
-    tiled-L2 distance to those ``n``.
+    normalised again) and any of its ``candidates`` (50) tiled-L2 nearest training items, divided by the mean
+    unshifted tiled-L2 distance to its ``n`` nearest. (A copy moved by a pixel keeps its source among the
+    nearest few; the cap keeps the cost flat when ``n`` is large.)
 
     The tiled distance (largest over tiles) keeps a noisy copy close, since noise spreads evenly over the
     tiles while a different image differs somewhere in particular; the shifts keep a copy moved by a pixel
@@ -226,6 +227,7 @@ def shift_ratio(queries: Features | np.ndarray, train: Features | np.ndarray, nb
     nq, tiles, d = _as_tiles(queries)
     n = min(n, nb.tiled_index.shape[1])
     scale = np.maximum(nb.tiled_l2[:, :n].astype(np.float64).mean(1), 1e-12)
+    n = min(n, candidates)
     offsets = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
     # per query: its candidates (fp16 read, fp32 copy), its moves and the (T, S, n) distances
     block = max(1, int(memory_gb * 2**30 // (6 * n * tiles * d + 8 * len(offsets) * tiles * (d + n) + 1)))

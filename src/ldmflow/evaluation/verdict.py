@@ -75,8 +75,8 @@ def leave_one_out_above(reference: np.ndarray) -> np.ndarray:
 
 
 SCORE = ("shift-tolerant tiled-L2 ratio: the smallest tiled-L2 distance between the sample, moved by up to "
-         "'shift' feature pixels, and any of its n nearest training images, / the mean unshifted tiled-L2 "
-         "distance to those n; lower is closer")
+         "'shift' feature pixels, and any of its 50 tiled-L2 nearest training images, / the mean unshifted "
+         "tiled-L2 distance to its n nearest; lower is closer")
 
 
 def verdict(tests: dict, ref_tests: dict | None, criterion: str, rate: float) -> tuple[dict, np.ndarray, np.ndarray | None]:
