@@ -105,6 +105,8 @@ def write_histogram(path: Path, tests: dict, ref_tests: dict | None, headline: d
     else:
         ref = headline["reference_false_flag_rate"]
         verdict += f"; held-out false flags {ref['fraction']:.1%} (CI {ref['ci_low']:.1%}-{ref['ci_high']:.1%})"
+        if "warning" in headline:  # too few held-out images for the rate asked
+            verdict += f"\nonly {headline['references']} held-out images: bound {headline['guaranteed_rate']:.1%}"
     fig.suptitle(verdict, fontsize=10)
     fig.tight_layout()
     atomic_write_figure(fig, path)
