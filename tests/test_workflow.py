@@ -204,6 +204,10 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     evaluated = [f"{stage}/{yaml.safe_load((root / p).read_text())['name']}"
                  for stage, key in (("diffusion", "diffusion"), ("controlnet", "controlnets")) for p in config[key]]
     assert sorted(table["experiment"]) == sorted(evaluated)
+    # the headline verdict is calibrated on the store's val images, with an interval on every fraction
+    assert table["calibrated"].all() and (table["criterion"] == "calibrated").all()
+    assert (table["memorized_ci_low"] <= table["memorized_fraction"]).all()
+    assert table["reference_false_flag_rate"].notna().all()
     for exp in evaluated:  # ControlNet samples too: each under another held-out control
         assert (root / f"results/memorization/{exp}/summary.json").is_file()
     assert len(list((root / "results/controlnet").glob("*/eval_samples/sample_*.png"))) == 6 * 3

@@ -280,9 +280,13 @@ def cmd_memorization(args) -> None:
     options = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     summary = evaluate_memorization(args.train, args.samples, args.out, reference=args.reference,
                                     device=args.device, **options)
-    flagged = summary["memorized"]
-    print(f"{flagged['count']} of {summary['counts']['generated']} samples memorized ({flagged['criterion']}, "
-          f"{summary['feature']} space); wrote {args.out}")
+    m = summary["memorized"]
+    ref = m["reference_false_flag_rate"]
+    print(f"{m['count']} of {summary['counts']['generated']} samples memorized ({m['criterion']}, {summary['feature']} "
+          f"space; 95% CI {m['ci_low']:.1%}-{m['ci_high']:.1%}; "
+          + (f"{'calibrated' if m['calibrated'] else 'UNCALIBRATED'}, held-out false flags {ref['fraction']:.1%})"
+             if ref else "UNCALIBRATED: no held-out reference)")
+          + f"; wrote {args.out}")
 
 
 def cmd_status(args) -> None:

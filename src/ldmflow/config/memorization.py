@@ -12,7 +12,7 @@ from ldmflow.config.schema import from_dict, param, to_dict, validate
 log = logging.getLogger(__name__)
 
 Feature = Literal["pixel", "latent"]
-Criterion = Literal["tiled_l2", "nn_ratio", "either", "both"]
+Criterion = Literal["calibrated", "tiled_l2", "nn_ratio", "either", "both"]
 
 
 @dataclass
@@ -30,7 +30,19 @@ class MemorizationConfig:
     ratio: float = param(1 / 3, "Nearest / second-nearest test: memorized when d1 / d2 is below this.",
                          exclusiveMinimum=0.0, maximum=1.0)
     criterion: Criterion = param(
-        "tiled_l2", "Which test sets the 'memorized' column: tiled_l2, nn_ratio, either or both (all are reported).",
+        "calibrated", "Which test sets the headline 'memorized' verdict: calibrated (the shift-tolerant tiled-L2 "
+        "ratio below a threshold calibrated on the held-out reference; tiled_l2 when there is no reference, "
+        "marked uncalibrated), tiled_l2, nn_ratio, either or both (fixed thresholds). All are reported.",
+    )
+    calibration_rate: float = param(
+        0.01, "Calibrated test: at most this fraction of new images from the training distribution may be "
+        "flagged; the threshold is the conformal quantile of the reference images' scores.",
+        exclusiveMinimum=0.0, maximum=0.5,
+    )
+    shift: int = param(
+        2, "Calibrated test: the sample is also compared moved by up to this many feature pixels in each "
+        "direction, so that a copy moved by a pixel stays a copy (2 at image_size 64 covers a 1-pixel move of "
+        "a 32-pixel image); 0: no moves.", minimum=0,
     )
     reference_split: Literal["val", "test"] = param(
         "val", "Split of the training manifest or store used as held-out reference when no reference is given.",

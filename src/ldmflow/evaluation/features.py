@@ -39,6 +39,20 @@ def tile_features(x: torch.Tensor, tiles: int) -> torch.Tensor:
     return out
 
 
+def untile_features(f: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(N, T, d) tile-major features -> (N, C, H, W) maps of ``shape`` (C, H, W): the inverse of the cut in
+    :func:`tile_features` (the values stay normalised)."""
+    c, h, w = shape
+    tiles = round(f.shape[1] ** 0.5)
+    ys, xs = np.linspace(0, h, tiles + 1).round().astype(int), np.linspace(0, w, tiles + 1).round().astype(int)
+    out = f.new_zeros(len(f), c, h, w)
+    for i in range(tiles):
+        for j in range(tiles):
+            hy, wx = ys[i + 1] - ys[i], xs[j + 1] - xs[j]
+            out[:, :, ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = f[:, i * tiles + j, :c * hy * wx].reshape(-1, c, hy, wx)
+    return out
+
+
 class Features:
     """Feature vectors (N, T, d) float16, in memory or in a raw file read back block by block.
 
@@ -46,9 +60,11 @@ class Features:
     only the current block resident.
     """
 
-    def __init__(self, n: int, tiles: int, dim: int, path: Path | None = None):
+    def __init__(self, n: int, tiles: int, dim: int, path: Path | None = None,
+                 map_shape: tuple[int, int, int] | None = None):
         self.shape = (n, tiles, dim)
         self.path = path
+        self.map_shape = map_shape  # (C, H, W) of the feature map the tiles were cut from
         self._row_bytes = tiles * dim * 2
         if path is None:
             self._array: np.ndarray | None = np.zeros(self.shape, np.float16)
@@ -77,3 +93,16 @@ class Features:
             fh.seek(start * self._row_bytes)
             flat = np.fromfile(fh, np.float16, (stop - start) * self.shape[1] * self.shape[2])
         return flat.reshape(stop - start, *self.shape[1:])
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (any order, repeats allowed) as (len(index), T, d) float16."""
+        index = np.asarray(index, np.int64)
+        if self._array is not None:
+            return self._array[index]
+        rows, inverse = np.unique(index, return_inverse=True)
+        out = np.empty((len(rows), *self.shape[1:]), np.float16)
+        with open(self.path, "rb") as fh:
+            for j, r in enumerate(rows):
+                fh.seek(int(r) * self._row_bytes)
+                out[j] = np.fromfile(fh, np.float16, self.shape[1] * self.shape[2]).reshape(self.shape[1:])
+        return out[inverse.reshape(-1)]

@@ -284,7 +284,7 @@ class Loader:
             if out is None:
                 size_gb = len(s) * f[0].size * 2 / 2**30
                 path = tmp_dir / f"{name}.f16" if size_gb > cfg.feature_memory_gb else None
-                out = Features(len(s), f.shape[1], f.shape[2], path)
+                out = Features(len(s), f.shape[1], f.shape[2], path, map_shape=tuple(x.shape[1:]))
             out.write(start, f)
         assert out is not None
         return out

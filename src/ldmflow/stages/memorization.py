@@ -44,8 +44,9 @@ from ldmflow.config.schema import to_dict
 from ldmflow.devices import get_device
 from ldmflow.errors import DataError
 from ldmflow.evaluation.image_sets import ImageSet, Loader, image_formats, open_image_set, tensor_image_set
-from ldmflow.evaluation.memorization_report import _flags, _json_safe, _percentiles, write_histogram, write_per_sample
-from ldmflow.evaluation.search import blocked_search, neighbour_tests
+from ldmflow.evaluation.memorization_report import _json_safe, _percentiles, write_histogram, write_per_sample
+from ldmflow.evaluation.search import blocked_search, neighbour_tests, shift_ratio
+from ldmflow.evaluation.verdict import verdict
 from ldmflow.viz import grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -156,49 +157,53 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
         f_samples = loader.features(samples, tmp_dir, "samples")
         t_feat = time.monotonic()
         nb = blocked_search(f_samples, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
-        ref_nb = None
+        tests = neighbour_tests(nb, cfg)
+        tests["shift_ratio"] = shift_ratio(f_samples, f_train, nb, n=cfg.n, shift=cfg.shift,
+                                           map_shape=f_samples.map_shape, memory_gb=cfg.memory_gb, device=device)
+        ref_tests = None
         if reference is not None and len(reference):
             f_ref = loader.features(reference, tmp_dir, "reference")
             ref_nb = blocked_search(f_ref, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
+            ref_tests = neighbour_tests(ref_nb, cfg)
+            ref_tests["shift_ratio"] = shift_ratio(f_ref, f_train, ref_nb, n=cfg.n, shift=cfg.shift,
+                                                   map_shape=f_ref.map_shape, memory_gb=cfg.memory_gb, device=device)
         t_search = time.monotonic()
-    tests = neighbour_tests(nb, cfg)
-    ref_tests = neighbour_tests(ref_nb, cfg) if ref_nb is not None else None
-    above = tests["similarity"] > ref_tests["similarity"].max() if ref_tests is not None else None
+    judged, tests["memorized"], calibrated = verdict(tests, ref_tests, cfg.criterion, cfg.calibration_rate)
+    if "warning" in judged["memorized"]:
+        notes.append(judged["memorized"]["warning"])
     if ref_tests is None:
         notes.append("no held-out reference images: give --reference, or a training manifest/store with a "
-                     f"'{cfg.reference_split}' split, to calibrate the similarities")
+                     f"'{cfg.reference_split}' split, to calibrate the verdict; the headline is uncalibrated")
     ae_quality, inception = _quality(loader, train, samples, reference, cfg)
 
     order = np.argsort(-tests["similarity"], kind="stable")[:cfg.top_matches]
+    tiled, ratio = judged["tests"]["tiled_l2"], judged["tests"]["nn_ratio"]
+    tiled.update({"alpha": cfg.alpha, "n": min(cfg.n, len(train)), "tiles": cfg.tiles * cfg.tiles,
+                  "distance": "largest L2 distance between corresponding tiles of the zero-mean, unit-norm "
+                              "feature vectors; memorized when the distance to the nearest training image "
+                              "/ the mean distance to the n nearest < alpha (Carlini et al. 2023)"})
+    ratio.update({"threshold": cfg.ratio,
+                  "distance": "global L2 distance of the zero-mean, unit-norm feature vectors, sqrt(2 - 2 cos); "
+                              "memorized when nearest / second-nearest < threshold"})
+    if ref_tests is not None:
+        judged["tests"]["above_reference"].update(
+            {"threshold": float(ref_tests["similarity"].max()),
+             "meaning": "similarity to the nearest training image above every held-out image's"})
     summary = {
         "format": SUMMARY_FORMAT,
         "inputs": inputs,
         "feature": cfg.feature,
         "counts": {"generated": len(samples), "training": len(train), "reference": len(reference or [])},
-        "memorized": {**_flags(tests["memorized"]), "criterion": cfg.criterion},
-        "tests": {
-            "tiled_l2": {**_flags(tests["memorized_tiled_l2"]), "alpha": cfg.alpha, "n": min(cfg.n, len(train)),
-                         "tiles": cfg.tiles * cfg.tiles,
-                         "distance": "largest L2 distance between corresponding tiles of the zero-mean, unit-norm "
-                                     "feature vectors; memorized when the distance to the nearest training image "
-                                     "/ the mean distance to the n nearest < alpha (Carlini et al. 2023)"},
-            "nn_ratio": {**_flags(tests["memorized_nn_ratio"]), "threshold": cfg.ratio,
-                         "distance": "global L2 distance of the zero-mean, unit-norm feature vectors, sqrt(2 - 2 cos); "
-                                     "memorized when nearest / second-nearest < threshold"},
-            "above_reference": (None if above is None else
-                                {**_flags(above), "threshold": float(ref_tests["similarity"].max()),
-                                 "meaning": "similarity to the nearest training image above every held-out image's"}),
-        },
+        "memorized": judged["memorized"],
+        "tests": {name: judged["tests"].get(name) for name in
+                  ("calibrated", "tiled_l2", "nn_ratio", "above_reference", "either", "both")},
         "similarity": "cosine similarity of the zero-mean, unit-norm feature vectors (1: identical up to brightness "
                       "and contrast)",
         "similarity_percentiles": {"generated": _percentiles(tests["similarity"]),
                                    "reference": _percentiles(ref_tests["similarity"]) if ref_tests else None},
-        "reference": None if ref_tests is None else {
-            "memorized_tiled_l2": _flags(ref_tests["memorized_tiled_l2"]),
-            "memorized_nn_ratio": _flags(ref_tests["memorized_nn_ratio"]),
-            "memorized": _flags(ref_tests["memorized"]),
-            "max_similarity": float(ref_tests["similarity"].max()),
-        },
+        "shift_ratio_percentiles": {"generated": _percentiles(tests["shift_ratio"]),
+                                    "reference": _percentiles(ref_tests["shift_ratio"]) if ref_tests else None},
+        "reference": judged["reference"],
         "quality": ae_quality,
         "inception_fid": inception,
         "top_matches": [{"sample": samples.names[i], "nearest": train.names[nb.index[i, 0]],
@@ -210,16 +215,16 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
     summary = _json_safe(summary)
     if out is not None:
         out = Path(out)
-        write_per_sample(out / "per_sample.csv", samples, train, nb, tests, above)
+        above = tests["similarity"] > ref_tests["similarity"].max() if ref_tests else None
+        write_per_sample(out / "per_sample.csv", samples, train, nb, tests, above, calibrated)
         atomic_write_json(out / "summary.json", summary)
-        write_histogram(out / "histogram.png", tests["similarity"],
-                        ref_tests["similarity"] if ref_tests else None, cfg.feature)
+        write_histogram(out / "histogram.png", tests, ref_tests, summary["memorized"], cfg.feature)
         size = cfg.image_size
         columns = [to_uint8(loader.images(samples, order, size)),
                    to_uint8(loader.images(train, nb.index[order, 0], size))]
         save_png(grid(columns), out / "top_matches.png", upscale=max(1, 128 // size))
         log.info("memorization: %d of %d samples flagged (%s); wrote %s", summary["memorized"]["count"],
-                 len(samples), cfg.criterion, out)
+                 len(samples), summary["memorized"]["criterion"], out)
     return summary
 
 

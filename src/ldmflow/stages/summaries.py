@@ -47,21 +47,32 @@ def _get(d: dict | None, *keys):
 
 
 def summary_row(name: str, summary: dict) -> dict:
-    """One experiment's memorization and quality figures, flat."""
+    """One experiment's memorization verdict, its components and quality figures, flat. ``memorized`` is
+    the headline verdict; ``calibrated`` says whether its threshold was calibrated on held-out images."""
     gen = _get(summary, "similarity_percentiles", "generated") or {}
     ref = _get(summary, "similarity_percentiles", "reference") or {}
     quality = summary.get("quality") or {}
-    return {
+    headline = summary.get("memorized") or {}
+    row = {
         "experiment": name,
         "feature": summary.get("feature"),
         "generated": _get(summary, "counts", "generated"),
         "training": _get(summary, "counts", "training"),
-        "memorized": _get(summary, "memorized", "count"),
-        "memorized_fraction": _get(summary, "memorized", "fraction"),
-        "tiled_l2_fraction": _get(summary, "tests", "tiled_l2", "fraction"),
-        "nn_ratio_fraction": _get(summary, "tests", "nn_ratio", "fraction"),
-        "above_reference_fraction": _get(summary, "tests", "above_reference", "fraction"),
-        "reference_memorized_fraction": _get(summary, "reference", "memorized", "fraction"),
+        "reference": _get(summary, "counts", "reference"),
+        "criterion": headline.get("criterion"),
+        "calibrated": bool(headline.get("calibrated", False)),
+        "memorized": headline.get("count"),
+        "memorized_fraction": headline.get("fraction"),
+        "memorized_ci_low": headline.get("ci_low"),
+        "memorized_ci_high": headline.get("ci_high"),
+        "reference_false_flag_rate": _get(headline, "reference_false_flag_rate", "fraction"),
+        "reference_false_flag_ci_high": _get(headline, "reference_false_flag_rate", "ci_high"),
+    }
+    for test in ("calibrated", "tiled_l2", "nn_ratio", "above_reference"):
+        row[f"{test}_fraction"] = _get(summary, "tests", test, "fraction")
+        row[f"{test}_reference_fraction"] = _get(summary, "tests", test, "reference_false_flags", "fraction")
+    return {
+        **row,
         "similarity_p50": gen.get("p50"), "similarity_p95": gen.get("p95"), "similarity_p99": gen.get("p99"),
         "reference_similarity_p50": ref.get("p50"), "reference_similarity_p95": ref.get("p95"),
         "frechet_distance": _get(quality, "generated", "frechet_distance"),
@@ -73,8 +84,8 @@ def summary_row(name: str, summary: dict) -> dict:
 
 def gather_memorization(summaries: list[str | Path], names: list[str], out_csv: str | Path,
                         out_png: str | Path) -> pd.DataFrame:
-    """Write ``summary.csv`` (one row per experiment) and ``summary.png`` (memorized fraction and
-    similarity of generated vs held-out images, per experiment)."""
+    """Write ``summary.csv`` (one row per experiment) and ``summary.png`` (the headline memorized fraction
+    with its 95 % interval, uncalibrated verdicts marked, and similarity of generated vs held-out images)."""
     if len(summaries) != len(names):
         raise ValueError(f"{len(summaries)} summaries for {len(names)} names")
     rows = [summary_row(name, json.loads(Path(path).read_text())) for name, path in zip(names, summaries)]
@@ -87,15 +98,20 @@ def gather_memorization(summaries: list[str | Path], names: list[str], out_csv: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2 + 0.25 * len(rows)))
-    y = range(len(rows))
-    axes[0].barh(y, table["memorized_fraction"].fillna(0), color="tab:red")
-    axes[0].set_yticks(list(y), table["experiment"])
-    axes[0].set_xlabel("fraction of samples flagged as memorized")
-    axes[0].set_xlim(0, max(0.05, float(table["memorized_fraction"].fillna(0).max()) * 1.2))
+    y = list(range(len(rows)))
+    frac = table["memorized_fraction"].astype(float).fillna(0)
+    low = (frac - table["memorized_ci_low"].astype(float).fillna(frac)).clip(lower=0)
+    high = (table["memorized_ci_high"].astype(float).fillna(frac) - frac).clip(lower=0)
+    colours = ["tab:red" if c else "tab:gray" for c in table["calibrated"]]
+    axes[0].barh(y, frac, xerr=[low, high], color=colours, capsize=3)
+    labels = [f"{e}{'' if c else ' (uncalibrated)'}" for e, c in zip(table["experiment"], table["calibrated"])]
+    axes[0].set_yticks(y, labels)
+    axes[0].set_xlabel("fraction flagged as memorized (headline verdict, 95% CI)")
+    axes[0].set_xlim(0, min(1.0, max(0.05, float((frac + high).max()) * 1.2)))
     for col, label, colour in (("similarity_p95", "generated p95", "tab:blue"),
                                ("reference_similarity_p95", "held-out p95", "tab:gray")):
-        axes[1].scatter(table[col], list(y), label=label, color=colour)
-    axes[1].set_yticks(list(y), [""] * len(rows))
+        axes[1].scatter(table[col], y, label=label, color=colour)
+    axes[1].set_yticks(y, [""] * len(rows))
     axes[1].set_xlabel("similarity to the nearest training image")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
