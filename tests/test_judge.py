@@ -16,22 +16,22 @@ from ldmflow.evaluation.judge import augment, judge_outputs, load_judge, read_im
 from ldmflow.evaluation.two_sample import two_sample_test, wilson_interval
 from ldmflow.stages.evaluate import class_fidelity
 
-FAST = {"epochs": 12, "width": 8, "eval_every": 12}
+FAST = {"epochs": 30, "eval_every": 30}  # the demo recipe, half its epochs
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from ldmflow.data.demo import write_demo_data
 
-    return write_demo_data(tmp_path_factory.mktemp("judge") / "data", n=160, size=16, seed=7)
+    return write_demo_data(tmp_path_factory.mktemp("judge") / "data", n=256, size=32, seed=7)
 
 
 @pytest.fixture(scope="module")
 def trained(demo):
-    model, record = train_judge(demo, judge_config(FAST), image_size=16, threads=1)
+    model, record = train_judge(demo, judge_config(FAST), image_size=32, threads=1)
     from ldmflow.evaluation.judge import real_images
 
-    return model, record, real_images(demo, 1, 16)
+    return model, record, real_images(demo, 1, 32)
 
 
 def test_the_judge_reads_real_val_images_far_above_noise(trained):

@@ -30,7 +30,7 @@ class AugmentConfig:
 class JudgeConfig:
     epochs: int = param(60, "Training epochs over the real train split.", minimum=1)
     batch_size: int = param(32, "Images per optimizer step.", minimum=1)
-    lr: float = param(5e-3, "Peak learning rate of AdamW (one-cycle: warm-up then cosine decay).", exclusiveMinimum=0.0)
+    lr: float = param(3e-3, "Peak learning rate of AdamW (one-cycle: warm-up then cosine decay).", exclusiveMinimum=0.0)
     weight_decay: float = param(1e-4, "AdamW decoupled weight decay.", minimum=0.0)
     width: int = param(16, "Channels of the first stage (doubled at each further stage).", minimum=1)
     levels: int = param(3, "Encoder stages (each after the first halves the resolution).", minimum=1)

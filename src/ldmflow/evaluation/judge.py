@@ -160,11 +160,16 @@ def augment(x: torch.Tensor, masks: torch.Tensor | None, cfg: AugmentConfig, gen
 # --------------------------------------------------------------------------------------------------
 
 
+def _flip_dims(cfg: AugmentConfig) -> tuple[int, ...]:
+    return tuple(d for flag, d in ((cfg.hflip, -1), (cfg.vflip, -2)) if flag)
+
+
 @torch.no_grad()
 def judge_outputs(model: Judge, images: torch.Tensor, batch_size: int = 128) -> dict[str, torch.Tensor | None]:
     """The judge on images (N, C, H, W) in [-1, 1] of any size: ``features`` (N, D), ``probs`` (N, K) or None,
     ``seg`` (N, H, W) class ids at the images' own size, or None. Images of another size than the judge's
-    are resized to it first (and the segmentation back)."""
+    are resized to it first (and the segmentation back). Each image is read as it is and flipped the ways the
+    judge trained on (test-time augmentation: probabilities and features averaged over the views)."""
     model.eval()
     device = next(model.parameters()).device
     size = model.image_size
@@ -174,12 +179,16 @@ def judge_outputs(model: Judge, images: torch.Tensor, batch_size: int = 128) -> 
         h, w = x.shape[-2:]
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        y = model(x)
-        out["features"].append(y["features"].double().cpu())
-        if y["logits"] is not None:
-            out["probs"].append(y["logits"].softmax(1).cpu())
-        if y["seg"] is not None:
-            seg = y["seg"] if (h, w) == (size, size) else F.interpolate(y["seg"], size=(h, w), mode="bilinear")
+        views = [model(x)] + [model(x.flip(d)) for d in model.flips]
+        out["features"].append(torch.stack([v["features"] for v in views]).mean(0).double().cpu())
+        if views[0]["logits"] is not None:
+            out["probs"].append(torch.stack([v["logits"].softmax(1) for v in views]).mean(0).cpu())
+        if views[0]["seg"] is not None:
+            seg = views[0]["seg"].softmax(1)
+            for v, d in zip(views[1:], model.flips):
+                seg = seg + v["seg"].softmax(1).flip(d)
+            if (h, w) != (size, size):
+                seg = F.interpolate(seg, size=(h, w), mode="bilinear")
             out["seg"].append(seg.argmax(1).cpu())
     return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
@@ -247,7 +256,7 @@ def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: 
     num_classes = len(real.classes) if real.labels is not None else None
     set_deterministic(cfg.seed)
     model = Judge(real.images.shape[1], num_classes, real.mask_classes, cfg.width, cfg.levels,
-                  image_size=real.images.shape[-1]).to(device)
+                  image_size=real.images.shape[-1], flips=_flip_dims(cfg.augment)).to(device)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
@@ -334,7 +343,7 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     cfg = from_dict(JudgeConfig, state["config"])
     extra = state["extra"]
     model = Judge(extra["channels"], extra["num_classes"], extra["mask_classes"], cfg.width, cfg.levels,
-                  image_size=extra["image_size"])
+                  image_size=extra["image_size"], flips=_flip_dims(cfg.augment))
     model.load_state_dict(state["model"])
     model.info = {**extra, "config": state["config"]}
     model.validity = state["validity"]

@@ -24,9 +24,10 @@ class Judge(nn.Module):
     (N, C, H, W) in [-1, 1]; either head is absent (None) when the data had no labels or no masks."""
 
     def __init__(self, channels: int, num_classes: int | None, mask_classes: int | None, width: int = 16,
-                 levels: int = 3, dropout: float = 0.1, image_size: int = 32):
+                 levels: int = 3, dropout: float = 0.1, image_size: int = 32, flips: tuple[int, ...] = ()):
         super().__init__()
         self.image_size = image_size  # the side of the images it reads; judge_outputs resizes others to it
+        self.flips = tuple(flips)  # dims it trained flipped: its outputs average each image and its flips
         widths = [width * 2**i for i in range(levels)]
         self.stem = _conv(channels, widths[0])
         self.down = nn.ModuleList(
@@ -34,8 +35,9 @@ class Judge(nn.Module):
             for i, w in enumerate(widths))
         # features: the pooled bottleneck and the pooled stage above it (coarse shape + finer texture)
         self.feature_dim = widths[-1] + (widths[-2] if levels > 1 else 0)
-        self.classifier = (nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
-                           if num_classes else None)
+        # with masks, the class head also reads how much of the image each segment class covers
+        head_in = self.feature_dim + (mask_classes or 0)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_in, num_classes)) if num_classes else None
         self.up = nn.ModuleList(_conv(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(levels - 1)))
         self.segmenter = nn.Conv2d(widths[0], mask_classes, 1) if mask_classes else None
 
@@ -55,11 +57,13 @@ class Judge(nn.Module):
         skips = self.encode(x)
         features = self.pooled(skips)
         out: dict[str, torch.Tensor | None] = {"features": features, "logits": None, "seg": None}
-        if self.classifier is not None:
-            out["logits"] = self.classifier(features)
+        head_in = features
         if self.segmenter is not None:
             h = skips[-1]
             for block, skip in zip(self.up, reversed(skips[:-1])):
                 h = block(torch.cat([F.interpolate(h, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
-            out["seg"] = self.segmenter(h)
+            out["seg"] = self.segmenter(h)  # (N, M, H, W)
+            head_in = torch.cat([features, out["seg"].softmax(1).mean((2, 3))], dim=1)  # + area fractions (N, M)
+        if self.classifier is not None:
+            out["logits"] = self.classifier(head_in)
         return out
