@@ -297,6 +297,7 @@ def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor 
 # --------------------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = ["experiment", "judge_val_accuracy", "judge_val_miou", "class_fidelity", "class_fidelity_ci95",
+                   "class_fidelity_chance",
                    "control_miou", "base_miou", "two_sample_accuracy", "two_sample_ci95", "two_sample_n",
                    "fd", "fd_real_held_out", "precision", "recall", "n_generated"]
 
@@ -314,6 +315,7 @@ def summary_row(name: str, scores: dict) -> dict:
     return {"experiment": name, "judge_val_accuracy": scores["judge"]["real_val_accuracy"],
             "judge_val_miou": scores["judge"]["real_val_miou"],
             "class_fidelity": cf.get("accuracy", cf.get("reason")), "class_fidelity_ci95": ci(cf.get("accuracy_ci95")),
+            "class_fidelity_chance": cf.get("chance"),
             "control_miou": (ctl.get("controlled") or {}).get("miou"), "base_miou": base.get("miou"),
             "two_sample_accuracy": ts.get("accuracy"), "two_sample_ci95": ci(ts.get("accuracy_ci95")),
             "two_sample_n": ts.get("n_per_set"), "fd": gen.get("fd"), "fd_real_held_out": held.get("fd"),
