@@ -59,13 +59,15 @@ def test_diffusion_samples_are_scored_next_to_the_judges_own_figures(runs, tmp_p
     assert sum(map(sum, cf["confusion"]["counts"])) == 6
     assert scores["features"]["generated"]["fd"] >= 0 and "precision" in scores["features"]["generated"]
     assert scores["two_sample"]["n_generated"] == 6 and (tmp_path / "grid.png").is_file()
+    ceiling = scores["decoder_reference"]  # the judge on the autoencoder's reconstructions of real val images
+    assert ceiling["n"] == scores["judge"]["real_val_images"] and 0 <= ceiling["miou"] <= 1
     # the PNGs alone (no samples.zarr) are read as files: no labels, the same images up to 8-bit rounding
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     for p in runs["samples"].glob("sample_*.png"):
         shutil.copy(p, pngs)
     files = evaluate_samples(runs["judge"], pngs, options=JUDGE)
-    assert "no generated labels" in files["class_fidelity"]["reason"]
+    assert "no generated labels" in files["class_fidelity"]["reason"] and not files["decoder_reference"]["available"]
     assert files["features"]["generated"]["fd"] == pytest.approx(scores["features"]["generated"]["fd"], rel=0.1,
                                                                  abs=1e-3)
 

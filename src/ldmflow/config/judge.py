@@ -34,7 +34,7 @@ class JudgeConfig:
     weight_decay: float = param(1e-4, "AdamW decoupled weight decay.", minimum=0.0)
     width: int = param(16, "Channels of the first stage (doubled at each further stage).", minimum=1)
     levels: int = param(3, "Encoder stages (each after the first halves the resolution).", minimum=1)
-    seg_weight: float = param(1.0, "Weight of the segmentation loss against the class loss.", minimum=0.0)
+    seg_weight: float = param(2.0, "Weight of the segmentation loss against the class loss.", minimum=0.0)
     balance: bool = param(True, "Weight the class loss by inverse class frequency, so a rare class is learnt too.")
     augment: AugmentConfig = param(AugmentConfig, "Augmentation of the training images.")
     seed: int = param(42, "Seed of initialisation, batches and augmentation (same seed, same judge on CPU).",

@@ -26,7 +26,16 @@ from ldmflow.config.schema import to_dict
 from ldmflow.data.images import to_unit_range
 from ldmflow.devices import get_device
 from ldmflow.errors import DataError
-from ldmflow.evaluation.judge import Judge, judge_outputs, load_judge, read_images, real_images, save_judge, train_judge
+from ldmflow.evaluation.judge import (
+    Judge,
+    judge_outputs,
+    load_judge,
+    read_images,
+    real_images,
+    save_judge,
+    train_judge,
+    validity,
+)
 from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.evaluation.two_sample import feature_scores, two_sample_test, wilson_interval
 from ldmflow.viz import colorize, grid, save_png, to_uint8
@@ -132,17 +141,41 @@ def class_fidelity(model: Judge, probs: torch.Tensor | None, labels: torch.Tenso
                           "counts": conf.tolist()}}
 
 
+def decoder_reference(model: Judge, real, held: np.ndarray, held_f: np.ndarray, decoder, folds: int) -> dict:
+    """The judge on the autoencoder's reconstructions of the real held-out images (their stored latents decoded):
+    the most a model whose samples this autoencoder decodes can reach, and how far the decoder alone sets
+    its images apart from real ones."""
+    from ldmflow.data.latent_store import LatentStore
+
+    store = LatentStore(model.info["latents"])
+    device = next(decoder.parameters()).device
+    z = torch.from_numpy(np.asarray(store.latents[:], np.float32)[held])
+    with torch.no_grad():
+        rec = torch.cat([decoder.decode(z[i:i + 64].to(device))[0].float().clamp(-1, 1).cpu()
+                         for i in range(0, len(z), 64)])
+    v = validity(model, rec, None if real.labels is None else real.labels[held],
+                 None if real.masks is None else real.masks[held], real.mask_classes, real.classes)
+    ts = two_sample_test(held_f, judge_outputs(model, rec)["features"].numpy(), folds=folds)
+    return {"what": "the judge on the autoencoder's reconstructions of the real held-out images: a ceiling for "
+                    "models decoded by it", "n": len(held), "accuracy": v.get("accuracy"), "miou": v.get("miou"),
+            "two_sample_accuracy": ts.get("accuracy"), "two_sample_ci95": ts.get("accuracy_ci95")}
+
+
 def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | None, *, folds: int = 5, pr_k: int = 3,
-                  threads: int = 4, unlabelled: str = "the model is unconditional (no generated labels)") -> dict:
+                  threads: int = 4, unlabelled: str = "the model is unconditional (no generated labels)",
+                  decoder=None) -> dict:
     """Class fidelity, the two-sample test (real held-out vs generated) and feature-space FD / precision / recall
-    of generated images (N, C, H, W) in [-1, 1], with the judge's validity figures."""
+    of generated images (N, C, H, W) in [-1, 1], with the judge's validity figures; with the ``decoder`` that
+    made the judge's latent store, the same judge on its reconstructions of real held-out images."""
     real = real_images(model.info["latents"], threads)
     held = real.indices("val", "test")
     gen = judge_outputs(model, images)
     train_f = judge_outputs(model, real.images[real.indices("train")])["features"].numpy()
     held_f = judge_outputs(model, real.images[held])["features"].numpy()
     gen_f = gen["features"].numpy()
-    return {"judge": judge_validity(model), "n_generated": len(images),
+    reference = (decoder_reference(model, real, held, held_f, decoder, folds) if decoder is not None else
+                 {"available": False, "reason": "the samples' autoencoder is unknown or not the store's"})
+    return {"judge": judge_validity(model), "n_generated": len(images), "decoder_reference": reference,
             "class_fidelity": class_fidelity(model, gen["probs"], labels, unlabelled),
             "two_sample": {**two_sample_test(held_f, gen_f, folds=folds), "real": "val and test splits"},
             "features": {**feature_scores(train_f, held_f, gen_f, pr_k),
@@ -150,10 +183,11 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
                          "against": "the real train split; held_out: real val and test images (the reference)"}}
 
 
-def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """A samples folder or ``samples.zarr`` as images (N, C, H, W) in [-1, 1] and the labels they were generated
-    for (None when unknown): a store's latents decoded by the autoencoder that made them (sha256-checked);
-    else the folder's ``sample_*.png`` (or image files), decoded as the judge's data."""
+def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tensor, torch.Tensor | None, str, object]:
+    """A samples folder or ``samples.zarr`` as images (N, C, H, W) in [-1, 1], the labels they were generated
+    for (None when unknown), a description, and the decoder when it is the judge's store's autoencoder: a
+    store's latents decoded by the autoencoder that made them (sha256-checked); else the folder's
+    ``sample_*.png`` (or image files), decoded as the judge's data."""
     import zarr
 
     path = Path(samples)
@@ -169,7 +203,8 @@ def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tenso
             images = torch.cat([decoder.decode(latents[i:i + 64].to(device))[0].float().clamp(-1, 1).cpu()
                                 for i in range(0, len(latents), 64)])
         labels = torch.from_numpy(np.asarray(group["labels"][:], np.int64))
-        return images, (labels if (labels >= 0).any() else None), str(store)
+        same = _store_autoencoder_sha(model) == attrs["autoencoder_sha256"]
+        return images, (labels if (labels >= 0).any() else None), str(store), decoder if same else None
     from ldmflow.data.manifest import IMAGE_SUFFIXES
 
     files = sorted(path.glob("sample_*.png")) or sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -177,7 +212,16 @@ def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tenso
         raise DataError(f"{path}: neither a samples.zarr nor image files (sample_*.png) to evaluate")
     info = model.info
     return read_images([str(f) for f in files], info["image_size"], info["channels"], info["value_range"],
-                       str(path)), None, str(path)
+                       str(path)), None, str(path), None
+
+
+def _store_autoencoder_sha(model: Judge) -> str | None:
+    """The sha256 of the autoencoder that made the judge's latent store (None for a manifest-trained judge)."""
+    if not (Path(model.info["latents"]) / "zarr.json").is_file():
+        return None
+    from ldmflow.data.latent_store import LatentStore
+
+    return LatentStore(model.info["latents"]).attrs["autoencoder"]["sha256"]
 
 
 def evaluate_samples(judge: str | Path, samples: str | Path, out_dir: str | Path | None = None, *,
@@ -189,9 +233,9 @@ def evaluate_samples(judge: str | Path, samples: str | Path, out_dir: str | Path
     cfg = judge_config(options)
     dev = get_device(device)
     model = load_judge(judge, dev)
-    images, labels, source = load_samples(samples, model, dev)
+    images, labels, source, decoder = load_samples(samples, model, dev)
     scores = {"samples": source, "judge_checkpoint": str(judge), "judge_sha256": file_sha256(judge),
-              **sample_scores(model, images, labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads,
+              **sample_scores(model, images, labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads, decoder=decoder,
                               unlabelled="the model is unconditional (no generated labels)" if source.endswith(".zarr")
                               else "image files without a samples.zarr carry no generated labels")}
     if out_dir is not None:
@@ -260,7 +304,8 @@ def evaluate_controlnet(checkpoint: str | Path, judge: str | Path, out_dir: str 
               "checkpoint": str(checkpoint), "base_checkpoint": str(base_path), "controls": described, "n": n,
               "seed": seed, "sampler": sampling.sampler, "steps": sampling.steps, "guidance": sampling.guidance,
               "scale": scale, "judge_checkpoint": str(judge), "judge_sha256": file_sha256(judge),
-              **sample_scores(model, controlled, labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads)}
+              **sample_scores(model, controlled, labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads,
+                              decoder=decoder if _store_autoencoder_sha(model) == extra["autoencoder_sha256"] else None)}
     scores["control_fidelity"] = control_fidelity(model, controlled, base, masks, ncfg.control.signal, base_path)
     if out_dir is not None:
         out = Path(out_dir)
@@ -299,7 +344,8 @@ def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor 
 SUMMARY_COLUMNS = ["experiment", "judge_val_accuracy", "judge_val_miou", "class_fidelity", "class_fidelity_ci95",
                    "class_fidelity_chance",
                    "control_miou", "base_miou", "two_sample_accuracy", "two_sample_ci95", "two_sample_n",
-                   "fd", "fd_real_held_out", "precision", "recall", "n_generated"]
+                   "fd", "fd_real_held_out", "precision", "recall", "n_generated", "decoder_ceiling_accuracy",
+                   "decoder_ceiling_miou", "decoder_two_sample_accuracy"]
 
 
 def summary_row(name: str, scores: dict) -> dict:
@@ -308,6 +354,7 @@ def summary_row(name: str, scores: dict) -> dict:
     gen, held = feats.get("generated") or {}, feats.get("held_out") or {}
     ctl = scores.get("control_fidelity") or {}
     base = ctl.get("uncontrolled_base") or {}
+    ref = scores.get("decoder_reference") or {}
 
     def ci(v):
         return None if v is None else f"{v[0]:.3f}-{v[1]:.3f}"
@@ -319,7 +366,9 @@ def summary_row(name: str, scores: dict) -> dict:
             "control_miou": (ctl.get("controlled") or {}).get("miou"), "base_miou": base.get("miou"),
             "two_sample_accuracy": ts.get("accuracy"), "two_sample_ci95": ci(ts.get("accuracy_ci95")),
             "two_sample_n": ts.get("n_per_set"), "fd": gen.get("fd"), "fd_real_held_out": held.get("fd"),
-            "precision": gen.get("precision"), "recall": gen.get("recall"), "n_generated": scores["n_generated"]}
+            "precision": gen.get("precision"), "recall": gen.get("recall"), "n_generated": scores["n_generated"],
+            "decoder_ceiling_accuracy": ref.get("accuracy"), "decoder_ceiling_miou": ref.get("miou"),
+            "decoder_two_sample_accuracy": ref.get("two_sample_accuracy")}
 
 
 def evaluation_summary(score_files: list[str | Path], names: list[str], out_csv: str | Path,
