@@ -268,7 +268,7 @@ def evaluate_controlnet(checkpoint: str | Path, judge: str | Path, out_dir: str 
     its uncontrolled base diffusion model (its own checkpoint, sha256-checked) from the same noise and labels;
     the judge segments every decoded image, scored (mIoU) against the control's mask. Also the class fidelity,
     two-sample test and FD of the controlled samples. With ``out_dir``: ``scores.json`` and ``grid.png``
-    (controlled | its judge segmentation | mask | base | its judge segmentation)."""
+    (controlled | mask | its judge segmentation | base | its judge segmentation)."""
     from ldmflow.data.latent_store import LatentStore
     from ldmflow.diffusion.generate import generate_decoded
     from ldmflow.stages.sample import decoder_and_schedule, load_diffusion
