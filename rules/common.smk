@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from ldmflow.config.judge import judge_options
 from ldmflow.workflow import (
     best_checkpoint,
     controlnet_bases,
@@ -39,6 +40,7 @@ PHASES = phase_members(
     config["phases"], WORKFLOW, {**WORKFLOW, "controlnet": DECLARED_CONTROLNETS}
 )
 MEMORIZATION = memorization_options(config)
+JUDGE = judge_options(config)
 
 
 # The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster
@@ -120,6 +122,16 @@ def memorization_summaries():
     ]
 
 
+def evaluation_scores():
+    """The judge's pixel-space scores of every evaluated experiment."""
+    return [f"results/evaluation/{exp}/scores.json" for exp in evaluated_experiments()]
+
+
+def controlnet_evaluation_n():
+    """Paired samples per ControlNet evaluation: judge.controlnet_n, else sampling.n."""
+    return JUDGE.get("controlnet_n") or config["sampling"]["n"]
+
+
 def parent_of_input_grid(wildcards, input):
     """The folder of a rule's sample grid (the evaluation samples folder)."""
     return str(Path(input.grid).parent)
@@ -137,18 +149,22 @@ def all_outputs():
         *expand("results/controlnet/{name}/eval_samples/grid.png", name=CONTROLNETS),
         *expand("results/controlnet/{name}/{name}_curves.png", name=CONTROLNETS),
         *(["results/controlnet/control_fidelity.csv"] if CONTROLNETS else []),
+        "results/judge/judge.json",
+        "results/evaluation/summary.csv",
     ]
 
 
 def experiment_outputs(stage, name):
     """What building one experiment means: its training curves, and for a diffusion or ControlNet experiment its
-    evaluation samples and memorization summary (a ControlNet's control fidelity too).
+    evaluation samples, its memorization summary and its pixel-space scores by the judge (a ControlNet's
+    control fidelity too).
     """
     outputs = [f"results/{stage}/{name}/{name}_curves.png"]
     if stage != "autoencoder":
         outputs += [
             f"results/{stage}/{name}/eval_samples/grid.png",
             f"results/memorization/{stage}/{name}/summary.json",
+            f"results/evaluation/{stage}/{name}/scores.json",
         ]
     if stage == "controlnet":
         outputs.append(f"results/controlnet/{name}/control_fidelity.json")

@@ -87,7 +87,8 @@ def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_
 RESEARCH_256_PLAN = {"demo_data": 1, "train_autoencoder": 8, "select_autoencoder": 1, "embed_latents": 1,
                      "train_diffusion": 13, "sample_diffusion": 13, "train_controlnet": 4, "sample_controlnet": 4,
                      "controlnet_summary": 1, "evaluate_memorization": 17, "memorization_summary": 1,
-                     "training_curves": 25, "all": 1}
+                     "training_curves": 25, "train_judge": 1, "evaluate_samples": 13,
+                     "evaluate_controlnet": 4, "evaluation_summary": 1, "all": 1}
 RESEARCH_256_AUTOENCODERS = [f"{variant}_c{c}_f{f}" for variant in ("kl", "plain") for c in (4, 8) for f in (8, 4)]
 RESEARCH_256_UNETS = [f"unet{width}_d4_attn-{attn}" for width in (128, 144, 160)
                       for attn in ("none", "3", "2-3", "0-1-2-3")]
@@ -121,6 +122,7 @@ def test_the_research_preset_runs_in_phases(project):
                               "embed_latents": 1, "phase1": 1}
     # phase2: the 12 ablation UNets (and what they need), not the fine-tune nor the ControlNets
     assert jobs["phase2"]["train_diffusion"] == jobs["phase2"]["evaluate_memorization"] == 12
+    assert jobs["phase2"]["evaluate_samples"] == 12 and jobs["phase2"]["train_judge"] == 1
     assert "train_controlnet" not in jobs["phase2"]
     assert "finetune" not in plans["phase2"].stdout
     # phase3: the fine-tune and the 4 ControlNets, with the one ablation UNet they start from
@@ -143,6 +145,14 @@ def test_a_configfile_that_sets_some_experiment_lists_but_not_all_stops_the_plan
     out = proc.stdout + proc.stderr
     assert f"{path}: sets autoencoders, diffusion but not controlnets" in out
     assert "Set controlnets: [...] in it ([] for none)" in out
+
+
+def test_a_typo_in_the_judge_section_stops_the_plan(project, tmp_path):
+    path = tmp_path / "judge.yaml"
+    path.write_text("judge:\n  epoch: 3\n")
+    proc = dry_run(project, "--configfile", str(path))
+    assert proc.returncode != 0
+    assert "workflow config, section 'judge': unknown key 'epoch'; allowed keys:" in (proc.stdout + proc.stderr)
 
 
 def test_a_typo_in_the_memorization_section_stops_the_plan(project, tmp_path):
