@@ -16,6 +16,7 @@ include: "rules/diffusion.smk"
 include: "rules/latents.smk"
 include: "rules/controlnet.smk"
 include: "rules/memorization.smk"
+include: "rules/evaluation.smk"
 include: "rules/report.smk"
 
 

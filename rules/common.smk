@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from ldmflow.config.judge import judge_options
 from ldmflow.workflow import (
     best_checkpoint,
     controlnet_bases,
@@ -32,6 +33,7 @@ WORKFLOW = {
 }
 selection_warnings(AUTOENCODERS, config["selection"])
 MEMORIZATION = memorization_options(config)
+JUDGE = judge_options(config)
 
 
 # The GPUs a GPU-class rule asks for, unless a profile's set-resources says otherwise (the cluster
@@ -113,6 +115,16 @@ def memorization_summaries():
     ]
 
 
+def evaluation_scores():
+    """The judge's pixel-space scores of every evaluated experiment."""
+    return [f"results/evaluation/{exp}/scores.json" for exp in evaluated_experiments()]
+
+
+def controlnet_evaluation_n():
+    """Paired samples per ControlNet evaluation: judge.controlnet_n, else sampling.n."""
+    return JUDGE.get("controlnet_n") or config["sampling"]["n"]
+
+
 def parent_of_input_grid(wildcards, input):
     """The folder of a rule's sample grid (the evaluation samples folder)."""
     return str(Path(input.grid).parent)
@@ -130,6 +142,8 @@ def all_outputs():
         *expand("results/controlnet/{name}/eval_samples/grid.png", name=CONTROLNETS),
         *expand("results/controlnet/{name}/{name}_curves.png", name=CONTROLNETS),
         *(["results/controlnet/control_fidelity.csv"] if CONTROLNETS else []),
+        "results/judge/judge.json",
+        "results/evaluation/summary.csv",
     ]
 
 

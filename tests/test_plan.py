@@ -87,7 +87,8 @@ def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_
 RESEARCH_256_PLAN = {"demo_data": 1, "train_autoencoder": 4, "select_autoencoder": 1, "embed_latents": 1,
                      "train_diffusion": 2, "sample_diffusion": 2, "train_controlnet": 2, "sample_controlnet": 2,
                      "controlnet_summary": 1, "evaluate_memorization": 4, "memorization_summary": 1,
-                     "training_curves": 8, "all": 1}
+                     "training_curves": 8, "train_judge": 1, "evaluate_samples": 2, "evaluate_controlnet": 2,
+                     "evaluation_summary": 1, "all": 1}
 
 
 def test_the_research_preset_plans_every_stage_with_its_own_experiments_only(project):
@@ -119,6 +120,14 @@ def test_a_configfile_that_sets_some_experiment_lists_but_not_all_stops_the_plan
     out = proc.stdout + proc.stderr
     assert f"{path}: sets autoencoders, diffusion but not controlnets" in out
     assert "Set controlnets: [...] in it ([] for none)" in out
+
+
+def test_a_typo_in_the_judge_section_stops_the_plan(project, tmp_path):
+    path = tmp_path / "judge.yaml"
+    path.write_text("judge:\n  epoch: 3\n")
+    proc = dry_run(project, "--configfile", str(path))
+    assert proc.returncode != 0
+    assert "workflow config, section 'judge': unknown key 'epoch'; allowed keys:" in (proc.stdout + proc.stderr)
 
 
 def test_a_typo_in_the_memorization_section_stops_the_plan(project, tmp_path):

@@ -73,6 +73,7 @@ def make_tiny(root: Path) -> Path:
         (root / path).write_text(yaml.safe_dump(exp))
     config["sampling"] = {"n": 6, "seed": 1}
     config["memorization"] = {"image_size": 16, "tiles": 2, "n": 5}
+    config["judge"] = {"epochs": 2, "width": 4, "eval_every": 1, "folds": 2}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -161,7 +162,8 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 FULL_PLAN = {"all": 1, "demo_data": 1, "train_autoencoder": 2, "select_autoencoder": 1, "embed_latents": 1,
              "train_diffusion": 2, "sample_diffusion": 2, "evaluate_memorization": 5, "memorization_summary": 1,
-             "train_controlnet": 3, "sample_controlnet": 3, "controlnet_summary": 1, "training_curves": 7}
+             "train_controlnet": 3, "sample_controlnet": 3, "controlnet_summary": 1, "training_curves": 7,
+             "train_judge": 1, "evaluate_samples": 2, "evaluate_controlnet": 3, "evaluation_summary": 1}
 
 
 def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
@@ -207,11 +209,17 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     for exp in evaluated:  # ControlNet samples too: each under another held-out control
         assert (root / f"results/memorization/{exp}/summary.json").is_file()
     assert len(list((root / "results/controlnet").glob("*/eval_samples/sample_*.png"))) == 6 * 3
+    # the judge's pixel-space scores, each row with the judge's own real-val figures
+    assert json.loads((root / "results/judge/judge.json").read_text())["real_val"]["n"] >= 1
+    scores = pd.read_csv(root / "results/evaluation/summary.csv")
+    assert sorted(scores["experiment"]) == sorted(evaluated) and scores["judge_val_miou"].notna().all()
+    assert scores["base_miou"].notna().sum() == 3  # each ControlNet beside its uncontrolled base
     assert "Nothing to be done" in (smk(root, "-n").stdout + smk(root, "-n").stderr)
 
     smk(root, "--report", "report.html")
     report = (root / "report.html").read_text(errors="replace")
-    for category in ("Autoencoder comparison", "Training curves", "Sample grids", "Memorization", "Summary"):
+    for category in ("Autoencoder comparison", "Training curves", "Sample grids", "Memorization", "Evaluation",
+                     "Summary"):
         assert category in report, category
 
     # editing one autoencoder experiment reruns it and everything downstream of the selection, nothing else

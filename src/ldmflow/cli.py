@@ -427,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out real images (manifest or store); default: the training input's val split")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
 
+    from ldmflow.cli_evaluate import add_commands
+
+    add_commands(command, apply_sets=_apply_sets, existing_path=existing_path, output_dir=output_dir,
+                 int_range=int_range, device_name=device_name, training=training)
+
     p = command("status", cmd_status, "one table of every experiment of the workflow: state, epoch, best, ETA")
     p.add_argument("--results", default="results", help="the workflow's results folder (default results)")
     p.add_argument("--config", default="config/config.yaml", help="workflow config (default config/config.yaml)")

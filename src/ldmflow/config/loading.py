@@ -142,15 +142,17 @@ def resolved_config(cfg) -> dict:
 
 def schema_documents() -> dict[str, str]:
     """The JSON schema of each stage's experiment files, as written to ``config/schemas/<stage>.schema.json``,
-    and of the workflow config's memorization options (``memorization.schema.json``)."""
+    and of the workflow config's memorization and judge options (``memorization.schema.json``, ``judge.schema.json``)."""
     import json
 
+    from ldmflow.config.judge import JudgeConfig
     from ldmflow.config.memorization import MemorizationConfig
 
     docs = {}
     titles = {f"{stage}.schema.json": (f"ldmflow {stage} experiment", cls) for stage, cls in STAGES.items()}
     # the workflow config's `memorization:` section (validated at plan time by ldmflow.workflow)
     titles["memorization.schema.json"] = ("ldmflow memorization options", MemorizationConfig)
+    titles["judge.schema.json"] = ("ldmflow judge options", JudgeConfig)  # the workflow config's `judge:`
     for name, (title, cls) in titles.items():
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title, **json_schema(cls)}
         stage = name.removesuffix(".schema.json")

@@ -1,0 +1,350 @@
+"""The judge: train the pixel-space evaluation network on the real train split of a latent store's images, check
+it on the real val split, save and load it, and run it on images.
+
+The judge sees images as the data pipeline decodes them (:func:`ldmflow.data.images.load_row`, then
+:func:`~ldmflow.data.images.to_unit_range` with the store's intensity range): (N, C, H, W) in [-1, 1] with the
+data's channels, at the store's image size. Generated samples decoded by the autoencoder come out in the same
+range and channels, so real and generated images reach the judge alike. It never sees a generated image while
+it trains: its real-val figures say how far its scores can be trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmflow import __version__
+from ldmflow.artifacts import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ldmflow.config.judge import AugmentConfig, JudgeConfig
+from ldmflow.config.schema import from_dict, to_dict
+from ldmflow.data.images import load_row, to_unit_range
+from ldmflow.data.latent_store import LatentStore
+from ldmflow.devices import set_deterministic
+from ldmflow.errors import DataError, TrainingError
+from ldmflow.evaluation.metrics import segmentation_scores
+from ldmflow.evaluation.two_sample import wilson_interval
+from ldmflow.models.judge import Judge
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real images
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RealImages:
+    """A latent store's images, decoded from their files as the data pipeline decodes them."""
+
+    images: torch.Tensor  # (N, C, H, W) float in [-1, 1]
+    labels: torch.Tensor | None  # (N,) int64, -1 where a row has no label; None: no labels at all
+    masks: torch.Tensor | None  # (N, H, W) int64; None without masks
+    split: np.ndarray  # (N,) "train" / "val" / "test"
+    classes: list[str] | None
+    mask_classes: int | None
+    value_range: list[list[float]] | None  # the store's intensity range (None: 8-bit data)
+    source: str
+
+    def indices(self, *splits: str) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.split, splits))
+
+
+def read_images(paths: list[str], size: int, channels: int, value_range: list[list[float]] | None, source: str,
+                threads: int = 4) -> torch.Tensor:
+    """Image files -> (N, C, size, size) in [-1, 1]: decoded, resized and scaled as the data pipeline does."""
+    def load(i: int) -> np.ndarray:
+        return load_row(paths[i], None, size, None, source, i + 1, channels)[0]
+
+    with ThreadPoolExecutor(threads) as pool:
+        arrays = list(pool.map(load, range(len(paths))))
+    if not arrays:
+        return torch.empty(0, channels, size, size)
+    stack = np.stack(arrays)
+    if stack.dtype != np.uint8 and value_range is None:  # deeper files without a recorded range: their own
+        flat = stack.reshape(-1, stack.shape[-1])
+        value_range = [[float(lo), float(max(hi, lo + 1e-6))] for lo, hi in zip(flat.min(0), flat.max(0))]
+    return to_unit_range(stack, value_range if stack.dtype != np.uint8 else None)
+
+
+def real_images(source: str | Path, threads: int = 4, image_size: int = 32) -> RealImages:
+    """Every row of a latent store (``*.zarr``: its split, labels and masks, the workflow's case) or of a manifest
+    (split as the training stages split it, at ``image_size``) as the judge sees it: the image file decoded at
+    the data's size and channels, scaled by the data's intensity range."""
+    source = Path(source)
+    if not (source / "zarr.json").is_file():
+        from ldmflow.config.common import DataConfig
+        from ldmflow.data.dataset import ImageDataset, prepare_data
+
+        data = prepare_data(source, DataConfig(image_size=image_size), threads=threads)
+        batch = ImageDataset(data, None).__getitems__(list(range(len(data.paths))))
+        labels = torch.from_numpy(data.labels.astype(np.int64)) if data.labels is not None else None
+        return RealImages(batch["image"], labels, batch.get("mask"), data.split, data.classes, data.mask_classes,
+                          data.value_range, str(source))
+    store = LatentStore(source)
+    attrs = store.attrs
+    value_range = (attrs.get("intensity") or {}).get("range")
+    images = read_images(store.paths, int(attrs["image_size"]), int(attrs.get("channels", 3)), value_range,
+                         str(store.path), threads)
+    labels = None
+    if store.classes and (store.labels >= 0).any():
+        labels = torch.from_numpy(store.labels.astype(np.int64))
+    masks = torch.from_numpy(store.masks[:].astype(np.int64)) if store.masks is not None else None
+    return RealImages(images, labels, masks, store.split, store.classes, store.mask_classes, value_range,
+                      str(store.path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------------
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def augment(x: torch.Tensor, masks: torch.Tensor | None, cfg: AugmentConfig, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random flips and shifts (image and mask together), colour jitter, blur and noise of images (N, C, H, W)
+    in [-1, 1] and masks (N, H, W); every draw comes from ``gen``."""
+    n, c, h, w = x.shape
+    x = x.clone()
+    m = masks.clone() if masks is not None else None
+    for flag, dim in ((cfg.hflip, -1), (cfg.vflip, -2)):
+        if flag:
+            sel = torch.rand(n, generator=gen) < 0.5
+            x[sel] = x[sel].flip(dim)
+            if m is not None:
+                m[sel] = m[sel].flip(dim)
+    s = min(cfg.shift, h - 1, w - 1)
+    if s > 0:
+        xp = F.pad(x, (s, s, s, s), mode="reflect")
+        mp = F.pad(m[:, None].float(), (s, s, s, s), mode="reflect")[:, 0].long() if m is not None else None
+        dy, dx = (torch.randint(0, 2 * s + 1, (n,), generator=gen) for _ in range(2))
+        x = torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        if mp is not None:
+            m = torch.stack([mp[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    j = cfg.jitter
+    if j > 0:
+        mean = x.mean((1, 2, 3), keepdim=True)
+        contrast = _uniform(n, 1 - j, 1 + j, gen)[:, None, None, None]
+        gain = (1 + j * (2 * torch.rand(n, c, 1, 1, generator=gen) - 1))
+        offset = _uniform(n, -j, j, gen)[:, None, None, None]
+        x = (x - mean) * contrast * gain + mean + offset
+    if cfg.blur > 0:
+        sel = torch.rand(n, generator=gen) < cfg.blur
+        if sel.any():
+            sigma = _uniform(int(sel.sum()), 0.3, 1.0, gen)
+            k1 = torch.exp(-torch.tensor([1.0, 0.0, 1.0])[None] / (2 * sigma[:, None] ** 2))  # (b, 3)
+            k1 = k1 / k1.sum(1, keepdim=True)
+            kernels = (k1[:, :, None] * k1[:, None, :])  # (b, 3, 3)
+            xb = F.pad(x[sel], (1, 1, 1, 1), mode="replicate")
+            b = len(kernels)
+            weight = kernels.repeat_interleave(c, 0)[:, None]  # (b * C, 1, 3, 3)
+            x[sel] = F.conv2d(xb.reshape(1, b * c, h + 2, w + 2), weight, groups=b * c).reshape(b, c, h, w)
+    if cfg.noise > 0:
+        x = x + _uniform(n, 0, cfg.noise, gen)[:, None, None, None] * torch.randn(x.shape, generator=gen)
+    return x.clamp(-1, 1), m
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the judge
+# --------------------------------------------------------------------------------------------------
+
+
+def _flip_dims(cfg: AugmentConfig) -> tuple[int, ...]:
+    return tuple(d for flag, d in ((cfg.hflip, -1), (cfg.vflip, -2)) if flag)
+
+
+@torch.no_grad()
+def judge_outputs(model: Judge, images: torch.Tensor, batch_size: int = 128) -> dict[str, torch.Tensor | None]:
+    """The judge on images (N, C, H, W) in [-1, 1] of any size: ``features`` (N, D), ``probs`` (N, K) or None,
+    ``seg`` (N, H, W) class ids at the images' own size, or None. Images of another size than the judge's
+    are resized to it first (and the segmentation back). Each image is read as it is and flipped the ways the
+    judge trained on (test-time augmentation: probabilities and features averaged over the views)."""
+    model.eval()
+    device = next(model.parameters()).device
+    size = model.image_size
+    out: dict[str, list] = {"features": [], "probs": [], "seg": []}
+    for lo in range(0, len(images), batch_size):
+        x = images[lo:lo + batch_size].to(device, torch.float32)
+        h, w = x.shape[-2:]
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        views = [model(x)] + [model(x.flip(d)) for d in model.flips]
+        out["features"].append(torch.stack([v["features"] for v in views]).mean(0).double().cpu())
+        if views[0]["logits"] is not None:
+            out["probs"].append(torch.stack([v["logits"].softmax(1) for v in views]).mean(0).cpu())
+        if views[0]["seg"] is not None:
+            seg = views[0]["seg"].softmax(1)
+            for v, d in zip(views[1:], model.flips):
+                seg = seg + v["seg"].softmax(1).flip(d)
+            if (h, w) != (size, size):
+                seg = F.interpolate(seg, size=(h, w), mode="bilinear")
+            out["seg"].append(seg.argmax(1).cpu())
+    return {k: (torch.cat(v) if v else None) for k, v in out.items()}
+
+
+def validity(model: Judge, images: torch.Tensor, labels: torch.Tensor | None, masks: torch.Tensor | None,
+             mask_classes: int | None, classes: list[str] | None) -> dict:
+    """How good the judge is on real images it never trained on: accuracy (with a 95% Wilson interval),
+    balanced and per-class accuracy, mIoU and per-class IoU."""
+    out = judge_outputs(model, images)
+    result: dict = {"n": len(images)}
+    if out["probs"] is not None and labels is not None:
+        known = labels >= 0
+        pred, truth = out["probs"].argmax(1)[known], labels[known]
+        correct = int((pred == truth).sum())
+        per_class = {}
+        for k, name in enumerate(classes or []):
+            sel = truth == k
+            per_class[name] = float((pred[sel] == k).float().mean()) if sel.any() else None
+        present = [v for v in per_class.values() if v is not None]
+        result.update(accuracy=correct / max(len(truth), 1), accuracy_ci95=wilson_interval(correct, len(truth)),
+                      balanced_accuracy=float(np.mean(present)) if present else math.nan,
+                      per_class_accuracy=per_class, labelled=len(truth))
+    if out["seg"] is not None and masks is not None:
+        result.update(segmentation_scores(out["seg"], masks, mask_classes))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """1 - the soft Dice coefficient (Milletari et al. 2016) averaged over the classes present in the batch:
+    a small shape's pixels count as much as the background's, which cross-entropy alone lets dominate."""
+    k = logits.shape[1]
+    probs = logits.softmax(1)  # (N, K, H, W)
+    onehot = F.one_hot(masks, k).permute(0, 3, 1, 2).float()
+    inter, total = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))  # (K,) each
+    present = onehot.sum((0, 2, 3)) > 0
+    return 1 - (2 * inter[present] / total[present].clamp_min(1e-6)).mean()
+
+
+def _class_weights(labels: torch.Tensor, k: int, balance: bool) -> torch.Tensor | None:
+    if not balance:
+        return None
+    counts = torch.bincount(labels[labels >= 0], minlength=k).float()
+    weights = counts.sum() / (k * counts.clamp_min(1))
+    return weights / weights[counts > 0].mean()
+
+
+def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: str | torch.device = "cpu",
+                threads: int = 4, image_size: int = 32) -> tuple[Judge, dict]:
+    """Train a judge on the real train split of a latent store's images (or a manifest's, at ``image_size``) and
+    check it on the val split (the test split when there is no val split). Returns the model (eval mode) and
+    its record: real-val figures, the training curve, the counts. Same seed, same judge (on CPU)."""
+    cfg = cfg or JudgeConfig()
+    start = time.monotonic()
+    real = real_images(latents, threads, image_size)
+    train = real.indices("train")
+    held = real.indices("val") if len(real.indices("val")) else real.indices("test")
+    if not len(train) or not len(held):
+        raise DataError(f"{latents}: the judge needs train rows and val (or test) rows; the store has "
+                        f"{len(train)} train and {len(held)} val/test rows")
+    num_classes = len(real.classes) if real.labels is not None else None
+    set_deterministic(cfg.seed)
+    model = Judge(real.images.shape[1], num_classes, real.mask_classes, cfg.width, cfg.levels,
+                  image_size=real.images.shape[-1], flips=_flip_dims(cfg.augment)).to(device)
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    weights = _class_weights(real.labels[train], num_classes, cfg.balance) if num_classes else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    curve = []
+
+    def check(epoch: int, loss: float) -> None:
+        v = validity(model, real.images[held], None if real.labels is None else real.labels[held],
+                     None if real.masks is None else real.masks[held], real.mask_classes, real.classes)
+        curve.append({"epoch": epoch, "train_loss": loss, "val_accuracy": v.get("accuracy"),
+                      "val_miou": v.get("miou")})
+        log.info("judge epoch %d/%d: train loss %.4f, real-val accuracy %s, mIoU %s", epoch, cfg.epochs, loss,
+                 _fmt(v.get("accuracy")), _fmt(v.get("miou")))
+
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.from_numpy(train)[torch.randperm(len(train), generator=gen)]
+        total = 0.0
+        for lo in range(0, len(order), cfg.batch_size):
+            rows = order[lo:lo + cfg.batch_size]
+            x, m = augment(real.images[rows], None if real.masks is None else real.masks[rows], cfg.augment, gen)
+            out = model(x.to(device))
+            loss = torch.zeros((), device=device)
+            if out["logits"] is not None:
+                y = real.labels[rows].to(device)
+                if (y >= 0).any():
+                    loss = loss + F.cross_entropy(out["logits"], y, weight=None if weights is None
+                                                  else weights.to(device), ignore_index=-1)
+            if out["seg"] is not None:
+                m = m.to(device)
+                loss = loss + cfg.seg_weight * (F.cross_entropy(out["seg"], m) + soft_dice_loss(out["seg"], m))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(rows)
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            check(epoch, total / len(train))
+    model.eval()
+    held_split = "val" if len(real.indices("val")) else "test"
+    record = {
+        "real_val": validity(model, real.images[held], None if real.labels is None else real.labels[held],
+                             None if real.masks is None else real.masks[held], real.mask_classes, real.classes),
+        "real_train": validity(model, real.images[train], None if real.labels is None else real.labels[train],
+                               None if real.masks is None else real.masks[train], real.mask_classes, real.classes),
+        "held_out_split": held_split, "counts": {s: int((real.split == s).sum()) for s in ("train", "val", "test")},
+        "curve": curve, "seconds": time.monotonic() - start,
+        "heads": {"class": num_classes is not None, "segmentation": real.mask_classes is not None},
+    }
+    model.info = {"latents": str(Path(latents).resolve()), "classes": real.classes, "num_classes": num_classes,
+                  "mask_classes": real.mask_classes, "channels": int(real.images.shape[1]),
+                  "image_size": int(real.images.shape[-1]), "value_range": real.value_range,
+                  "config": to_dict(cfg)}
+    return model, record
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------------
+
+
+def save_judge(model: Judge, record: dict, path: str | Path) -> None:
+    """Write ``judge.pt`` atomically: the weights, the config and data facts that rebuild it, its real-val figures."""
+    state = {"format": CHECKPOINT_FORMAT, "stage": "judge", "name": "judge", "config": model.info["config"],
+             "extra": {k: v for k, v in model.info.items() if k != "config"},
+             "model": {k: v.cpu() for k, v in model.state_dict().items()},
+             "validity": {k: record[k] for k in ("real_val", "held_out_split", "counts")},
+             "ldmflow_version": __version__}
+    save_checkpoint(state, path)
+
+
+def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
+    """Rebuild a judge from ``judge.pt`` alone (weights_only load); ``model.info`` holds its data facts and
+    config, ``model.validity`` its real-val figures."""
+    state = load_checkpoint(path, map_location="cpu")
+    if state.get("stage") != "judge":
+        raise TrainingError(f"{path}: a {state.get('stage')} checkpoint, not a judge (train one with "
+                            "`ldmflow judge train`)")
+    cfg = from_dict(JudgeConfig, state["config"])
+    extra = state["extra"]
+    model = Judge(extra["channels"], extra["num_classes"], extra["mask_classes"], cfg.width, cfg.levels,
+                  image_size=extra["image_size"], flips=_flip_dims(cfg.augment))
+    model.load_state_dict(state["model"])
+    model.info = {**extra, "config": state["config"]}
+    model.validity = state["validity"]
+    return model.to(device).eval().requires_grad_(False)

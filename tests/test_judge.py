@@ -1,0 +1,142 @@
+"""The judge: trained on real demo images only, it reads real val images far better than noise, gives chance-level
+class fidelity to samples whose labels are shuffled, trains the same twice, and keeps its heads to the data."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmflow.config.judge import AugmentConfig, judge_config
+from ldmflow.errors import ConfigError
+from ldmflow.evaluation.judge import augment, judge_outputs, load_judge, read_images, save_judge, train_judge, validity
+from ldmflow.evaluation.two_sample import two_sample_test, wilson_interval
+from ldmflow.stages.evaluate import class_fidelity
+
+FAST = {"epochs": 30, "eval_every": 30}  # the demo recipe, half its epochs
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from ldmflow.data.demo import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("judge") / "data", n=256, size=32, seed=7)
+
+
+@pytest.fixture(scope="module")
+def trained(demo):
+    model, record = train_judge(demo, judge_config(FAST), image_size=32, threads=1)
+    from ldmflow.evaluation.judge import real_images
+
+    return model, record, real_images(demo, 1, 32)
+
+
+def test_the_judge_reads_real_val_images_far_above_noise(trained):
+    model, record, real = trained
+    val = real.indices("val")
+    v = record["real_val"]
+    assert v["n"] == len(val) and set(v["per_class_accuracy"]) == {"circle", "square", "triangle"}
+    noise = torch.rand(real.images[val].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    on_noise = validity(model, noise, real.labels[val], real.masks[val], real.mask_classes, real.classes)
+    print(f"real val: accuracy {v['accuracy']:.2f}, mIoU {v['miou']:.2f}; noise: balanced accuracy "
+          f"{on_noise['balanced_accuracy']:.2f}, mIoU {on_noise['miou']:.2f}")
+    assert v["balanced_accuracy"] > on_noise["balanced_accuracy"] + 0.25
+    assert v["miou"] > on_noise["miou"] + 0.25 and v["miou"] > 0.45
+    assert record["curve"][-1]["epoch"] == FAST["epochs"]
+
+
+def test_shuffled_labels_score_near_chance_and_true_labels_do_not(trained):
+    model, _, real = trained
+    rows = np.flatnonzero(real.labels.numpy() >= 0)
+    probs = judge_outputs(model, real.images[rows])["probs"]
+    truth = real.labels[rows]
+    shuffled = truth[torch.randperm(len(truth), generator=torch.Generator().manual_seed(1))]
+    right, wrong = class_fidelity(model, probs, truth), class_fidelity(model, probs, shuffled)
+    print(f"class fidelity: true labels {right['accuracy']:.2f}, shuffled {wrong['accuracy']:.2f} "
+          f"(chance {wrong['chance']:.2f})")
+    assert right["accuracy"] > 0.8
+    assert abs(wrong["accuracy"] - wrong["chance"]) < 0.12  # chance: sum of squared class frequencies
+    assert wrong["accuracy_ci95"][0] <= wrong["chance"] <= wrong["accuracy_ci95"][1] + 0.05
+    assert sum(map(sum, right["confusion"]["counts"])) == len(rows)
+
+
+def test_unconditional_samples_and_label_free_judges_say_why_there_is_no_class_fidelity(trained):
+    model, _, real = trained
+    probs = judge_outputs(model, real.images[:4])["probs"]
+    assert "unconditional" in class_fidelity(model, probs, None)["reason"]
+    assert class_fidelity(model, None, real.labels[:4])["reason"] == "not available: no labels (the judge has no " \
+        "class head)"
+
+
+def test_the_two_sample_test_is_chance_for_one_distribution_and_perfect_for_two():
+    rng = np.random.default_rng(0)
+    same = two_sample_test(rng.normal(size=(60, 8)), rng.normal(size=(80, 8)))
+    apart = two_sample_test(rng.normal(size=(60, 8)), rng.normal(2.0, 1.0, size=(60, 8)))
+    assert same["n_per_set"] == 60 and same["accuracy_ci95"][0] < 0.5 < same["accuracy_ci95"][1]
+    assert apart["accuracy"] > 0.97
+    assert not two_sample_test(rng.normal(size=(3, 8)), rng.normal(size=(9, 8)))["available"]
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) is None
+
+
+def test_same_seed_same_judge_and_the_checkpoint_rebuilds_it(demo, tmp_path):
+    cfg = judge_config(epochs=1, width=4, levels=2)
+    a, rec = train_judge(demo, cfg, image_size=16, threads=1)
+    b, _ = train_judge(demo, cfg, image_size=16, threads=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    save_judge(a, rec, tmp_path / "judge.pt")
+    c = load_judge(tmp_path / "judge.pt")
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert torch.equal(judge_outputs(a, x)["probs"], judge_outputs(c, x)["probs"])
+    assert c.validity["real_val"] == rec["real_val"] and c.info["classes"] == ["circle", "square", "triangle"]
+    # a larger image is resized to the judge's size, its segmentation returned at the image's own size
+    assert judge_outputs(c, torch.zeros(2, 3, 32, 32))["seg"].shape == (2, 32, 32)
+
+
+def test_augmentation_moves_image_and_mask_together():
+    masks = torch.randint(0, 4, (6, 16, 16), generator=torch.Generator().manual_seed(0))
+    images = (masks[:, None].float() / 3 * 2 - 1).repeat(1, 3, 1, 1)  # every pixel's value names its class
+    cfg = AugmentConfig(hflip=True, vflip=True, shift=3, jitter=0.0, noise=0.0, blur=0.0)
+    x, m = augment(images, masks, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(((x[:, 0] + 1) / 2 * 3).round().long(), m) and not torch.equal(m, masks)
+    noisy, _ = augment(images, masks, AugmentConfig(), torch.Generator().manual_seed(1))
+    assert noisy.min() >= -1 and noisy.max() <= 1 and not torch.equal(noisy, images)
+
+
+def _rewrite(manifest, out, columns):
+    rows = list(csv.DictReader(manifest.open()))
+    out.write_text(",".join(columns) + "\n" + "".join(
+        ",".join(str(manifest.parent / r[c]) if c in ("image", "mask") else r[c] for c in columns) + "\n"
+        for r in rows))
+    return out
+
+
+@pytest.mark.parametrize("columns", [("image", "mask"), ("image", "label")])
+def test_a_judge_has_only_the_heads_its_data_allow(demo, tmp_path, columns):
+    model, record = train_judge(_rewrite(demo, tmp_path / "m.csv", columns), judge_config(epochs=1, width=4),
+                                image_size=16, threads=1)
+    assert (model.classifier is not None) == ("label" in columns) and (model.segmenter is not None) == ("mask" in columns)
+    assert ("accuracy" in record["real_val"]) == ("label" in columns)
+    assert ("miou" in record["real_val"]) == ("mask" in columns)
+
+
+def test_sixteen_bit_grayscale_files_reach_the_judge_in_the_unit_range(tmp_path):
+    values = np.linspace(1000, 5000, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    x = read_images([str(tmp_path / "a.png")], 8, 1, [[1000.0, 5000.0]], "test")
+    assert x.shape == (1, 1, 8, 8) and x.min() == -1 and x.max() == 1
+
+
+def test_bad_judge_options_name_the_key():
+    with pytest.raises(ConfigError, match="epochs"):
+        judge_config(epochs=0)
+    with pytest.raises(ConfigError, match="augment"):
+        judge_config(augment={"flip": True})
