@@ -77,8 +77,8 @@ class AutoencoderTask:
                 sums[key] = sums.get(key, 0.0) + float(v) * size
             n_images += size
             psnr_sum += float(psnr(out["recon"], batch["image"]).sum())
-            sums, counts = region_squared_errors(out["recon"], batch["image"])
-            region_sums, region_counts = region_sums + sums, region_counts + counts
+            batch_sums, batch_counts = region_squared_errors(out["recon"], batch["image"])
+            region_sums, region_counts = region_sums + batch_sums, region_counts + batch_counts
             if out["seg"] is not None and "mask" in batch:
                 conf += confusion(out["seg"].argmax(1).cpu(), batch["mask"].cpu(), k)
             if out["logits"] is not None and "label" in batch:
@@ -87,7 +87,7 @@ class AutoencoderTask:
         metrics["val_psnr"] = psnr_sum / n_images
         # pooled PSNR of the outer 2-pixel ring and of the rest: a border frame shows as border < interior
         metrics["val_psnr_border"], metrics["val_psnr_interior"] = (
-            psnr_of_mse(float(s / c)) for s, c in zip(region_sums, region_counts))
+            psnr_of_mse(float(total / count)) for total, count in zip(region_sums, region_counts))
         metrics["val_miou"] = miou(conf) if k and conf.sum() else math.nan
         metrics["val_acc"] = correct / n_images if model.classifier is not None else math.nan
         return metrics
