@@ -85,7 +85,7 @@ rule evaluate_controlnet:
             subcategory="controlnet",
             labels={
                 "experiment": "{name}",
-                "figure": "controlled | judge | mask | base | judge",
+                "figure": "controlled | mask | judge | base | judge",
             },
         ),
     log:

@@ -80,7 +80,7 @@ def test_a_controlnet_and_its_base_are_scored_under_the_same_noise(runs, tmp_pat
         assert 0 <= ctl[side]["miou"] <= 1 and len(ctl[side]["per_class_iou"]) == 4
     assert ctl["gain"] == pytest.approx(ctl["controlled"]["miou"] - ctl["uncontrolled_base"]["miou"])
     assert scores["n"] == 4 and scores["class_fidelity"]["available"]
-    # rows: controlled | judge | mask | base | judge: 4 rows of 16 px tiles with 2 px padding, upscaled 4x
+    # rows: controlled | mask | judge | base | judge: 4 rows of 16 px tiles with 2 px padding, upscaled 4x
     width, height = Image.open(tmp_path / "grid.png").size
     assert (width, height) == ((5 * 18 + 2) * 4, (4 * 18 + 2) * 4)
     again = evaluate_controlnet(runs["controlnet"], runs["judge"], None, n=4, seed=3, options=JUDGE)

@@ -53,6 +53,7 @@ class RealImages:
     mask_classes: int | None
     value_range: list[list[float]] | None  # the store's intensity range (None: 8-bit data)
     source: str
+    rows: np.ndarray | None = None  # the store rows read (all when None)
 
     def indices(self, *splits: str) -> np.ndarray:
         return np.flatnonzero(np.isin(self.split, splits))
@@ -75,10 +76,12 @@ def read_images(paths: list[str], size: int, channels: int, value_range: list[li
     return to_unit_range(stack, value_range if stack.dtype != np.uint8 else None)
 
 
-def real_images(source: str | Path, threads: int = 4, image_size: int = 32) -> RealImages:
+def real_images(source: str | Path, threads: int = 4, image_size: int = 32, max_per_split: int | None = None,
+                seed: int = 0) -> RealImages:
     """Every row of a latent store (``*.zarr``: its split, labels and masks, the workflow's case) or of a manifest
     (split as the training stages split it, at ``image_size``) as the judge sees it: the image file decoded at
-    the data's size and channels, scaled by the data's intensity range."""
+    the data's size and channels, scaled by the data's intensity range. ``max_per_split``: of a store, a
+    seeded draw of at most that many rows of each split is read (scores need no more; memory stays bounded)."""
     source = Path(source)
     if not (source / "zarr.json").is_file():
         from ldmflow.config.common import DataConfig
@@ -92,14 +95,24 @@ def real_images(source: str | Path, threads: int = 4, image_size: int = 32) -> R
     store = LatentStore(source)
     attrs = store.attrs
     value_range = (attrs.get("intensity") or {}).get("range")
-    images = read_images(store.paths, int(attrs["image_size"]), int(attrs.get("channels", 3)), value_range,
-                         str(store.path), threads)
+    split = store.split
+    rows = np.arange(store.n)
+    if max_per_split is not None:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(split == s))[:max_per_split]
+                                       for s in np.unique(split)]))
+    paths = store.paths
+    images = read_images([paths[i] for i in rows], int(attrs["image_size"]), int(attrs.get("channels", 3)),
+                         value_range, str(store.path), threads)
     labels = None
     if store.classes and (store.labels >= 0).any():
-        labels = torch.from_numpy(store.labels.astype(np.int64))
-    masks = torch.from_numpy(store.masks[:].astype(np.int64)) if store.masks is not None else None
-    return RealImages(images, labels, masks, store.split, store.classes, store.mask_classes, value_range,
-                      str(store.path))
+        labels = torch.from_numpy(store.labels[rows].astype(np.int64))
+    masks = (torch.from_numpy(store.masks.get_orthogonal_selection((rows,)).astype(np.int64))
+             if store.masks is not None else None)
+    out = RealImages(images, labels, masks, split[rows], store.classes, store.mask_classes, value_range,
+                     str(store.path))
+    out.rows = rows  # the store rows read, in order (their latents, for reconstructions)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

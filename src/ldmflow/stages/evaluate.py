@@ -43,6 +43,8 @@ from ldmflow.viz import colorize, grid, save_png, to_uint8
 log = logging.getLogger(__name__)
 
 GRID_ROWS = 16  # samples drawn in an evaluation grid
+MAX_REAL = 5000  # real images of each split read for the scores (a seeded draw; FD and the two-sample test
+# need no more)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ def train_judge_stage(latents: str | Path, out_dir: str | Path, options: JudgeCo
     save_judge(model, record, out / "judge.pt")
     record = {"judge": str(out / "judge.pt"), "latents": model.info["latents"], "config": to_dict(cfg), **record}
     atomic_write_json(out / "judge.json", record)
-    real = real_images(latents, threads)
+    real = real_images(latents, threads, model.info["image_size"])
     held = real.indices(record["held_out_split"])[:GRID_ROWS]
     _write_grid(out / "judge_val.png", model, real.images[held], None if real.labels is None else real.labels[held],
                 None if real.masks is None else real.masks[held])
@@ -149,7 +151,8 @@ def decoder_reference(model: Judge, real, held: np.ndarray, held_f: np.ndarray, 
 
     store = LatentStore(model.info["latents"])
     device = next(decoder.parameters()).device
-    z = torch.from_numpy(np.asarray(store.latents[:], np.float32)[held])
+    rows = held if real.rows is None else real.rows[held]  # store rows of the held-out images
+    z = torch.from_numpy(np.asarray(store.latents.get_orthogonal_selection((rows,)), np.float32))
     with torch.no_grad():
         rec = torch.cat([decoder.decode(z[i:i + 64].to(device))[0].float().clamp(-1, 1).cpu()
                          for i in range(0, len(z), 64)])
@@ -167,7 +170,7 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
     """Class fidelity, the two-sample test (real held-out vs generated) and feature-space FD / precision / recall
     of generated images (N, C, H, W) in [-1, 1], with the judge's validity figures; with the ``decoder`` that
     made the judge's latent store, the same judge on its reconstructions of real held-out images."""
-    real = real_images(model.info["latents"], threads)
+    real = real_images(model.info["latents"], threads, model.info["image_size"], max_per_split=MAX_REAL)
     held = real.indices("val", "test")
     gen = judge_outputs(model, images)
     train_f = judge_outputs(model, real.images[real.indices("train")])["features"].numpy()
@@ -268,7 +271,7 @@ def evaluate_controlnet(checkpoint: str | Path, judge: str | Path, out_dir: str 
     its uncontrolled base diffusion model (its own checkpoint, sha256-checked) from the same noise and labels;
     the judge segments every decoded image, scored (mIoU) against the control's mask. Also the class fidelity,
     two-sample test and FD of the controlled samples. With ``out_dir``: ``scores.json`` and ``grid.png``
-    (controlled | its judge segmentation | mask | base | its judge segmentation)."""
+    (controlled | mask | its judge segmentation | base | its judge segmentation)."""
     from ldmflow.data.latent_store import LatentStore
     from ldmflow.diffusion.generate import generate_decoded
     from ldmflow.stages.sample import decoder_and_schedule, load_diffusion
