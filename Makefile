@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast dag lint clean slurm-up slurm-down
+.PHONY: setup demo demo-figures test test-fast dag lint clean slurm-up slurm-down
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH snakemake --cores $(CORES)
+
+# The README's demo pictures and figures: run the demo (nothing to do when it is finished), copy them to docs/demo/.
+demo-figures: demo
+	mkdir -p docs/demo
+	cp results/diffusion/demo_unet_tiny/eval_samples/grid.png docs/demo/diffusion_grid.png
+	cp results/evaluation/diffusion/demo_unet_tiny/grid.png docs/demo/diffusion_judged.png
+	cp results/evaluation/controlnet/demo_controlnet_concat/grid.png docs/demo/controlnet_grid.png
+	cp results/evaluation/summary.csv docs/demo/summary.csv
+	cp $$(ls results/autoencoder/demo_kl_c4_f4/samples/epoch_*.png | tail -n 1) docs/demo/autoencoder.png
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

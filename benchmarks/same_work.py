@@ -407,7 +407,9 @@ def diffusers_autoencoder(model_cfg, width: int):
     """diffusers' AutoencoderKL with our levels and blocks at base width ``width`` (no attention, no quant convs)."""
     from diffusers import AutoencoderKL
 
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
+    from ldmflow.models.layers import norm
+
+    groups = norm(width).num_groups  # ours: at least 4 channels per group
     levels = len(model_cfg.channel_mult)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=model_cfg.latent_channels,
                          block_out_channels=tuple(width * m for m in model_cfg.channel_mult),

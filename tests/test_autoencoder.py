@@ -5,7 +5,7 @@ import torch
 
 from ldmflow.config.autoencoder import AutoencoderModelConfig, ReconstructionLossConfig
 from ldmflow.config.loading import load_config
-from ldmflow.evaluation.metrics import confusion, miou, psnr
+from ldmflow.evaluation.metrics import border_mask, confusion, miou, psnr, psnr_of_mse, region_squared_errors
 from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder, dice_loss
 
 
@@ -58,3 +58,20 @@ def test_metrics():
     assert miou(confusion(torch.zeros_like(t), t, 3)) == pytest.approx(0.25 / 3)  # class 0: IoU 1/4
     logits = torch.nn.functional.one_hot(t, 3).permute(2, 0, 1)[None].float() * 50
     assert dice_loss(logits, t[None]) < 1e-3
+
+
+def test_border_and_interior_psnr_show_a_frame():
+    target = torch.zeros(2, 3, 8, 8)
+    framed = target.clone()
+    framed[..., border_mask(8, 8)] = 0.2  # a frame on the outer 2 pixels, exact inside
+    sums, counts = region_squared_errors(framed, target)
+    assert counts.tolist() == [2 * 3 * 48, 2 * 3 * 16]  # 64 - 16 ring pixels per channel
+    border, interior = (psnr_of_mse(float(s / c)) for s, c in zip(sums, counts))
+    assert border == pytest.approx(20.0) and interior == 100.0
+
+
+def test_norm_keeps_several_channels_per_group():
+    from ldmflow.models.layers import norm
+
+    # narrow demo widths get groups of 4 channels, not instance norm; LDM's 32 groups stay at 128+ channels
+    assert [norm(c).num_groups for c in (3, 16, 32, 64, 128, 144, 192)] == [1, 4, 8, 16, 32, 16, 32]

@@ -14,6 +14,29 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def border_mask(height: int, width: int, ring: int = 2) -> torch.Tensor:
+    """(H, W) bool, true on the outer ``ring`` pixels: where zero-padded convolutions leave a visible frame."""
+    mask = torch.ones(height, width, dtype=torch.bool)
+    mask[ring:height - ring, ring:width - ring] = False
+    return mask
+
+
+def region_squared_errors(pred: torch.Tensor, target: torch.Tensor, ring: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed squared errors (in [0, 1] units) of (N, C, H, W) images on the border ring and on the interior,
+    and their pixel counts: ``(sums (2,), counts (2,))``, to pool over batches before :func:`psnr_of_mse`."""
+    err = ((pred.float().clamp(-1, 1) - target.float()) / 2).pow(2)  # (N, C, H, W)
+    ring_px = border_mask(*err.shape[-2:], ring).to(err.device)
+    sums = torch.stack([err[..., ring_px].sum(), err[..., ~ring_px].sum()])
+    n = err.shape[0] * err.shape[1]
+    counts = torch.tensor([n * int(ring_px.sum()), n * int((~ring_px).sum())], dtype=torch.float64)
+    return sums.double().cpu(), counts
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error of [0, 1] images."""
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
 def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
     """Confusion counts (K, K) of integer predictions against targets, rows = target."""
     return torch.bincount(target.flatten() * k + pred.flatten(), minlength=k * k).reshape(k, k)

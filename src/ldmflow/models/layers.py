@@ -10,8 +10,13 @@ from torch import nn
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= 32 that divides the channels."""
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+    """GroupNorm with the largest group count <= 32 that divides the channels and leaves >= 4 channels per group.
+
+    32 groups is latent diffusion's choice at 128+ channels (unchanged there). Narrow demo models would get one
+    channel per group, i.e. instance norm, which erases each image's per-channel mean (its colour) at every
+    layer: the demo autoencoder stayed blurry at ~14-17 dB PSNR with it and reached ~22 dB in the same
+    800 steps with 4 channels per group (Wu & He 2018 find 1 channel per group the worst setting too)."""
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and (channels // g >= 4 or g == 1))
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
