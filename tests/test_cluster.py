@@ -81,7 +81,7 @@ def edit_site_profile(root: Path, partition: str) -> Path:
 
 
 GPU_RULES = ("train_autoencoder", "embed_latents", "train_diffusion", "sample_diffusion", "evaluate_memorization",
-             "train_controlnet", "sample_controlnet")
+             "train_controlnet", "sample_controlnet", "train_judge", "evaluate_samples", "evaluate_controlnet")
 
 
 def rule_of(comment: str) -> str:
@@ -176,7 +176,8 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
     # every GPU-class job went through sbatch (one training job twice: it was cancelled and retried) ...
     assert Counter(map(rule_of, rules)) == {"train_autoencoder": 3, "embed_latents": 1, "train_diffusion": 1,
                                             "sample_diffusion": 1, "train_controlnet": 1, "sample_controlnet": 1,
-                                            "evaluate_memorization": 2}, rules
+                                            "evaluate_memorization": 2, "train_judge": 1, "evaluate_samples": 1,
+                                            "evaluate_controlnet": 1}, rules
     assert sorted(r for r in rules if rule_of(r) == "train_autoencoder") == sorted(
         [f"rule_train_autoencoder_wildcards_{name}"] * 2 + [f"rule_train_autoencoder_wildcards_{other}"])
     for call in calls:  # the GPU request of profiles/slurm, and the loopback site's partition

@@ -238,8 +238,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, stage):
 @pytest.mark.slow
 def test_every_demo_controlnet_beats_the_uncontrolled_base(tmp_path):
     """The demo's data, autoencoder and UNet files (trained for fewer epochs, to keep CI short) and the three
-    demo ControlNet files as shipped: each fusion's control mIoU beats the base model's, sampled from the
-    same noise and labels."""
+    demo ControlNet files (20 of their 40 epochs): each fusion's control mIoU beats the base model's, sampled
+    from the same noise and labels."""
     from ldmflow.data.demo import write_demo_data
     from ldmflow.stages.embed import embed_latents
 
@@ -254,7 +254,7 @@ def test_every_demo_controlnet_beats_the_uncontrolled_base(tmp_path):
     gains = {}
     for fusion in FUSIONS:
         result = train_controlnet(REPO / f"config/controlnet/demo_controlnet_{fusion}.yaml", store, base,
-                                  tmp_path / fusion)
+                                  tmp_path / fusion, overrides=["train.epochs=20"])
         fidelity = result["control_fidelity"]
         gains[fusion] = (fidelity["controlled"]["miou"], fidelity["uncontrolled_base"]["miou"])
     assert all(controlled > base + 0.05 for controlled, base in gains.values()), gains
