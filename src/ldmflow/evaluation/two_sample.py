@@ -3,24 +3,16 @@ Fréchet distance and precision/recall, and binomial confidence intervals for th
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from ldmflow.evaluation.quality import frechet_distance, precision_recall
+from ldmflow.evaluation.verdict import wilson
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
+def wilson_interval(successes: int, n: int) -> list[float] | None:
     """The 95% Wilson score interval [low, high] of a binomial fraction successes / n (None for n = 0)."""
-    if n <= 0:
-        return None
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return list(wilson(successes, n)) if n > 0 else None
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
