@@ -74,7 +74,7 @@ def start_training(config, manifest, out):
 
 
 def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, tiny_ae):
-    tiny_ae["train"].update(epochs=3, checkpoint_every_steps=1)
+    tiny_ae["train"].update(epochs=6, checkpoint_every_steps=1)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_ae))
     run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "whole"),
@@ -88,7 +88,7 @@ def test_resume_after_kill_9_gives_identical_weights(tmp_path, demo_manifest, ti
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     state = load_checkpoint(latest)
-    assert state["epoch"] < 3, "the kills came too late to test a resume"
+    assert state["epoch"] < 6, "the kills came too late to test a resume"
     done = run_cli("train-ae", "--config", str(config), "--data", str(demo_manifest), "--out", str(tmp_path / "cut"),
                    "--threads", "1")
     assert "resumed tiny from epoch" in done.stderr
