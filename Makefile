@@ -5,6 +5,8 @@ VENV ?= .venv
 # The CPU build here; on a GPU machine use e.g. `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH ?= torch==2.13.0
 CORES ?= 2
+# pytest-xdist workers for `make test` (each test uses one torch thread; the workflow tests run Snakemake on 2 cores)
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: setup demo demo-figures test test-fast dag lint clean slurm-up slurm-down
@@ -31,10 +33,10 @@ demo-figures: demo
 	cp $$(ls results/autoencoder/demo_kl_c4_f4/samples/epoch_*.png | tail -n 1) docs/demo/autoencoder.png
 
 test: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow"
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 dag: setup
 	PATH=$(abspath $(BIN)):$$PATH snakemake --dag | dot -Tsvg > dag.svg

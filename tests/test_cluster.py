@@ -113,6 +113,22 @@ def scheduler_jobs(workdir: Path) -> list[dict[str, str]]:
     return [job for job in jobs if job.get("WorkDir") == str(workdir)]
 
 
+def cluster_state(root: Path) -> str:
+    """What SLURM says about the node and ROOT's jobs, and the tails of their logs (for a failure message)."""
+    parts = []
+    for cmd in (["sinfo", "-N", "-l"], ["squeue", "-a", "-l"], ["scontrol", "show", "node"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            parts.append(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as err:
+            parts.append(f"$ {' '.join(cmd)}: {err}")
+    parts += [f"job {job.get('JobId')}: {job.get('JobState')} {job.get('Reason')} {job.get('Comment')}"
+              for job in scheduler_jobs(root)]
+    logs = sorted((root / ".snakemake/slurm_logs").rglob("*.log")) + sorted((root / "logs").rglob("*.log"))
+    parts += [f"--- {log}\n{log.read_text(errors='replace')[-1500:]}" for log in logs[-6:]]
+    return "\n".join(parts)
+
+
 def kill_strays(root: Path) -> None:
     """SIGKILL what is left of the test's SLURM jobs (processes working in ROOT).
 
@@ -156,7 +172,10 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
                             env=smk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         latest = cluster / f"results/autoencoder/{name}/checkpoints/{name}_checkpoint_latest.pt"
-        wait_until(lambda: checkpoint_field(latest, "epoch") >= 1, proc, f"{name} trained an epoch on SLURM")
+        try:
+            wait_until(lambda: checkpoint_field(latest, "epoch") >= 1, proc, f"{name} trained an epoch on SLURM")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{cluster_state(cluster)}") from None
         # scancel: SLURM sends SIGTERM, the training saves its latest checkpoint and stops; the job ends
         # CANCELLED, and Snakemake resubmits it (attempt 2, more memory and time), which resumes.
         running = [job for job in scheduler_jobs(cluster)
