@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The SLURM test first, then the other `slow` ones, then the rest, each group in file order: on pytest-xdist
+    workers the long whole-workflow runs start early and the short tests fill the gaps, instead of one long
+    test running alone at the end."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2)
+
+
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory) -> Path:
     from ldmflow.data.demo import write_demo_data
