@@ -75,3 +75,23 @@ def test_norm_keeps_several_channels_per_group():
 
     # narrow demo widths get groups of 4 channels, not instance norm; LDM's 32 groups stay at 128+ channels
     assert [norm(c).num_groups for c in (3, 16, 32, 64, 128, 144, 192)] == [1, 4, 8, 16, 32, 16, 32]
+
+
+def test_model_norm_none_builds_the_same_autoencoder_without_group_norm():
+    from ldmflow.config.autoencoder import AutoencoderExperiment
+    from ldmflow.config.schema import from_dict, validate
+    from ldmflow.models.autoencoder import build_autoencoder
+
+    def build(norm):
+        exp = {"name": "x", "data": {"mask_classes": 4, "classes": ["a", "b"]},
+               "model": {"norm": norm, "base_channels": 16}}
+        validate(exp, AutoencoderExperiment, "x.yaml")
+        return build_autoencoder(from_dict(AutoencoderExperiment, exp))
+
+    grouped, plain = build("group"), build("none")
+    count = lambda m: sum(isinstance(x, torch.nn.GroupNorm) for x in m.modules())  # noqa: E731
+    assert count(grouped) > 0 and count(plain) == 0
+    out = plain(torch.randn(2, 3, 32, 32))
+    assert out["recon"].shape == (2, 3, 32, 32) and out["seg"].shape == (2, 4, 32, 32) and out["logits"].shape == (2, 2)
+    with pytest.raises(Exception, match=r"x\.yaml.*model\.norm.*'batch'.*group.*none"):
+        build("batch")

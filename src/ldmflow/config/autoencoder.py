@@ -24,6 +24,10 @@ class AutoencoderModelConfig:
     )
     num_res_blocks: int = param(1, "ResNet blocks per level.", minimum=1)
     dropout: float = param(0.0, "Dropout inside ResNet blocks.", minimum=0.0, maximum=0.9)
+    norm: Literal["group", "none"] = param(
+        "group", "Normalisation in the ResNet blocks: GroupNorm (latent diffusion's autoencoders), or none "
+        "(narrow CPU models: faster, and sharper in a short training; keep a lower lr)."
+    )
 
     def __post_init__(self):
         levels = {4: 3, 8: 4}[self.downsample]

@@ -13,24 +13,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmflow.config.autoencoder import AutoencoderExperiment, AutoencoderLossConfig, AutoencoderModelConfig
-from ldmflow.models.layers import Downsample, ResnetBlock, Upsample, norm
+from ldmflow.models.layers import NORMS, Downsample, ResnetBlock, Upsample
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderModelConfig, out_channels: int, image_channels: int = 3):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
+        norm = NORMS[cfg.norm]
         self.conv_in = nn.Conv2d(image_channels, chans[0], 3, padding=1)
         blocks: list[nn.Module] = []
         ch = chans[0]
         for level, width in enumerate(chans):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(ch, width, cfg.dropout))
+                blocks.append(ResnetBlock(ch, width, cfg.dropout, norm_layer=norm))
                 ch = width
             if level < len(chans) - 1:
                 blocks.append(Downsample(ch))
         self.blocks = nn.Sequential(*blocks)
-        self.mid = ResnetBlock(ch, ch, cfg.dropout)
+        self.mid = ResnetBlock(ch, ch, cfg.dropout, norm_layer=norm)
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
@@ -46,7 +47,7 @@ def up_path(cfg: AutoencoderModelConfig, ch: int, blocks_per_level: int) -> tupl
     modules: list[nn.Module] = []
     for level in reversed(range(len(chans))):
         for _ in range(blocks_per_level):
-            modules.append(ResnetBlock(ch, chans[level], cfg.dropout))
+            modules.append(ResnetBlock(ch, chans[level], cfg.dropout, norm_layer=NORMS[cfg.norm]))
             ch = chans[level]
         if level > 0:
             modules.append(Upsample(ch))
@@ -61,10 +62,10 @@ class Decoder(nn.Module):
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
         ch = chans[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
-        self.mid = ResnetBlock(ch, ch, cfg.dropout)
+        self.mid = ResnetBlock(ch, ch, cfg.dropout, norm_layer=NORMS[cfg.norm])
         blocks, ch = up_path(cfg, ch, cfg.num_res_blocks)
         self.blocks = nn.Sequential(*blocks)
-        self.norm_out = norm(ch)
+        self.norm_out = NORMS[cfg.norm](ch)
         self.conv_out = nn.Conv2d(ch, image_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class SegmentationHead(nn.Module):
         first = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
         layers, ch = up_path(cfg, ch, 1)
         self.blocks = nn.Sequential(first, *layers)
-        self.norm_out = norm(ch)
+        self.norm_out = NORMS[cfg.norm](ch)
         self.conv_out = nn.Conv2d(ch, mask_classes, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,14 @@ def norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def no_norm(channels: int) -> nn.Identity:
+    """The identity, in the place of :func:`norm` (``model.norm: none``)."""
+    return nn.Identity()
+
+
+NORMS = {"group": norm, "none": no_norm}
+
+
 def zero_module(module: nn.Module) -> nn.Module:
     """Zero a module's parameters, so that a new branch starts as the identity (ControlNet, FiLM)."""
     for p in module.parameters():
@@ -30,12 +38,13 @@ def zero_module(module: nn.Module) -> nn.Module:
 class ResnetBlock(nn.Module):
     """Pre-activation ResNet block; with ``emb_channels`` a timestep embedding shifts and scales it."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, emb_channels: int | None = None):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, emb_channels: int | None = None,
+                 norm_layer=norm):
         super().__init__()
-        self.norm1 = norm(in_ch)
+        self.norm1 = norm_layer(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_channels, 2 * out_ch) if emb_channels else None
-        self.norm2 = norm(out_ch)
+        self.norm2 = norm_layer(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
