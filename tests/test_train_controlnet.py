@@ -238,7 +238,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, stage):
 @pytest.mark.slow
 def test_every_demo_controlnet_beats_the_uncontrolled_base(tmp_path):
     """The demo's autoencoder, UNet and three ControlNet files on a quarter of the demo data (256 images; about
-    350, 420 and 140 steps, against the demo's ~1,730, 2,100 and 840, to keep CI short): each fusion's control
+    350, 420 and 140 steps, against the demo's ~1,730, 2,100 and 280, to keep CI short): each fusion's control
     mIoU beats the base model's, sampled from the same noise and labels."""
     from ldmflow.data.demo import write_demo_data
     from ldmflow.stages.embed import embed_latents
