@@ -95,3 +95,21 @@ def test_model_norm_none_builds_the_same_autoencoder_without_group_norm():
     assert out["recon"].shape == (2, 3, 32, 32) and out["seg"].shape == (2, 4, 32, 32) and out["logits"].shape == (2, 2)
     with pytest.raises(Exception, match=r"x\.yaml.*model\.norm.*'batch'.*group.*none"):
         build("batch")
+
+
+def test_heads_warmup_ramps_the_head_weights_and_leaves_reconstruction_and_validation_whole():
+    cfg, model = make(segmentation={"weight": 0.5, "dice": 0.5}, classification={"weight": 0.1},
+                      heads_warmup_steps=100)
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "mask": torch.randint(0, 4, (2, 16, 16)),
+             "label": torch.tensor([0, 2])}
+    out = model(batch["image"])
+    loss = AutoencoderLoss(cfg.loss)
+    _, whole = loss(out, batch)  # validation: no step
+    for step, factor in [(0, 0.0), (25, 0.25), (100, 1.0), (5000, 1.0)]:
+        total, parts = loss(out, batch, step)
+        assert torch.isclose(parts["rgb"], whole["rgb"]) and torch.isclose(parts["kl"], whole["kl"])
+        assert torch.isclose(parts["seg"], whole["seg"] * factor) and torch.isclose(parts["cls"], whole["cls"] * factor)
+        assert torch.isclose(total, sum(parts.values()))
+    plain = AutoencoderLoss(make(segmentation={"weight": 0.5, "dice": 0.5}, classification={"weight": 0.1})[0].loss)
+    _, first = plain(out, batch, 0)  # no warm-up (the default): full weights from step 0
+    assert torch.isclose(first["seg"], whole["seg"]) and torch.isclose(first["cls"], whole["cls"]) and first["seg"] > 0

@@ -72,6 +72,11 @@ class AutoencoderLossConfig:
         ClassificationLossConfig, "Classification head (pooled latent to class logits); needs labels.",
     )
     kl_weight: float = param(1e-6, "Weight of the KL term (KL variant only).", minimum=0.0)
+    heads_warmup_steps: int = param(
+        0, "Optimizer steps over which the segmentation and classification weights ramp linearly from 0 to their "
+        "values, so the latent first organises for reconstruction (as latent diffusion's autoencoders start "
+        "their discriminator late); 0: full weights from the first step.", minimum=0,
+    )
 
 
 @dataclasses.dataclass

@@ -167,8 +167,16 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def head_scale(self, step: int | None) -> float:
+        """The factor on the segmentation and classification weights at optimizer step ``step`` (the warm-up
+        ramp); None (validation) is 1."""
+        warmup = self.cfg.heads_warmup_steps
+        return 1.0 if step is None or step >= warmup else step / warmup
+
+    def forward(self, out: dict, batch: dict, step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and its parts; ``step``: the optimizer step in training (ramps the heads' weights)."""
         cfg = self.cfg
+        heads = self.head_scale(step)
         parts: dict[str, torch.Tensor] = {}
         recon, image = out["recon"].float(), batch["image"]
         if cfg.reconstruction.enabled:
@@ -178,9 +186,9 @@ class AutoencoderLoss(nn.Module):
             seg = F.cross_entropy(out["seg"].float(), batch["mask"])
             if cfg.segmentation.dice > 0:
                 seg = seg + cfg.segmentation.dice * dice_loss(out["seg"], batch["mask"])
-            parts["seg"] = seg * cfg.segmentation.weight
+            parts["seg"] = seg * (cfg.segmentation.weight * heads)
         if out["logits"] is not None and "label" in batch:
-            parts["cls"] = F.cross_entropy(out["logits"].float(), batch["label"]) * cfg.classification.weight
+            parts["cls"] = F.cross_entropy(out["logits"].float(), batch["label"]) * (cfg.classification.weight * heads)
         if out["logvar"] is not None:
             mean, logvar = out["mean"].float(), out["logvar"].float()
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
