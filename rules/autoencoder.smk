@@ -13,6 +13,8 @@ rule train_autoencoder:
         "logs/autoencoder/{name}.log",
     benchmark:
         "results/benchmarks/autoencoder/{name}.tsv"
+    # the long jobs first: the short scoring jobs fill the gaps (the judge after the UNets, not before)
+    priority: 1
     conda:
         "../envs/ldmflow.yaml"
     threads: 1

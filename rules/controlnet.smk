@@ -15,6 +15,8 @@ rule train_controlnet:
         "logs/controlnet/{name}.log",
     benchmark:
         "results/benchmarks/controlnet/{name}.tsv"
+    # the long jobs first: the short scoring jobs fill the gaps (the judge after the UNets, not before)
+    priority: 1
     conda:
         "../envs/ldmflow.yaml"
     threads: 1

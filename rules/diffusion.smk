@@ -11,6 +11,8 @@ rule train_diffusion:
         "logs/diffusion/{name}.log",
     benchmark:
         "results/benchmarks/diffusion/{name}.tsv"
+    # the long jobs first: the short scoring jobs fill the gaps (the judge after the UNets, not before)
+    priority: 1
     conda:
         "../envs/ldmflow.yaml"
     threads: 1
