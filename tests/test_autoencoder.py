@@ -5,7 +5,15 @@ import torch
 
 from ldmflow.config.autoencoder import AutoencoderModelConfig, ReconstructionLossConfig
 from ldmflow.config.loading import load_config
-from ldmflow.evaluation.metrics import border_mask, confusion, miou, psnr, psnr_of_mse, region_squared_errors
+from ldmflow.evaluation.metrics import (
+    background_pixels,
+    border_mask,
+    confusion,
+    miou,
+    psnr,
+    psnr_of_mse,
+    region_squared_errors,
+)
 from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder, dice_loss
 
 
@@ -68,6 +76,23 @@ def test_border_and_interior_psnr_show_a_frame():
     assert counts.tolist() == [2 * 3 * 48, 2 * 3 * 16]  # 64 - 16 ring pixels per channel
     border, interior = (psnr_of_mse(float(s / c)) for s, c in zip(sums, counts))
     assert border == pytest.approx(20.0) and interior == 100.0
+
+
+def test_background_pixels_tell_a_frame_from_object_edges():
+    target, mask = torch.zeros(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.long)
+    mask[0, 6:9, 6:9] = 2  # one object in the middle
+    keep = background_pixels(mask)
+    assert not keep[0, 4:11, 4:11].any() and keep[0, 3].all() and keep[0, :, 11:].all()  # 2 px around it dropped
+    blurred = target.clone()
+    blurred[..., 5:10, 5:10] = 0.4  # error only on and around the object: no frame
+    scores = lambda recon, keep=None: [psnr_of_mse(float(s / c)) for s, c in zip(*region_squared_errors(recon, target, keep=keep))]  # noqa: E731
+    ring, interior = scores(blurred)
+    assert ring == 100.0 and interior < 40  # all pixels: the ring looks better than the interior
+    assert scores(blurred, keep) == [100.0, 100.0]  # background: ring and interior alike
+    framed = blurred.clone()
+    framed[..., border_mask(16, 16)] = 0.2
+    ring, interior = scores(framed, keep)
+    assert ring == pytest.approx(20.0) and interior == 100.0  # a frame shows as ring < interior
 
 
 def test_norm_keeps_several_channels_per_group():

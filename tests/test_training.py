@@ -27,7 +27,8 @@ def test_autoencoder_trains_and_writes_its_outputs(tmp_path, demo_manifest, tiny
         assert (tmp_path / name).is_file(), name
     header = (tmp_path / "tiny_metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("train_rgb", "train_seg", "train_cls", "val_rgb", "val_seg", "val_cls", "val_psnr", "val_miou",
-                "val_acc", "val_psnr_border", "val_psnr_interior", "lr", "seconds"):
+                "val_acc", "val_psnr_border", "val_psnr_interior", "val_psnr_border_bg", "val_psnr_interior_bg", "lr",
+                "seconds"):
         assert col in header
     ckpt = load_checkpoint(tmp_path / "checkpoints/tiny_checkpoint_latest.pt")
     assert ckpt["config"]["data"]["classes"] == ["circle", "square", "triangle"]

@@ -230,7 +230,7 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     config = yaml.safe_load((root / "config/config.yaml").read_text())
     edited = root / config["autoencoders"][0]
     exp = yaml.safe_load(edited.read_text())
-    exp["optim"]["lr"] = 1e-3
+    exp["optim"]["lr"] /= 2  # a real change, whatever the file says
     edited.write_text(yaml.safe_dump(exp))
     expected = {**FULL_PLAN, "train_autoencoder": 1, "training_curves": 6}
     del expected["demo_data"]
@@ -325,7 +325,7 @@ def test_workflow_trains_every_controlnet_on_its_base(tmp_path):
     # editing one ControlNet file reruns that ControlNet and the summary, nothing upstream
     edited = root / config["controlnets"][0]
     exp = yaml.safe_load(edited.read_text())
-    exp["optim"]["lr"] = 1e-3
+    exp["optim"]["lr"] /= 2  # a real change, whatever the file says
     edited.write_text(yaml.safe_dump(exp))
     assert planned_jobs(smk(root, "-n", target)) == {"train_controlnet": 1, "controlnet_summary": 1}
 

@@ -21,15 +21,27 @@ def border_mask(height: int, width: int, ring: int = 2) -> torch.Tensor:
     return mask
 
 
-def region_squared_errors(pred: torch.Tensor, target: torch.Tensor, ring: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def region_squared_errors(pred: torch.Tensor, target: torch.Tensor, ring: int = 2,
+                          keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed squared errors (in [0, 1] units) of (N, C, H, W) images on the border ring and on the interior,
-    and their pixel counts: ``(sums (2,), counts (2,))``, to pool over batches before :func:`psnr_of_mse`."""
+    and their pixel counts: ``(sums (2,), counts (2,))``, to pool over batches before :func:`psnr_of_mse`.
+    ``keep`` (N, H, W) bool: count only those pixels (see :func:`background_pixels`)."""
     err = ((pred.float().clamp(-1, 1) - target.float()) / 2).pow(2)  # (N, C, H, W)
-    ring_px = border_mask(*err.shape[-2:], ring).to(err.device)
-    sums = torch.stack([err[..., ring_px].sum(), err[..., ~ring_px].sum()])
-    n = err.shape[0] * err.shape[1]
-    counts = torch.tensor([n * int(ring_px.sum()), n * int((~ring_px).sum())], dtype=torch.float64)
+    ring_px = border_mask(*err.shape[-2:], ring).to(err.device).expand(err.shape[0], -1, -1)
+    keep = torch.ones_like(ring_px) if keep is None else keep.to(err.device)
+    regions = (ring_px & keep, ~ring_px & keep)
+    sums = torch.stack([(err * r[:, None]).sum() for r in regions])
+    counts = torch.tensor([err.shape[1] * int(r.sum()) for r in regions], dtype=torch.float64)
     return sums.double().cpu(), counts
+
+
+def background_pixels(mask: torch.Tensor, margin: int = 2) -> torch.Tensor:
+    """(N, H, W) bool: pixels of class 0 at least ``margin`` pixels (Chebyshev) from any other class, where a
+    reconstruction's error is the autoencoder's alone, not an object edge's. A border frame shows there as
+    ring < interior; over all pixels the ring of images whose objects sit inside can look better than it is."""
+    objects = (mask > 0).float()[:, None]
+    near = torch.nn.functional.max_pool2d(objects, 2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
+    return ~near
 
 
 def psnr_of_mse(mse: float) -> float:

@@ -14,7 +14,7 @@ from ldmflow.config.loading import resolve_experiment, resolved_config
 from ldmflow.data.dataset import ImageDataset, PreparedData, prepare_data
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.errors import ConfigError
-from ldmflow.evaluation.metrics import confusion, miou, psnr, psnr_of_mse, region_squared_errors
+from ldmflow.evaluation.metrics import background_pixels, confusion, miou, psnr, psnr_of_mse, region_squared_errors
 from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder
 from ldmflow.training.finetune import initialise
 from ldmflow.training.loop import FitConfig, fit
@@ -65,6 +65,7 @@ class AutoencoderTask:
         n_images = correct = 0
         psnr_sum = 0.0
         region_sums, region_counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        bg_sums, bg_counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
         k = self.cfg.data.mask_classes or 0
         conf = torch.zeros((k, k), dtype=torch.long)
         for batch in loader:
@@ -79,6 +80,10 @@ class AutoencoderTask:
             psnr_sum += float(psnr(out["recon"], batch["image"]).sum())
             batch_sums, batch_counts = region_squared_errors(out["recon"], batch["image"])
             region_sums, region_counts = region_sums + batch_sums, region_counts + batch_counts
+            if "mask" in batch:
+                batch_sums, batch_counts = region_squared_errors(out["recon"], batch["image"],
+                                                                 keep=background_pixels(batch["mask"]))
+                bg_sums, bg_counts = bg_sums + batch_sums, bg_counts + batch_counts
             if out["seg"] is not None and "mask" in batch:
                 conf += confusion(out["seg"].argmax(1).cpu(), batch["mask"].cpu(), k)
             if out["logits"] is not None and "label" in batch:
@@ -88,6 +93,9 @@ class AutoencoderTask:
         # pooled PSNR of the outer 2-pixel ring and of the rest: a border frame shows as border < interior
         metrics["val_psnr_border"], metrics["val_psnr_interior"] = (
             psnr_of_mse(float(total / count)) for total, count in zip(region_sums, region_counts))
+        # the same on background pixels 2+ px from any mask object: objects inside the image flatter the ring
+        metrics["val_psnr_border_bg"], metrics["val_psnr_interior_bg"] = (
+            psnr_of_mse(float(total / count)) if count else math.nan for total, count in zip(bg_sums, bg_counts))
         metrics["val_miou"] = miou(conf) if k and conf.sum() else math.nan
         metrics["val_acc"] = correct / n_images if model.classifier is not None else math.nan
         return metrics
