@@ -45,9 +45,10 @@ def up_path(cfg: AutoencoderModelConfig, ch: int, blocks_per_level: int) -> tupl
     a 2x upsample (none after the last). Returns the modules and their output width."""
     chans = [cfg.base_channels * m for m in cfg.channel_mult]
     modules: list[nn.Module] = []
+    norm = NORMS[cfg.norm]
     for level in reversed(range(len(chans))):
         for _ in range(blocks_per_level):
-            modules.append(ResnetBlock(ch, chans[level], cfg.dropout, norm_layer=NORMS[cfg.norm]))
+            modules.append(ResnetBlock(ch, chans[level], cfg.dropout, norm_layer=norm))
             ch = chans[level]
         if level > 0:
             modules.append(Upsample(ch))
