@@ -7,6 +7,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,40 +74,57 @@ class PreparedData:
             atomic_write_json(Path(out_dir) / "skipped_rows.json", {"count": len(self.skipped), "rows": self.skipped})
 
 
-def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads: int | None = None) -> PreparedData:
-    """Read a manifest, decode and check every row, resolve labels, split, channels and the intensity
-    range; cache pixels that fit."""
-    frame = read_manifest(manifest)
-    source = frame.attrs["source"]
-    fingerprint = data_fingerprint(frame)
+@dataclass(frozen=True)
+class _DecodePlan:
+    """How every row of one manifest is decoded and what is kept of it."""
+
+    source: str
+    size: int
+    channels: int
+    has_masks: bool
+    known_mask_classes: int | None  # from the config or dataset.yaml; None: inferred from the masks
+    cache: bool  # keep the decoded pixels (they fit in data.cache_max_gb)
+    step: int  # every step-th pixel of a high-bit-depth image feeds the intensity percentiles
+    probes: list  # probe_image of each row: None or (channels, bits)
+
+
+def _decode_plan(frame, cfg: DataConfig, meta: dict, threads: int) -> _DecodePlan:
+    """Probe every image (in ``threads`` threads) for channels and bit depth; decide whether pixels are cached."""
     has_masks = "mask" in frame.columns
-    meta = dataset_metadata(source)
-    known_mask_classes = cfg.mask_classes or (meta.get("mask_classes") if has_masks else None)
     size = cfg.image_size
-    threads = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
         probes = list(pool.map(probe_image, frame["image"]))
     channels = cfg.channels or infer_channels(probes)
     deep = any(p is not None and p[1] > 8 for p in probes)
     bytes_per_row = size * size * (channels * (4 if deep else 1) + (1 if has_masks else 0))
-    cache = len(frame) * bytes_per_row <= cfg.cache_max_gb * 2**30
-    step = max(1, size * size // max(16, min(PERCENTILE_PIXELS, PERCENTILE_TOTAL // max(len(frame), 1))))
+    return _DecodePlan(
+        source=frame.attrs["source"], size=size, channels=channels, has_masks=has_masks,
+        known_mask_classes=cfg.mask_classes or (meta.get("mask_classes") if has_masks else None),
+        cache=len(frame) * bytes_per_row <= cfg.cache_max_gb * 2**30,
+        step=max(1, size * size // max(16, min(PERCENTILE_PIXELS, PERCENTILE_TOTAL // max(len(frame), 1)))),
+        probes=probes,
+    )
 
-    def check(i: int):
-        rec = frame.iloc[i]
-        try:
-            img, mask = load_row(rec["image"], rec["mask"] if has_masks else None, size, known_mask_classes, source,
-                                 int(rec["row"]), channels)
-            pixels = img.reshape(-1, channels)[::step] if img.dtype != np.uint8 else None
-            kept = (img, mask) if cache else (None, None if mask is None else mask.max())
-            return (*kept, pixels, probes[i][1] if probes[i] else (8 if img.dtype == np.uint8 else 32))
-        except DataError as exc:
-            if not cfg.skip_bad_rows:
-                raise
-            return exc
 
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(check, range(len(frame))))
+def _check_row(frame, plan: _DecodePlan, skip_bad_rows: bool, i: int):
+    """Decode row ``i``: (image or None, mask or its largest value or None, sampled pixels or None, bit depth),
+    or the row's DataError when bad rows are skipped."""
+    rec = frame.iloc[i]
+    try:
+        img, mask = load_row(rec["image"], rec["mask"] if plan.has_masks else None, plan.size,
+                             plan.known_mask_classes, plan.source, int(rec["row"]), plan.channels)
+        pixels = img.reshape(-1, plan.channels)[::plan.step] if img.dtype != np.uint8 else None
+        kept = (img, mask) if plan.cache else (None, None if mask is None else mask.max())
+        probe = plan.probes[i]
+        return (*kept, pixels, probe[1] if probe else (8 if img.dtype == np.uint8 else 32))
+    except DataError as exc:
+        if not skip_bad_rows:
+            raise
+        return exc
+
+
+def _drop_bad_rows(frame, results: list, source: str) -> tuple:
+    """The frame and results without the rows that failed their check, and the skipped rows' records."""
     skipped = [
         {"row": int(frame.iloc[i]["row"]), "file": frame.iloc[i]["image"], "reason": str(r)}
         for i, r in enumerate(results)
@@ -119,25 +137,29 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
             log.warning("  %s", s["reason"])
     if not keep:
         raise DataError(f"{source}: no usable rows")
-    frame = frame.iloc[keep].reset_index(drop=True)
-    results = [results[i] for i in keep]
-    depths = [r[3] for r in results]
+    return frame.iloc[keep].reset_index(drop=True), [results[i] for i in keep], skipped
+
+
+def _check_one_bit_depth(frame, depths: list[int], source: str) -> None:
+    """All 8-bit or all deeper: one dataset is scaled to [-1, 1] one way."""
     if len({d > 8 for d in depths}) > 1:
         first = next(i for i, d in enumerate(depths) if (d > 8) != (depths[0] > 8))
         raise DataError(f"{source}: row {frame.iloc[first]['row']}: image {frame.iloc[first]['image']} is "
                         f"{depths[first]}-bit but row {frame.iloc[0]['row']}'s is {depths[0]}-bit; one dataset "
                         "needs one bit depth (convert the files)")
 
-    mask_classes = known_mask_classes
-    if has_masks and mask_classes is None:
-        mask_classes = max(2, 1 + max(int(m.max()) if cache else int(m) for _, m, _, _ in results))
+
+def _mask_classes(plan: _DecodePlan, results: list) -> int | None:
+    """The configured number of mask classes, else one more than the largest mask value (at least 2)."""
+    mask_classes = plan.known_mask_classes
+    if plan.has_masks and mask_classes is None:
+        mask_classes = max(2, 1 + max(int(m.max()) if plan.cache else int(m) for _, m, _, _ in results))
         log.info("data.mask_classes not set: %d classes inferred from the masks", mask_classes)
+    return mask_classes
 
-    labels = classes = None
-    if "label" in frame.columns:
-        labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
-                                         frame["row"])
 
+def _resolve_split(frame, cfg: DataConfig, seed: int, source: str) -> np.ndarray:
+    """The manifest's split column when it has one (checked), else a seeded split by image."""
     if "split" in frame.columns and any(frame["split"]):
         bad = frame[~frame["split"].isin(SPLITS)]
         if len(bad):
@@ -148,27 +170,48 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
         split = split_by_image(frame, cfg.val_fraction, seed)
     if not (split == "train").any():
         raise DataError(f"{source}: no training rows (split column has no 'train')")
+    return split
 
-    bits = cfg.intensity.source_bits or max(depths)
+
+def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads: int | None = None) -> PreparedData:
+    """Read a manifest, decode and check every row, resolve labels, split, channels and the intensity
+    range; cache pixels that fit."""
+    frame = read_manifest(manifest)
+    source = frame.attrs["source"]
+    fingerprint = data_fingerprint(frame)
+    meta = dataset_metadata(source)
+    threads = threads or min(8, os.cpu_count() or 1)
+    plan = _decode_plan(frame, cfg, meta, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(partial(_check_row, frame, plan, cfg.skip_bad_rows), range(len(frame))))
+    frame, results, skipped = _drop_bad_rows(frame, results, source)
+    depths = [r[3] for r in results]
+    _check_one_bit_depth(frame, depths, source)
+    mask_classes = _mask_classes(plan, results)
+    labels = classes = None
+    if "label" in frame.columns:
+        labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
+                                         frame["row"])
+    split = _resolve_split(frame, cfg, seed, source)
     train_pixels = [r[2] for r, s in zip(results, split) if s == "train" and r[2] is not None]
     data = PreparedData(
         source=source,
-        image_size=size,
+        image_size=plan.size,
         paths=list(frame["image"]),
-        mask_paths=list(frame["mask"]) if has_masks else None,
+        mask_paths=list(frame["mask"]) if plan.has_masks else None,
         labels=labels,
         classes=classes,
         mask_classes=mask_classes,
         split=split,
         skipped=skipped,
-        channels=channels,
-        value_range=resolve_value_range(cfg, max(depths), channels, train_pixels, source),
-        source_bits=bits,
+        channels=plan.channels,
+        value_range=resolve_value_range(cfg, max(depths), plan.channels, train_pixels, source),
+        source_bits=cfg.intensity.source_bits or max(depths),
         fingerprint=fingerprint,
     )
-    if cache:
+    if plan.cache:
         data.images = np.stack([img for img, _, _, _ in results])
-        if has_masks:
+        if plan.has_masks:
             data.masks = np.stack([m for _, m, _, _ in results])
     return data
 

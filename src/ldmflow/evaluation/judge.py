@@ -253,6 +253,66 @@ def _class_weights(labels: torch.Tensor, k: int, balance: bool) -> torch.Tensor 
     return weights / weights[counts > 0].mean()
 
 
+def _held_out(real: RealImages, source: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """The train rows, the held-out rows and the held-out split's name (val, or test when there is no val)."""
+    train = real.indices("train")
+    held_split = "val" if len(real.indices("val")) else "test"
+    held = real.indices(held_split)
+    if not len(train) or not len(held):
+        raise DataError(f"{source}: the judge needs train rows and val (or test) rows; the store has "
+                        f"{len(train)} train and {len(held)} val/test rows")
+    return train, held, held_split
+
+
+def _validity_on(model: Judge, real: RealImages, rows: np.ndarray) -> dict:
+    """:func:`validity` on some rows of the real images."""
+    return validity(model, real.images[rows], None if real.labels is None else real.labels[rows],
+                    None if real.masks is None else real.masks[rows], real.mask_classes, real.classes)
+
+
+def _batch_loss(model: Judge, real: RealImages, rows: torch.Tensor, cfg: JudgeConfig,
+                weights: torch.Tensor | None, gen: torch.Generator, device: str | torch.device) -> torch.Tensor:
+    """One augmented batch's loss: weighted cross-entropy on the labelled rows, plus ``seg_weight`` times
+    cross-entropy and soft Dice on the masks."""
+    x, m = augment(real.images[rows], None if real.masks is None else real.masks[rows], cfg.augment, gen)
+    out = model(x.to(device))
+    loss = torch.zeros((), device=device)
+    if out["logits"] is not None:
+        y = real.labels[rows].to(device)
+        if (y >= 0).any():
+            loss = loss + F.cross_entropy(out["logits"], y, weight=None if weights is None
+                                          else weights.to(device), ignore_index=-1)
+    if out["seg"] is not None:
+        m = m.to(device)
+        loss = loss + cfg.seg_weight * (F.cross_entropy(out["seg"], m) + soft_dice_loss(out["seg"], m))
+    return loss
+
+
+def _train_epoch(model: Judge, real: RealImages, train: np.ndarray, cfg: JudgeConfig, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, weights: torch.Tensor | None, gen: torch.Generator,
+                 device: str | torch.device) -> float:
+    """One pass over the train rows in a shuffled order; returns the mean loss per image."""
+    model.train()
+    order = torch.from_numpy(train)[torch.randperm(len(train), generator=gen)]
+    total = 0.0
+    for lo in range(0, len(order), cfg.batch_size):
+        rows = order[lo:lo + cfg.batch_size]
+        loss = _batch_loss(model, real, rows, cfg, weights, gen, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * len(rows)
+    return total / len(train)
+
+
+def _judge_info(source: str | Path, real: RealImages, num_classes: int | None, cfg: JudgeConfig) -> dict:
+    """What a saved judge carries besides its weights: its data, classes, image shape and config."""
+    return {"latents": str(Path(source).resolve()), "classes": real.classes, "num_classes": num_classes,
+            "mask_classes": real.mask_classes, "channels": int(real.images.shape[1]),
+            "image_size": int(real.images.shape[-1]), "value_range": real.value_range, "config": to_dict(cfg)}
+
+
 def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: str | torch.device = "cpu",
                 threads: int = 4, image_size: int = 32) -> tuple[Judge, dict]:
     """Train a judge on the real train split of a latent store's images (or a manifest's, at ``image_size``) and
@@ -261,11 +321,7 @@ def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: 
     cfg = cfg or JudgeConfig()
     start = time.monotonic()
     real = real_images(latents, threads, image_size)
-    train = real.indices("train")
-    held = real.indices("val") if len(real.indices("val")) else real.indices("test")
-    if not len(train) or not len(held):
-        raise DataError(f"{latents}: the judge needs train rows and val (or test) rows; the store has "
-                        f"{len(train)} train and {len(held)} val/test rows")
+    train, held, held_split = _held_out(real, latents)
     num_classes = len(real.classes) if real.labels is not None else None
     set_deterministic(cfg.seed)
     model = Judge(real.images.shape[1], num_classes, real.mask_classes, cfg.width, cfg.levels,
@@ -276,54 +332,22 @@ def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: 
     weights = _class_weights(real.labels[train], num_classes, cfg.balance) if num_classes else None
     gen = torch.Generator().manual_seed(cfg.seed)
     curve = []
-
-    def check(epoch: int, loss: float) -> None:
-        v = validity(model, real.images[held], None if real.labels is None else real.labels[held],
-                     None if real.masks is None else real.masks[held], real.mask_classes, real.classes)
-        curve.append({"epoch": epoch, "train_loss": loss, "val_accuracy": v.get("accuracy"),
-                      "val_miou": v.get("miou")})
-        log.info("judge epoch %d/%d: train loss %.4f, real-val accuracy %s, mIoU %s", epoch, cfg.epochs, loss,
-                 _fmt(v.get("accuracy")), _fmt(v.get("miou")))
-
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.from_numpy(train)[torch.randperm(len(train), generator=gen)]
-        total = 0.0
-        for lo in range(0, len(order), cfg.batch_size):
-            rows = order[lo:lo + cfg.batch_size]
-            x, m = augment(real.images[rows], None if real.masks is None else real.masks[rows], cfg.augment, gen)
-            out = model(x.to(device))
-            loss = torch.zeros((), device=device)
-            if out["logits"] is not None:
-                y = real.labels[rows].to(device)
-                if (y >= 0).any():
-                    loss = loss + F.cross_entropy(out["logits"], y, weight=None if weights is None
-                                                  else weights.to(device), ignore_index=-1)
-            if out["seg"] is not None:
-                m = m.to(device)
-                loss = loss + cfg.seg_weight * (F.cross_entropy(out["seg"], m) + soft_dice_loss(out["seg"], m))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(rows)
+        loss = _train_epoch(model, real, train, cfg, opt, sched, weights, gen, device)
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            check(epoch, total / len(train))
+            v = _validity_on(model, real, held)
+            curve.append({"epoch": epoch, "train_loss": loss, "val_accuracy": v.get("accuracy"),
+                          "val_miou": v.get("miou")})
+            log.info("judge epoch %d/%d: train loss %.4f, real-val accuracy %s, mIoU %s", epoch, cfg.epochs, loss,
+                     _fmt(v.get("accuracy")), _fmt(v.get("miou")))
     model.eval()
-    held_split = "val" if len(real.indices("val")) else "test"
     record = {
-        "real_val": validity(model, real.images[held], None if real.labels is None else real.labels[held],
-                             None if real.masks is None else real.masks[held], real.mask_classes, real.classes),
-        "real_train": validity(model, real.images[train], None if real.labels is None else real.labels[train],
-                               None if real.masks is None else real.masks[train], real.mask_classes, real.classes),
+        "real_val": _validity_on(model, real, held), "real_train": _validity_on(model, real, train),
         "held_out_split": held_split, "counts": {s: int((real.split == s).sum()) for s in ("train", "val", "test")},
         "curve": curve, "seconds": time.monotonic() - start,
         "heads": {"class": num_classes is not None, "segmentation": real.mask_classes is not None},
     }
-    model.info = {"latents": str(Path(latents).resolve()), "classes": real.classes, "num_classes": num_classes,
-                  "mask_classes": real.mask_classes, "channels": int(real.images.shape[1]),
-                  "image_size": int(real.images.shape[-1]), "value_range": real.value_range,
-                  "config": to_dict(cfg)}
+    model.info = _judge_info(latents, real, num_classes, cfg)
     return model, record
 
 

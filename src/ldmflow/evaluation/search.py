@@ -124,6 +124,50 @@ def _merge(best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, offset: 
 
 
 @torch.no_grad()
+def _tile_distances(qa: torch.Tensor, q_norm: torch.Tensor, ta: torch.Tensor,
+                    tn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query block against one training block: cosine similarity (q, t), largest squared tile distance
+    (q, t), and the (q, t) scratch of one tile's squared distances (returned so its bytes can be counted)."""
+    q, t = len(qa), len(ta)
+    total = qa.new_zeros(q, t)  # (q, t) sum over tiles of squared tile distances = |a - b|^2
+    d2 = qa.new_full((q, t), -math.inf)  # (q, t) largest squared tile distance
+    x = qa.new_empty(q, t)  # (q, t) one tile's squared distances
+    for j in range(qa.shape[1]):
+        torch.mm(qa[:, j], ta[:, j].T, out=x)  # strided views of the tile: no copies
+        total += x
+        torch.maximum(d2, x, out=d2)
+    # cos = a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2, in place
+    sim = total.neg_().add_(q_norm).add_(tn.sum(1)[None]).mul_(0.5)
+    return sim, d2, x
+
+
+def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np.ndarray | torch.Tensor, nt: int,
+                        t_block: int, k: int, n: int, device: torch.device,
+                        bar) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Stream every training block past one query block; returns the running lists (top-k similarities and
+    their indices, n smallest largest-tile distances and theirs) and the largest working set in bytes."""
+    tiles, q = qa.shape[1], len(qa)
+    q_norm = qn.sum(1, keepdim=True)  # (q, 1) |a|^2 of the whole vector
+    best_s = qa.new_empty(q, 0)
+    best_si = torch.empty(q, 0, dtype=torch.long, device=device)
+    best_d, best_di = best_s.clone(), best_si.clone()
+    peak = 0
+    for ts in range(0, nt, t_block):
+        raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
+        ta, tn = _augmented(raw, device, tiles, query=False)  # (t, T, d + 2), (t, T)
+        sim, d2, x = _tile_distances(qa, q_norm, ta, tn)
+        # the working set: the tensors alive in this step, the block as read and its device copy, and
+        # the merges' temporaries (sizes as in block_bytes)
+        live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
+        held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 16 * q * len(ta) + 64 * q * (k + n)
+        peak = max(peak, held)
+        best_s, best_si = _merge(best_s, best_si, sim, ts, k, largest=True)
+        best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
+        del ta, tn, sim, d2, x, raw
+        bar.update()
+    return (best_s, best_si, best_d, best_di), peak
+
+
 def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Features | np.ndarray | torch.Tensor, *,
                    k: int = 5, n: int = 50, memory_gb: float = 1.0,
                    device: str | torch.device | None = None) -> Neighbours:
@@ -153,33 +197,9 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
     bar = progress_bar(math.ceil(nq / q_block) * math.ceil(nt / t_block), "nearest-neighbour search", "block")
     for qs in range(0, nq, q_block):
         qa, qn = _augmented(_rows(queries, qs, qs + q_block), device, tiles, query=True)  # (q, T, d + 2), (q, T)
-        q = len(qa)
-        q_norm = qn.sum(1, keepdim=True)  # (q, 1) |a|^2 of the whole vector
-        best_s = qa.new_empty(q, 0)
-        best_si = torch.empty(q, 0, dtype=torch.long, device=device)
-        best_d, best_di = best_s.clone(), best_si.clone()
-        for ts in range(0, nt, t_block):
-            raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
-            ta, tn = _augmented(raw, device, tiles, query=False)  # (t, T, d + 2), (t, T)
-            t = len(ta)
-            total = qa.new_zeros(q, t)  # (q, t) sum over tiles of squared tile distances = |a - b|^2
-            d2 = qa.new_full((q, t), -math.inf)  # (q, t) largest squared tile distance
-            x = qa.new_empty(q, t)  # (q, t) one tile's squared distances
-            for j in range(tiles):
-                torch.mm(qa[:, j], ta[:, j].T, out=x)  # strided views of the tile: no copies
-                total += x
-                torch.maximum(d2, x, out=d2)
-            # cos = a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2, in place
-            sim = total.neg_().add_(q_norm).add_(tn.sum(1)[None]).mul_(0.5)
-            # the working set: the tensors alive in this step, the block as read and its device copy, and
-            # the merges' temporaries (sizes as in block_bytes)
-            live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
-            held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 16 * q * t + 64 * q * (k + n)
-            peak = max(peak, held)
-            best_s, best_si = _merge(best_s, best_si, sim, ts, k, largest=True)
-            best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
-            del ta, tn, total, sim, d2, x, raw
-            bar.update()
+        (best_s, best_si, best_d, best_di), block_peak = _search_query_block(qa, qn, train, nt, t_block, k, n,
+                                                                             device, bar)
+        peak = max(peak, block_peak)
         out_sim.append(best_s.cpu())
         out_idx.append(best_si.cpu())
         out_tl2.append(best_d.clamp_min(0).sqrt().cpu())
