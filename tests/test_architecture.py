@@ -1,5 +1,5 @@
 """The library's layering, checked on its source: which subpackage may import which, no import cycles, no
-environment reads in library code, no oversized files."""
+environment reads in library code, no oversized files or functions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "ldmflow"
 MAX_LINES = 500
+MAX_FUNCTION_LINES = 60
+# module:function -> why it may be longer than MAX_FUNCTION_LINES (a declaration table, say); keep it short
+LONG_FUNCTIONS: dict[str, str] = {}
 
 # subpackage -> subpackages (and top-level modules) it must never import
 FORBIDDEN = {
@@ -20,9 +23,19 @@ FORBIDDEN = {
     "training": ("stages", "evaluation", "models", "data", "diffusion"),
     "evaluation": ("stages", "training"),
 }
-# Only these may read the process environment (everything else takes it as an argument) or import the CLI.
-# A write such as set_deterministic's os.environ.setdefault(CUBLAS_WORKSPACE_CONFIG) is not a read.
-ENVIRONMENT_EDGES = {"ldmflow.cli", "ldmflow.launch"}
+# Only these (and the CLI package's modules) may read the process environment (everything else takes it as an
+# argument) or import the CLI. A write such as set_deterministic's os.environ.setdefault(CUBLAS_WORKSPACE_CONFIG)
+# is not a read.
+CLI = "ldmflow.cli"
+ENVIRONMENT_EDGES = {CLI, "ldmflow.launch"}
+
+
+def in_cli(module: str) -> bool:
+    return module == CLI or module.startswith(CLI + ".")
+
+
+def is_edge(module: str) -> bool:
+    return module in ENVIRONMENT_EDGES or in_cli(module)
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +84,7 @@ def test_layers_import_only_downwards():
     bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps
            if subpackage(d) in FORBIDDEN.get(subpackage(m), ())]
     bad += [f"{m} imports {d}" for m, deps in graph().items() for d in deps
-            if d == "ldmflow.cli" and m not in ENVIRONMENT_EDGES]
+            if in_cli(d) and not is_edge(m)]
     assert not bad, "\n".join(bad)
 
 
@@ -98,7 +111,7 @@ def test_no_import_cycles():
 def test_library_code_does_not_read_the_environment():
     bad = []
     for name, tree in modules().items():
-        if name in ENVIRONMENT_EDGES:
+        if is_edge(name):
             continue
         writes = {id(n.func.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
                   and isinstance(n.func, ast.Attribute) and n.func.attr == "setdefault"}
@@ -112,6 +125,31 @@ def test_library_code_does_not_read_the_environment():
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
 def test_no_library_file_is_oversized(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def long_functions(name: str, tree: ast.Module, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``module:function (N lines)`` for every function, method and nested function over ``limit`` lines (from
+    its ``def`` to its last line; decorators not counted) that LONG_FUNCTIONS does not excuse."""
+    return [f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit and f"{name}:{node.name}" not in LONG_FUNCTIONS]
+
+
+def test_no_library_function_is_longer_than_60_lines():
+    bad = [entry for name, tree in modules().items() for entry in long_functions(name, tree)]
+    assert not bad, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(bad)
+
+
+def test_the_length_check_sees_a_planted_long_method_and_nested_function():
+    """A 61-line method and a 61-line nested function are caught; 60 lines under a decorator pass."""
+    def body(n: int, indent: int) -> str:
+        return "".join(f"{' ' * indent}x{i} = {i}\n" for i in range(n))
+
+    source = ("class A:\n    def long(self):\n" + body(60, 8)
+              + "@decorator\ndef at_the_limit():\n" + body(59, 4)
+              + "def outer():\n    def inner():\n" + body(60, 8) + "    return inner\n")
+    assert sorted(long_functions("ldmflow.x", ast.parse(source))) == [
+        "ldmflow.x:inner (61 lines)", "ldmflow.x:long (61 lines)", "ldmflow.x:outer (63 lines)"]
 
 
 def test_the_checker_sees_a_planted_violation(tmp_path):
