@@ -1,6 +1,6 @@
 """The errors a user can cause: each message names the file, key or row and what is allowed.
 
-The command line turns each into one line on stderr and an exit code (see ``cli.py``)."""
+The command line turns each into one line on stderr and an exit code (see :mod:`ldmflow.cli`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What a training rule runs: one stage's training function on the job's GPUs.
 
-An edge module, like ``cli.py``: it reads the process environment it is given and starts processes. With
+An edge module, like ``ldmflow.cli``: it reads the process environment it is given and starts processes. With
 ``gpus`` > 1 (the rule's ``gpu`` resource) the stage runs under torchrun with that many processes, rank r on
 cuda:r of the devices the scheduler gave the job (DDP; torchrun needs a command, so it runs the ``ldmflow``
 command line). Otherwise the stage's function is called here, on a GPU that no other job on this machine
