@@ -57,7 +57,8 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what :func:`rng_state` returned (checkpoints written before NumPy and Python were kept lack them)."""
+    """Restore what :func:`rng_state` returned; a state without NumPy's or Python's generator leaves that one as
+    it is, so a checkpoint that lacks them still resumes."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
