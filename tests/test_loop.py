@@ -118,7 +118,7 @@ def whole(tmp_path_factory) -> tuple[dict, dict]:
 def test_fit_drives_a_linear_regression_to_its_known_optimum(whole):
     result, ckpt = whole
     rows = result["history"]
-    start = float((torch.tensor(TRUE_W).pow(2).sum() + TRUE_B**2))  # E[(x @ w + b)^2] at zero weights, x ~ N(0, 1)
+    start = float(torch.tensor(TRUE_W).pow(2).sum() + TRUE_B**2)  # E[(x @ w + b)^2] at zero weights, x ~ N(0, 1)
     val = [r["val_loss"] for r in rows]
     assert len(rows) == EPOCHS and ckpt["step"] == EPOCHS * STEPS_PER_EPOCH
     assert all(b < a for a, b in zip(val, val[1:])), val  # every epoch ends nearer the optimum
