@@ -24,7 +24,8 @@ from ldmflow.training.optim import lr_factor
 REPO = Path(__file__).resolve().parents[1]
 TRUE_W, TRUE_B = [1.0, -2.0, 0.5], 0.3
 EPOCHS, STEPS_PER_EPOCH = 6, 8  # 64 samples, batches of 4, 2 micro-batches per step
-OLD_LAYOUT = REPO / "tests/data/loop_checkpoint_v1_latest.pt"  # written by the loop of the dict-state era
+# a mid-epoch checkpoint (SIGUSR1 at step 10) written by the loop whose state was a dict (9188aae)
+OLD_LAYOUT = REPO / "tests/data/loop_checkpoint_v1_latest.pt"
 
 
 class Regression(torch.utils.data.Dataset):
