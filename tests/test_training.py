@@ -1,6 +1,8 @@
+import doctest
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from ldmflow.errors import EXIT_PREEMPTED, TrainingError
 from ldmflow.stages.train_autoencoder import train_autoencoder
 from ldmflow.training.batching import EpochBatchSampler, class_weights
 from ldmflow.training.optim import Ema, lr_factor
+from ldmflow.training.state import LoopState, PartialEpoch
 
 from .conftest import run_cli, start_cli, wait_for
 
@@ -235,3 +238,23 @@ def test_lr_schedule_and_ema():
     ema.update(model, step=1)
     assert torch.allclose(ema.model.weight, before + 0.1)
     assert Ema(model, 0.999, 100).rate(0) == pytest.approx(0.1)
+
+
+def test_loop_state_round_trips_through_a_checkpoint_and_an_older_one_keeps_defaults(tmp_path):
+    state = LoopState(epoch=3, step=30, micro=4, best=0.5, best_epoch=2, bad_epochs=1, bad_steps=2,
+                      history=[{"epoch": 1, "val_loss": 0.7}], partial=PartialEpoch({"loss": 1.5}, 4, 2.0, 0.1))
+    path = tmp_path / "c.pt"
+    save_checkpoint({"format": "ldmflow-checkpoint-v1", **state.to_checkpoint()}, path)
+    assert LoopState.from_checkpoint(load_checkpoint(path)) == state
+    older = {"format": "ldmflow-checkpoint-v1", "epoch": 2, "step": 20, "best": 0.5, "history": [],
+             "partial": {"sums": {"loss": 1.0}, "n_seen": 2}}  # no micro, bad_steps, early_stopped or seconds
+    assert LoopState.from_checkpoint(older) == LoopState(epoch=2, step=20, best=0.5,
+                                                         partial=PartialEpoch({"loss": 1.0}, 2))
+
+
+def test_build_optimizer_docstring_example_runs(monkeypatch):
+    import ldmflow.training.optim
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example loads a repository config
+    result = doctest.testmod(ldmflow.training.optim, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0

@@ -20,6 +20,7 @@ from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.errors import ConfigError
+from ldmflow.training.optim import build_optimizer  # noqa: F401 (the public API)
 
 
 def _stage_of(config: Any) -> str:
@@ -189,16 +190,3 @@ def build_dataset(config, data: str | Path, split: str | None = "train", threads
 
     return control_dataset(config, store, split, stored_controls(config, store, int(store.attrs["image_size"])))
 
-
-def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
-    """AdamW over the model's trainable parameters with the config's ``optim`` section.
-
-    >>> from ldmflow import load_config, build_model, build_optimizer
-    >>> cfg = load_config("config/diffusion/demo_unet_tiny.yaml")
-    >>> build_optimizer(build_model(cfg, latent_channels=4, num_classes=3), cfg).param_groups[0]["lr"]
-    0.001
-    """
-    from ldmflow.training.optim import build_optimizer as adamw
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    return adamw(params, config.optim, next(model.parameters()).device)

@@ -30,6 +30,7 @@ import yaml
 from ldmflow.artifacts import atomic_write_bytes
 from ldmflow.errors import Preempted
 from ldmflow.progress import progress_bar
+from ldmflow.training.state import EpochTotals, PartialEpoch
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class RunEvents:
     ``progress``: True / False force the bar on / off; None shows it only on an interactive terminal.
     """
 
-    # ``run`` is a training.loop.Run and ``totals`` an EpochTotals (not imported: the loop imports this module)
+    # ``run`` is a training.loop.Run (not imported: the loop imports this module)
     def __init__(self, run: Any, resumed: bool, progress: bool | None = None, tensorboard: bool = True):
         self.run, self.enabled = run, run.writer
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -115,14 +116,13 @@ class RunEvents:
         self.last_status = 0.0
         self.epoch_t0 = time.time()
         self.epoch_walls: list[float] = []  # wall seconds of this process's epochs: training, validation, saving
-        self.start_micro = run.state["micro"]  # where the first epoch's bar starts (mid-epoch after a resume)
-        partial = run.state["partial"] or {}  # the epoch's sums at the previous log point (or the checkpoint's)
-        self.seen = {"n": partial.get("n_seen", 0), "sums": dict(partial.get("sums", {})),
-                     "grad": partial.get("grad_norm_sum", 0.0)}
+        self.start_micro = run.state.micro  # where the first epoch's bar starts (mid-epoch after a resume)
+        # the epoch's sums at the previous log point (at first, the checkpoint's)
+        self.seen = run.state.partial or PartialEpoch()
         self.stack = ExitStack()
         self.tb = None
         if self.enabled and tensorboard and HAVE_TENSORBOARD:
-            self.tb = TensorBoardLog(run.paths.tensorboard, run.state["step"], resumed, run.fc.resolved)
+            self.tb = TensorBoardLog(run.paths.tensorboard, run.state.step, resumed, run.fc.resolved)
         elif self.enabled and tensorboard:
             global _told_no_tensorboard
             if not _told_no_tensorboard:  # once per process
@@ -147,7 +147,7 @@ class RunEvents:
             return
         if exc is None:
             if self.run.paths.best.is_file():
-                self.status("early-stopped" if self.run.state["early_stopped"] else "done")
+                self.status("early-stopped" if self.run.state.early_stopped else "done")
             else:
                 self.status("failed", "no epoch gave a finite value of the early-stopping metric")
         elif isinstance(exc, Preempted):
@@ -164,19 +164,19 @@ class RunEvents:
         """Write the status file now."""
         run, s = self.run, self.run.state
         es = run.fc.train.early_stopping
-        history = s["history"]
+        history = s.history
         write_status(run.paths.status, {
             "stage": run.fc.stage, "name": run.name, "state": state, "message": message,
-            "epoch": s["epoch"], "epochs": run.fc.train.epochs, "epoch_progress": round(epoch_progress, 4),
+            "epoch": s.epoch, "epochs": run.fc.train.epochs, "epoch_progress": round(epoch_progress, 4),
             "epoch_seconds": epoch_seconds,
             "epoch_wall_s": sum(self.epoch_walls[-3:]) / len(self.epoch_walls[-3:]) if self.epoch_walls else None,
-            "step": s["step"], "total_steps": run.total_steps,
-            "metric": es.metric, "mode": es.mode, "best": s["best"], "best_epoch": s["best_epoch"],
+            "step": s.step, "total_steps": run.total_steps,
+            "metric": es.metric, "mode": es.mode, "best": s.best, "best_epoch": s.best_epoch,
             "samples_per_s": history[-1].get("samples_per_s") if history else None,
             "started": self.started, "updated": time.time(), "pid": os.getpid(), "host": socket.gethostname()})
         self.last_status = time.monotonic()
 
-    def log_point(self, totals: Any, micro: int) -> None:
+    def log_point(self, totals: EpochTotals, micro: int) -> None:
         """Every ``train.log_every`` steps: the bar, the losses since the last log point, the status file."""
         if not self.enabled:
             return
@@ -184,32 +184,32 @@ class RunEvents:
         n = totals.n_seen
         sums = {k: float(v) for k, v in totals.sums.items()}  # the only host sync, once per log point
         grad = float(totals.grad_norm_sum)
-        if self.bar_epoch != state["epoch"]:
+        if self.bar_epoch != state.epoch:
             if self.bar is not None:
                 self.bar.close()
-            self.bar = progress_bar(run.micro_per_epoch, f"{run.name} epoch {state['epoch'] + 1}/{run.fc.train.epochs}",
+            self.bar = progress_bar(run.micro_per_epoch, f"{run.name} epoch {state.epoch + 1}/{run.fc.train.epochs}",
                                     "batch", self.progress, initial=self.start_micro)
-            self.bar_epoch = state["epoch"]
+            self.bar_epoch = state.epoch
         self.bar.update(micro - self.bar.n)
         self.bar.set_postfix(loss=f"{sums['loss'] / max(n, 1):.4f}", refresh=False)
-        if self.tb is not None and n > self.seen["n"]:
-            new = n - self.seen["n"]
-            values = {f"train/{k}": (v - self.seen["sums"].get(k, 0.0)) / new for k, v in sums.items()}
+        if self.tb is not None and n > self.seen.n_seen:
+            new = n - self.seen.n_seen
+            values = {f"train/{k}": (v - self.seen.sums.get(k, 0.0)) / new for k, v in sums.items()}
             steps = max(1, new // run.fc.optim.accumulate)
-            values["train/grad_norm"] = (grad - self.seen["grad"]) / steps
+            values["train/grad_norm"] = (grad - self.seen.grad_norm_sum) / steps
             values["train/lr"] = run.optimizer.param_groups[0]["lr"]
-            self.tb.scalars(values, state["step"])
+            self.tb.scalars(values, state.step)
             self.tb.flush()  # the curves stay live (a write, no fsync, every log_every steps)
-        self.seen = {"n": n, "sums": sums, "grad": grad}
+        self.seen = PartialEpoch(sums=sums, n_seen=n, grad_norm_sum=grad)
         if time.monotonic() - self.last_status >= STATUS_MIN_INTERVAL_S:
             self.status("running", epoch_progress=micro / run.micro_per_epoch, epoch_seconds=totals.seconds())
 
     def end_epoch(self, row: dict[str, Any]) -> None:
         """After an epoch's checkpoint: every metrics column and the sample grid (if one was written)."""
-        self.seen, self.start_micro = {"n": 0, "sums": {}, "grad": 0.0}, 0
+        self.seen, self.start_micro = PartialEpoch(), 0
         if not self.enabled:
             return
-        run, epoch, step = self.run, self.run.state["epoch"], self.run.state["step"]
+        run, epoch, step = self.run, self.run.state.epoch, self.run.state.step
         if self.tb is not None:
             self.tb.scalars({f"epoch/{k}": float(v) for k, v in row.items()
                              if k not in ("epoch", "step") and isinstance(v, (int, float))}, step)

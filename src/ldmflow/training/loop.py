@@ -40,6 +40,7 @@ from ldmflow.training.batching import EpochBatchSampler, make_loader
 from ldmflow.training.events import RunEvents
 from ldmflow.training.optim import Ema, build_optimizer, lr_factor, update_ema
 from ldmflow.training.preemption import SignalFlag
+from ldmflow.training.state import EpochTotals, LoopState
 
 log = logging.getLogger(__name__)
 # Keys whose change does not change what a run computes, so a run may resume across them.
@@ -147,13 +148,18 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def _device_batch(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 @dataclass
 class Run:
-    """What the loop's helpers share: the models, optimiser, loaders and the resumable ``state``."""
+    """What the loop's helpers share: the models, optimiser, loaders and the resumable loop ``state``."""
 
     task: Task
     fc: FitConfig
@@ -173,41 +179,8 @@ class Run:
     micro_per_epoch: int
     total_steps: int
     flag_group: Any  # the process group of the per-step signal flag (gloo: CPU only); None outside DDP
-    state: dict = field(default_factory=lambda: {
-        "epoch": 0, "step": 0, "micro": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
-        "early_stopped": False, "bad_steps": 0, "partial": None})
+    state: LoopState = field(default_factory=LoopState)
     last_save: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class EpochTotals:
-    """Running sums of one epoch's training losses, on the device (read once at the epoch's end)."""
-
-    sums: dict[str, torch.Tensor]
-    n_seen: int
-    grad_norm_sum: torch.Tensor
-    bad: torch.Tensor  # non-finite optimizer steps since the last log point
-    skipped: torch.Tensor  # fp16: steps the grad scaler skipped (overflow) since the last log point
-    loss_bad: torch.Tensor  # whether a micro-batch of the current optimizer step had a non-finite loss
-    seconds_before: float  # time spent on this epoch before a resume
-    t0: float
-
-    @classmethod
-    def resume(cls, partial: dict | None, device: torch.device) -> EpochTotals:
-        partial = partial or {}
-        f64 = {"device": device, "dtype": torch.float64}
-        return cls({k: torch.tensor(v, **f64) for k, v in partial.get("sums", {}).items()}, partial.get("n_seen", 0),
-                   torch.tensor(partial.get("grad_norm_sum", 0.0), **f64), torch.tensor(0, device=device),
-                   torch.tensor(0, device=device), torch.tensor(False, device=device),
-                   partial.get("seconds", 0.0), time.monotonic())
-
-    def partial(self) -> dict:
-        """What a mid-epoch checkpoint stores, so a resumed epoch reports the same means."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "n_seen": self.n_seen,
-                "grad_norm_sum": float(self.grad_norm_sum), "seconds": self.seconds()}
-
-    def seconds(self) -> float:
-        return self.seconds_before + time.monotonic() - self.t0
 
 
 def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str,
@@ -222,7 +195,7 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
 
     model = task.model.to(device)
     ema = Ema(model, tcfg.ema.decay, tcfg.ema.warmup) if tcfg.ema.decay > 0 else None
-    optimizer = build_optimizer(model.parameters(), ocfg, device)
+    optimizer = build_optimizer(model, fc)
     scaler = torch.amp.GradScaler(device.type, init_scale=tcfg.fp16_init_scale,
                                   enabled=resolve_precision(tcfg.precision, device) == "fp16")
 
@@ -251,37 +224,6 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                flag_group=flag_group)
 
 
-def resume(run: Run) -> dict | None:
-    """Load the latest checkpoint into ``run`` when it was made by the same config and inputs; returns where
-    the run resumed (epoch, step, micro-batch), or None for a fresh run."""
-    fc, state = run.fc, run.state
-    if not run.paths.latest.is_file():
-        return None
-    ckpt = load_checkpoint(run.paths.latest)
-    changed = flat_diff(ckpt["config"], fc.resolved) - RESUMABLE_CHANGES
-    changed |= {f"inputs.{k}" for k in flat_diff(ckpt.get("extra", {}), fc.extra) if k.endswith("sha256")}
-    if changed or ckpt.get("stage") != fc.stage:
-        log.warning("%s: config changed (%s); starting a fresh run", run.paths.latest, ", ".join(sorted(changed)))
-        if run.writer:  # the earlier run's outputs move to RUN/previous/: no stale best checkpoint or sample
-            set_aside_run(run.paths)
-        return None
-    unwrap(run.model).load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if run.ema is not None and ckpt.get("ema") is not None:
-        run.ema.model.load_state_dict(ckpt["ema"])
-    if ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
-    if len(states) == run.world:
-        set_rng_state(states[dist.get_rank() if run.world > 1 else 0], run.device)
-    else:
-        log.warning("%s was saved by %d process(es), this run has %d: the random draws do not continue the "
-                    "saved ones, so the run is no longer reproducible", run.paths.latest, len(states), run.world)
-    state.update({k: ckpt[k] for k in state if k in ckpt})
-    log.info("resumed %s from epoch %d, step %d", run.name, state["epoch"], state["step"])
-    return {"epoch": state["epoch"], "step": state["step"], "micro": state["micro"]}
-
-
 def save_state(run: Run, path: Path) -> None:
     """Checkpoint everything a resume needs: weights, EMA, optimiser, scaler, every rank's RNG, loop state.
 
@@ -300,32 +242,64 @@ def save_state(run: Run, path: Path) -> None:
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "rng": rngs,  # rank r's states at index r
-        **run.state,
+        **run.state.to_checkpoint(),
     }, path)
 
 
-def forward_backward(run: Run, batch: dict, totals: EpochTotals, micro: int) -> bool:
-    """One micro-batch: loss, backward (without DDP's all-reduce until the last of an accumulation), sums.
-    Returns whether an optimizer step is due."""
+def load_state(run: Run, ckpt: dict) -> None:
+    """Put what :func:`save_state` wrote back into ``run``: weights, EMA, optimiser, scaler, RNG, loop state."""
+    unwrap(run.model).load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.ema is not None and ckpt.get("ema") is not None:
+        run.ema.model.load_state_dict(ckpt["ema"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per rank
+    if len(states) == run.world:
+        set_rng_state(states[dist.get_rank() if run.world > 1 else 0], run.device)
+    else:
+        log.warning("%s was saved by %d process(es), this run has %d: the random draws do not continue the "
+                    "saved ones, so the run is no longer reproducible", run.paths.latest, len(states), run.world)
+    run.state = LoopState.from_checkpoint(ckpt)
+
+
+def resume(run: Run) -> dict | None:
+    """Load the latest checkpoint into ``run`` when it was made by the same config and inputs; returns where
+    the run resumed (epoch, step, micro-batch), or None for a fresh run."""
+    fc = run.fc
+    if not run.paths.latest.is_file():
+        return None
+    ckpt = load_checkpoint(run.paths.latest)
+    changed = flat_diff(ckpt["config"], fc.resolved) - RESUMABLE_CHANGES
+    changed |= {f"inputs.{k}" for k in flat_diff(ckpt.get("extra", {}), fc.extra) if k.endswith("sha256")}
+    if changed or ckpt.get("stage") != fc.stage:
+        log.warning("%s: config changed (%s); starting a fresh run", run.paths.latest, ", ".join(sorted(changed)))
+        if run.writer:  # the earlier run's outputs move to RUN/previous/: no stale best checkpoint or sample
+            set_aside_run(run.paths)
+        return None
+    load_state(run, ckpt)
+    state = run.state
+    log.info("resumed %s from epoch %d, step %d", run.name, state.epoch, state.step)
+    return {"epoch": state.epoch, "step": state.step, "micro": state.micro}
+
+
+def forward_backward(run: Run, batch: dict, totals: EpochTotals, sync: bool) -> None:
+    """One micro-batch: loss and backward, adding to the epoch's sums. ``sync``: whether DDP all-reduces the
+    gradients (the last micro-batch of an accumulation)."""
     ocfg, tcfg = run.fc.optim, run.fc.train
-    lr = ocfg.lr * lr_factor(run.state["step"], run.total_steps, ocfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    last_micro = (micro + 1) % ocfg.accumulate == 0
-    sync = contextlib.nullcontext() if (run.world == 1 or last_micro) else run.step_model.no_sync()
-    with sync:
+    no_sync = contextlib.nullcontext() if (run.world == 1 or sync) else run.step_model.no_sync()
+    with no_sync:
         with autocast(run.device, tcfg.precision):
-            loss, parts = run.task.loss(run.step_model, batch, run.state["step"])
+            loss, parts = run.task.loss(run.step_model, batch, run.state.step)
         run.scaler.scale(loss / ocfg.accumulate).backward()
     totals.loss_bad = totals.loss_bad | ~torch.isfinite(loss.detach())
     for k, v in {"loss": loss, **parts}.items():
         totals.sums[k] = totals.sums.get(k, torch.zeros((), device=run.device, dtype=torch.float64)) + v.detach().double()
     totals.n_seen += 1
-    return last_micro
 
 
 def optimizer_step(run: Run, totals: EpochTotals) -> None:
-    """Clip, step (a non-finite step is zeroed on the device and counted), update the EMA.
+    """Clip, step (a non-finite step is zeroed on the device and counted), clear the gradients.
 
     With fp16's grad scaler, a step whose scaled gradients overflowed is skipped whole by ``scaler.step``
     (no weight decay, no moment update) and lowers the scale: expected early on, so it is counted as
@@ -347,64 +321,62 @@ def optimizer_step(run: Run, totals: EpochTotals) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    run.state["step"] += 1
-    update_ema(run.ema, run.model, run.state["step"])
 
 
 def count_bad_steps(run: Run, totals: EpochTotals) -> None:
     """Add the epoch's non-finite steps to the run's count; stop past ``train.max_bad_steps``."""
-    tcfg = run.fc.train
-    run.state["bad_steps"] += int(totals.bad.item())
+    tcfg, state = run.fc.train, run.state
+    state.bad_steps += int(totals.bad.item())
     totals.bad.zero_()
     skipped = int(totals.skipped.item())
     totals.skipped.zero_()
     if skipped:
         log.info("%s: the fp16 grad scaler skipped %d overflowing step(s) before step %d; loss scale now %g",
-                 run.name, skipped, run.state["step"], run.scaler.get_scale())
-    if run.state["bad_steps"] > tcfg.max_bad_steps:
+                 run.name, skipped, state.step, run.scaler.get_scale())
+    if state.bad_steps > tcfg.max_bad_steps:
         raise TrainingError(
-            f"{run.name}: {run.state['bad_steps']} optimizer step(s) with a NaN or inf loss/gradient "
+            f"{run.name}: {state.bad_steps} optimizer step(s) with a NaN or inf loss/gradient "
             f"(train.max_bad_steps={tcfg.max_bad_steps}). Lower optim.lr, set optim.grad_clip, or use "
             "precision fp32/bf16.")
 
 
-def checkpoint_mid_epoch(run: Run, totals: EpochTotals, micro: int, signals: SignalFlag) -> None:
+def checkpoint_mid_epoch(run: Run, totals: EpochTotals, signals: SignalFlag) -> None:
     """Save the latest checkpoint when one is due (steps, minutes) or a signal came; on a signal, stop."""
     tcfg, state = run.fc.train, run.state
     minutes = tcfg.checkpoint_every_minutes
     # every step: DDP ranks agree on the signal and on the clock (rank clocks differ; the save is collective)
     stop, late = signals.poll(run.world, run.flag_group,
                               also=bool(minutes and time.monotonic() - run.last_save > minutes * 60))
-    due = (tcfg.checkpoint_every_steps and state["step"] % tcfg.checkpoint_every_steps == 0) or late
-    if (due or stop) and micro < run.micro_per_epoch:
-        state["micro"], state["partial"] = micro, totals.partial()
+    due = (tcfg.checkpoint_every_steps and state.step % tcfg.checkpoint_every_steps == 0) or late
+    # at the epoch's last step the epoch's end saves, with the epoch's metrics row
+    if (due or stop) and state.micro < run.micro_per_epoch:
+        state.partial = totals.partial()
         save_state(run, run.paths.latest)
         run.last_save = time.monotonic()
         if stop:
             raise Preempted(f"{run.name}: signal {signals.received} received; saved {run.paths.latest} "
-                            f"at epoch {state['epoch']}, step {state['step']} ({signals.name})")
+                            f"at epoch {state.epoch}, step {state.step} ({signals.name})")
 
 
 def train_epoch(run: Run, signals: SignalFlag, bar: RunEvents) -> EpochTotals:
-    """Train from the run's position to the end of its current epoch."""
-    tcfg, state = run.fc.train, run.state
+    """Train from the run's position to the end of its current epoch, one optimizer step per turn."""
+    ocfg, tcfg, state = run.fc.optim, run.fc.train, run.state
     run.model.train()
-    run.sampler.set_epoch(state["epoch"], start=state["micro"])
-    totals = EpochTotals.resume(state["partial"], run.device)
-    micro = state["micro"]
-    for batch in run.train_loader:
-        if micro >= run.micro_per_epoch:
-            break
-        step_due = forward_backward(run, _device_batch(batch, run.device), totals, micro)
-        micro += 1
-        if not step_due:
-            continue
+    run.sampler.set_epoch(state.epoch, start=state.micro)
+    totals = EpochTotals.resume(state.partial, run.device)
+    batches = iter(run.train_loader)
+    while state.micro < run.micro_per_epoch:
+        set_lr(run.optimizer, ocfg.lr * lr_factor(state.step, run.total_steps, ocfg))
+        for i in range(ocfg.accumulate):
+            forward_backward(run, to_device(next(batches), run.device), totals, sync=i == ocfg.accumulate - 1)
+            state.micro += 1
         optimizer_step(run, totals)
-        at_log = state["step"] % tcfg.log_every == 0 or micro == run.micro_per_epoch
-        if at_log:
+        state.step += 1
+        update_ema(run.ema, run.model, state.step)
+        if state.step % tcfg.log_every == 0 or state.micro == run.micro_per_epoch:
             count_bad_steps(run, totals)
-            bar.log_point(totals, micro)
-        checkpoint_mid_epoch(run, totals, micro, signals)
+            bar.log_point(totals, state.micro)
+        checkpoint_mid_epoch(run, totals, signals)
     count_bad_steps(run, totals)
     return totals
 
@@ -416,7 +388,7 @@ def epoch_row(run: Run, totals: EpochTotals) -> dict[str, Any]:
         for v in totals.sums.values():
             dist.all_reduce(v)
         n_seen *= run.world
-    row: dict[str, Any] = {"epoch": run.state["epoch"] + 1, "step": run.state["step"]}
+    row: dict[str, Any] = {"epoch": run.state.epoch + 1, "step": run.state.step}
     row.update({f"train_{k}": float(v) / max(n_seen, 1) for k, v in totals.sums.items()})
     eval_model = eval_model_of(run)
     eval_model.eval()
@@ -434,32 +406,38 @@ def eval_model_of(run: Run) -> nn.Module:
     return run.ema.model if run.ema is not None else run.model
 
 
-def end_epoch(run: Run, row: dict[str, Any]) -> None:
-    """Record the epoch, keep the best checkpoint, decide early stopping, write samples, latest and metrics."""
-    tcfg, state = run.fc.train, run.state
-    epoch = state["epoch"]
-    state["history"].append(row)
-    state["epoch"], state["micro"], state["partial"] = epoch + 1, 0, None
+def record_epoch(state: LoopState, row: dict[str, Any], tcfg: TrainConfig) -> bool:
+    """Close the epoch in ``state`` (history, position, early stopping); returns whether it is the best so far."""
     es = tcfg.early_stopping
     metric = row.get(es.metric)
     if metric is None:
         raise TrainingError(f"train.early_stopping.metric {es.metric!r} is not a metrics column; "
                             f"allowed: {', '.join(k for k in row if k not in ('epoch', 'step'))}")
-    if _improved(metric, state["best"], es.mode, es.min_delta):
-        state["best"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
-        save_state(run, run.paths.best)
+    state.history.append(row)
+    state.epoch, state.micro, state.partial = state.epoch + 1, 0, None
+    best = _improved(metric, state.best, es.mode, es.min_delta)
+    if best:
+        state.best, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
     else:
-        state["bad_epochs"] += 1
-    state["early_stopped"] = bool(es.patience and state["bad_epochs"] >= es.patience)
-    last_epoch = state["early_stopped"] or state["epoch"] >= tcfg.epochs
-    if run.writer and ((epoch + 1) % tcfg.sample_every == 0 or last_epoch):
+        state.bad_epochs += 1
+    state.early_stopped = bool(es.patience and state.bad_epochs >= es.patience)
+    return best
+
+
+def end_epoch(run: Run, row: dict[str, Any]) -> None:
+    """Record the epoch, keep the best checkpoint, write samples, the latest checkpoint and the metrics."""
+    tcfg, state = run.fc.train, run.state
+    if record_epoch(state, row, tcfg):
+        save_state(run, run.paths.best)
+    last_epoch = state.early_stopped or state.epoch >= tcfg.epochs
+    if run.writer and (state.epoch % tcfg.sample_every == 0 or last_epoch):
         with torch.no_grad(), isolated_rng(run.device):
-            run.task.write_samples(eval_model_of(run), epoch + 1, run.paths.sample(epoch + 1))
+            run.task.write_samples(eval_model_of(run), state.epoch, run.paths.sample(state.epoch))
     save_state(run, run.paths.latest)
     run.last_save = time.monotonic()
     if run.writer:
-        write_metrics_csv(state["history"], run.paths.metrics)
-    log.info("%s epoch %d/%d: %s", run.name, epoch + 1, tcfg.epochs,
+        write_metrics_csv(state.history, run.paths.metrics)
+    log.info("%s epoch %d/%d: %s", run.name, state.epoch, tcfg.epochs,
              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
@@ -472,19 +450,19 @@ def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name
     """
     run = start_run(task, train_set, val_set, fc, out_dir, name, device, workers, sample_weights)
     resumed_from = resume(run)
-    state, epochs = run.state, fc.train.epochs
-    if run.writer and state["history"]:
-        write_metrics_csv(state["history"], run.paths.metrics)
+    state = run.state
+    if run.writer and state.history:
+        write_metrics_csv(state.history, run.paths.metrics)
     with SignalFlag() as signals, RunEvents(run, resumed_from is not None, progress) as bar:
-        while not state["early_stopped"] and state["epoch"] < epochs:
+        while not state.early_stopped and state.epoch < fc.train.epochs:
             totals = train_epoch(run, signals, bar)
             row = epoch_row(run, totals)
             end_epoch(run, row)
             bar.end_epoch(row)
             if signals.poll(run.world, run.flag_group)[0]:
-                raise Preempted(f"{name}: signal {signals.received} received after epoch {state['epoch']}; "
+                raise Preempted(f"{name}: signal {signals.received} received after epoch {state.epoch}; "
                                 f"saved {run.paths.latest} ({signals.name})")
     if run.writer and not run.paths.best.is_file():
         raise TrainingError(f"{name}: no epoch gave a finite {fc.train.early_stopping.metric}; no best checkpoint")
-    return {"epoch": state["epoch"], "best": {"metric": fc.train.early_stopping.metric, "value": state["best"],
-            "epoch": state["best_epoch"]}, "history": state["history"], "resumed_from": resumed_from}
+    return {"epoch": state.epoch, "best": {"metric": fc.train.early_stopping.metric, "value": state.best,
+            "epoch": state.best_epoch}, "history": state.history, "resumed_from": resumed_from}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,11 +20,25 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
-    params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-                             fused=device.type == "cuda")
+class HasOptim(Protocol):
+    """Any config with an ``optim`` section: an experiment from ``load_config``, or the loop's ``FitConfig``."""
+
+    optim: OptimConfig
+
+
+def build_optimizer(model: nn.Module, config: HasOptim) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters with the config's ``optim`` section, fused on CUDA (one
+    kernel for all parameters).
+
+    >>> from ldmflow import load_config, build_model, build_optimizer
+    >>> cfg = load_config("config/diffusion/demo_unet_tiny.yaml")
+    >>> build_optimizer(build_model(cfg, latent_channels=4, num_classes=3), cfg).param_groups[0]["lr"]
+    0.001
+    """
+    cfg = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
