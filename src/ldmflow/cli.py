@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger("ldmflow")
@@ -181,7 +182,7 @@ def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...],
                                   f"{', '.join(map(str, action.choices))}")
         else:
             try:
-                value = yaml.safe_load(raw)
+                value = load_yaml(raw)  # 1e-4 is a number, as in a config file
             except yaml.YAMLError as exc:
                 raise ConfigError(f"--set {item!r}: not a YAML value ({str(exc).splitlines()[0]})") from None
         setattr(args, key, value)
