@@ -1,13 +1,17 @@
+import argparse
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ldmflow.cli import _apply_sets
 from ldmflow.config.autoencoder import AutoencoderExperiment, AutoencoderModelConfig
 from ldmflow.config.loading import STAGES, load_config, schema_documents
 from ldmflow.config.schema import to_dict
+from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
+from ldmflow.workflow import workflow_config
 
 from .conftest import REPO
 
@@ -90,3 +94,60 @@ EXPERIMENT_FILES = sorted(p for p in (REPO / "config").rglob("*.yaml") if p.pare
 @pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_experiment_files_validate(path):
     load_config(path, STAGE_DIRS[path.parent.name])
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers as users write them (ldmflow.config.yamlio), in every place ldmflow reads YAML
+# --------------------------------------------------------------------------------------------------
+
+SPELLINGS = {"1e-4": 1e-4, "5E-3": 5e-3, ".5": 0.5, "1.0e+3": 1000.0, "-2e-5": -2e-5, "1e5": 1e5, "-.5": -0.5,
+             "1.5e-4": 1.5e-4, "0.01": 0.01, "3": 3, "1_000": 1000}
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_a_number_reads_as_a_number_however_it_is_spelled_and_a_quoted_one_stays_a_string(text):
+    value = load_yaml(f"x: {text}")["x"]
+    assert value == SPELLINGS[text] and type(value) is type(SPELLINGS[text])
+    assert load_yaml(f'x: "{text}"')["x"] == text and load_yaml(f"x: '{text}'")["x"] == text
+
+
+def test_lr_1e_4_in_an_experiment_file_is_a_learning_rate(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: a\noptim:\n  lr: 1e-4\n  weight_decay: 5E-3\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-4, 5e-3)
+    path.write_text('name: a\noptim:\n  lr: "1e-4"\n')  # quoted: the string it says it is
+    with pytest.raises(ConfigError, match=r"key 'optim.lr' has value '1e-4'; allowed: number > 0"):
+        load_config(path)
+
+
+def test_set_overrides_read_numbers_as_written(tmp_path):
+    path = write(tmp_path, {"name": "a"})
+    cfg = load_config(path, overrides=["optim.lr=5e-4", "optim.weight_decay=1E-2"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (5e-4, 1e-2)
+    args = argparse.Namespace(set=["calibration_rate=5e-3"])  # a command without a config file
+    _apply_sets(args, ("calibration_rate",), {})
+    assert args.calibration_rate == 5e-3
+
+
+def test_the_workflow_config_reads_numbers_and_merges_as_snakemake_does(tmp_path):
+    main, extra = tmp_path / "config.yaml", tmp_path / "preset.yaml"
+    main.write_text("memorization: {calibration_rate: 1e-2, feature: pixel}\nsampling: {n: 8, seed: 1}\n"
+                    "phases: {p: [autoencoder/*]}\nname: '1e-4'\n")
+    extra.write_text("memorization: {calibration_rate: 5e-3}\nphases: {q: [diffusion/*]}\n"
+                     "autoencoders: [{grid: {base: a.yaml, axes: {optim.lr: [1e-4, 5E-3]}}}]\n")
+    config = workflow_config(main, [extra], {"sampling": {"n": 16}})
+    assert config["memorization"] == {"calibration_rate": 5e-3, "feature": "pixel"}  # a mapping merges key by key
+    assert config["sampling"] == {"n": 16, "seed": 1} and config["name"] == "1e-4"  # quoted: a string
+    assert config["phases"] == {"p": ["autoencoder/*"], "q": ["diffusion/*"]}
+    assert config["autoencoders"][0]["grid"]["axes"]["optim.lr"] == [1e-4, 5e-3]
+    assert "sampling" not in workflow_config(main, [extra], replace=True)  # --replace-workflow-config
+    assert workflow_config(tmp_path / "missing.yaml", [extra])["memorization"] == {"calibration_rate": 5e-3}
+
+
+def test_every_yaml_read_in_the_package_goes_through_the_one_loader():
+    offenders = [f"{p.relative_to(REPO)}:{i}" for p in sorted((REPO / "src").rglob("*.py"))
+                 if p.name != "yamlio.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if "yaml.safe_load" in line
+                 or "yaml.load(" in line]
+    assert offenders == [], "read YAML with ldmflow.config.yamlio.load_yaml, which reads 1e-4 as a number"
