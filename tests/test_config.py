@@ -1,4 +1,6 @@
 import argparse
+import importlib
+import re
 import typing
 from pathlib import Path
 
@@ -151,3 +153,85 @@ def test_every_yaml_read_in_the_package_goes_through_the_one_loader():
                  for i, line in enumerate(p.read_text().splitlines(), 1) if "yaml.safe_load" in line
                  or "yaml.load(" in line]
     assert offenders == [], "read YAML with ldmflow.config.yamlio.load_yaml, which reads 1e-4 as a number"
+
+
+# --------------------------------------------------------------------------------------------------
+# The workflow config's schema (config/schemas/config.schema.yaml) against what the workflow reads
+# --------------------------------------------------------------------------------------------------
+
+WORKFLOW_CODE = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk")), REPO / "src/ldmflow/workflow.py",
+                 REPO / "src/ldmflow/config/judge.py"]
+# config["a"]["b"], config["a"].get("b"), config.get("a"): the key paths the workflow reads
+CONFIG_READ = re.compile(r"""\bconfig((?:\[["'][\w-]+["']\]|\.get\(["'][\w-]+["'])+)""")
+
+
+def config_reads() -> set[tuple[str, ...]]:
+    from ldmflow.workflow import EXPERIMENT_LISTS
+
+    reads = {tuple(re.findall(r"""["']([\w-]+)["']""", m.group(1)))
+             for path in WORKFLOW_CODE for m in CONFIG_READ.finditer(path.read_text())}
+    return reads | {(key,) for key in EXPERIMENT_LISTS}  # rules/common.smk reads config[key] for each list
+
+
+def schema_paths(schema: dict, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    out = set()
+    for key, sub in schema.get("properties", {}).items():
+        out |= {prefix + (key,)} | schema_paths(sub, prefix + (key,))
+    return out
+
+
+def test_the_workflow_config_schema_describes_every_key_the_workflow_reads_and_no_other():
+    schema = load_yaml((REPO / "config/schemas/config.schema.yaml").read_text())
+    described, read = schema_paths(schema), config_reads()
+    assert read - described == set(), "keys the workflow reads that config.schema.yaml does not describe"
+    leaves = {p for p in described if not any(q[:len(p)] == p and q != p for q in described)}
+    unread = {p for p in leaves if not any(r[:len(p)] == p or p[:len(r)] == r for r in read)}
+    assert unread == set(), "keys config.schema.yaml describes that the workflow never reads"
+    for path in described:  # every key documented, with its default
+        node = schema
+        for key in path:
+            node = node["properties"][key]
+        assert node.get("description") and "default" in node, f"{'.'.join(path)}: description and default"
+
+
+def test_the_workflow_config_schema_names_the_stages_and_lists_the_code_has():
+    from ldmflow.config.common import STAGE_NAMES
+    from ldmflow.workflow import EXPERIMENT_LISTS
+
+    schema = load_yaml((REPO / "config/schemas/config.schema.yaml").read_text())
+    pattern = schema["properties"]["phases"]["additionalProperties"]["items"]["pattern"]
+    assert pattern == f"^({'|'.join(STAGE_NAMES)})/.+$"
+    assert all(schema["properties"][key]["items"] == {"$ref": "#/$defs/experiment"} for key in EXPERIMENT_LISTS)
+    assert set(STAGE_NAMES) == set(STAGES) == set(EXPERIMENT_LISTS.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Every dotted ldmflow name in user-facing config text resolves
+# --------------------------------------------------------------------------------------------------
+
+DOTTED = re.compile(r"(?<![\w/.-])ldmflow(?:\.[A-Za-z_]\w*)+")
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``ldmflow.a.b.C`` names a module or an attribute of one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def test_every_ldmflow_name_in_the_schemas_and_config_files_imports():
+    texts = {p: p.read_text() for p in sorted((REPO / "config").rglob("*")) if p.suffix in (".json", ".yaml")}
+    texts.update({Path(name): text for name, text in schema_documents().items()})
+    names = {(str(p), m.group(0)) for p, text in texts.items() for m in DOTTED.finditer(text)
+             if m.group(0).rsplit(".", 1)[-1] not in ("yaml", "json", "py")}
+    assert len(names) >= 3  # the memorization and judge schemas' descriptions, config.yaml's comments
+    assert [f"{path}: {name}" for path, name in sorted(names) if not resolves(name)] == []
