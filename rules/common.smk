@@ -26,7 +26,8 @@ check_default_profile(Path(workflow.basedir, "profiles"))
 # stage -> name -> experiment (ldmflow.workflow.Experiment); a grid entry of a list expands to one experiment
 # per combination, whose file rule grid_experiment writes to results/experiments/STAGE/NAME.yaml
 DECLARED = {
-    stage: experiments(config[key], stage, key) for key, stage in EXPERIMENT_LISTS.items()
+    stage: experiments(config[key], stage, key)
+    for key, stage in EXPERIMENT_LISTS.items()
 }
 AUTOENCODERS = DECLARED["autoencoder"]
 DIFFUSION = DECLARED["diffusion"]
