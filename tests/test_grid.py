@@ -149,3 +149,9 @@ def test_a_grid_trains_one_job_per_combination_and_a_new_axis_value_plans_only_t
     assert planned_jobs(plan) == {"grid_experiment": 1, "train_autoencoder": 1, "training_curves": 1,
                                   "select_autoencoder": 1, "embed_latents": 1, "phase1": 1}
     assert f"results/autoencoder/{name}__lr-0.005/{name}__lr-0.005_metrics.csv" in plan.stdout
+
+    exp = yaml.safe_load((root / base).read_text())  # an edited base: every combination is rewritten and retrains
+    exp["train"]["epochs"] += 1
+    (root / base).write_text(yaml.safe_dump(exp))
+    plan = smk(root, "-n", "phase1")
+    assert planned_jobs(plan)["grid_experiment"] == planned_jobs(plan)["train_autoencoder"] == 3
