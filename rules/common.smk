@@ -1,7 +1,9 @@
 from pathlib import Path
 
+from ldmflow.config.common import STAGE_NAMES
 from ldmflow.config.judge import judge_options
 from ldmflow.workflow import (
+    EXPERIMENT_LISTS,
     best_checkpoint,
     controlnet_bases,
     controlnets_for_data,
@@ -21,11 +23,15 @@ from ldmflow.workflow import (
 check_config_files(workflow.overwrite_configfiles)
 check_default_profile(Path(workflow.basedir, "profiles"))
 
-# name -> experiment file; a grid entry of a list expands to one experiment per combination, each written
-# to results/experiments/STAGE/NAME.yaml (ldmflow.config.grid)
-AUTOENCODERS = experiments(config["autoencoders"], "autoencoder", "autoencoders")
-DIFFUSION = experiments(config["diffusion"], "diffusion", "diffusion")
-DECLARED_CONTROLNETS = experiments(config["controlnets"], "controlnet", "controlnets")
+# stage -> name -> experiment (ldmflow.workflow.Experiment); a grid entry of a list expands to one experiment
+# per combination, whose file rule grid_experiment writes to results/experiments/STAGE/NAME.yaml
+DECLARED = {
+    stage: experiments(config[key], stage, key)
+    for key, stage in EXPERIMENT_LISTS.items()
+}
+AUTOENCODERS = DECLARED["autoencoder"]
+DIFFUSION = DECLARED["diffusion"]
+DECLARED_CONTROLNETS = DECLARED["controlnet"]
 # without masks in the data, the mask-controlled ControlNets are left out
 CONTROLNETS = controlnets_for_data(DECLARED_CONTROLNETS, manifest_path(config))
 CONTROLNET_BASES = controlnet_bases(CONTROLNETS, DIFFUSION)
@@ -51,7 +57,7 @@ GPU_PER_JOB = gpus_per_local_job()
 
 wildcard_constraints:
     name="[A-Za-z0-9_.-]+",
-    stage="autoencoder|diffusion|controlnet",
+    stage="|".join(STAGE_NAMES),
 
 
 def manifest():
@@ -59,15 +65,41 @@ def manifest():
 
 
 def autoencoder_config(wildcards):
-    return AUTOENCODERS[wildcards.name]
+    return AUTOENCODERS[wildcards.name].path
 
 
 def diffusion_config(wildcards):
-    return DIFFUSION[wildcards.name]
+    return DIFFUSION[wildcards.name].path
 
 
 def controlnet_config(wildcards):
-    return CONTROLNETS[wildcards.name]
+    return CONTROLNETS[wildcards.name].path
+
+
+def grid_combination(wildcards):
+    """The grid combination a results/experiments/STAGE/NAME.yaml file is written from."""
+    experiment = DECLARED[wildcards.stage][wildcards.name]
+    if experiment.data is None:
+        raise ValueError(
+            f"{wildcards.stage}/{wildcards.name} is not a grid combination: its file is {experiment.path}"
+        )
+    return experiment
+
+
+def grid_data(wildcards):
+    """The mapping a grid combination's experiment file holds (a params: a change reruns the rule)."""
+    return grid_combination(wildcards).data
+
+
+def grid_base(wildcards):
+    return grid_combination(wildcards).base
+
+
+def experiment_of_file(path):
+    """The planned experiment whose file is PATH (a grid combination's file may not be written yet)."""
+    return next(
+        e for stage in DECLARED.values() for e in stage.values() if e.path == str(path)
+    )
 
 
 def controlnet_base_metrics(wildcards):
@@ -97,7 +129,9 @@ def training_inputs(wildcards, input):
     """The named inputs a stage's training function takes: its config, its manifest or latents, and the
     checkpoint a fine-tuned experiment starts from."""
     named = {k: v for k, v in input.items() if k in ("config", "manifest", "latents")}
-    init = init_checkpoint_of(input.config, list(input.get("init", [])))
+    init = init_checkpoint_of(
+        experiment_of_file(input.config), list(input.get("init", []))
+    )
     return {**named, **({"init": init} if init else {})}
 
 

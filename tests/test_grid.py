@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import os
 
 import pytest
 import yaml
@@ -12,7 +11,7 @@ import ldmflow.config.grid
 from ldmflow.config.grid import expand_grid, value_label
 from ldmflow.config.loading import load_config
 from ldmflow.errors import ConfigError
-from ldmflow.workflow import experiments, phase_members
+from ldmflow.workflow import experiments, phase_members, write_grid_experiment
 
 from .conftest import REPO
 
@@ -76,26 +75,26 @@ def test_a_bad_grid_stops_the_plan_naming_grid_key_and_allowed_values(grid, expe
     assert "diffusion[1].grid" in message and all(part in message for part in expected), message
 
 
-def test_the_workflow_writes_each_combination_once_and_only_rewrites_a_changed_one(tmp_path, monkeypatch):
+def test_planning_a_grid_writes_nothing_and_the_rule_writes_each_combination_as_planned(tmp_path, monkeypatch):
     (tmp_path / "config").mkdir()
     base = tmp_path / "config/unet.yaml"
     base.write_text((REPO / UNET).read_text())
     monkeypatch.chdir(tmp_path)
     entries = ["config/unet.yaml", {"grid": {"base": "config/unet.yaml", "axes": {"optim.lr": [1e-4, 2e-4]}}}]
-    names = experiments(entries, "diffusion")
-    assert names == {"demo_unet_tiny": "config/unet.yaml",
-                     "demo_unet_tiny__lr-0.0001": "results/experiments/diffusion/demo_unet_tiny__lr-0.0001.yaml",
-                     "demo_unet_tiny__lr-0.0002": "results/experiments/diffusion/demo_unet_tiny__lr-0.0002.yaml"}
-    first = tmp_path / names["demo_unet_tiny__lr-0.0001"]
-    assert load_config(first, "diffusion").optim.lr == 1e-4
-    os.utime(first, (1_000_000, 1_000_000))
-    entries[1]["grid"]["axes"]["optim.lr"].append(5e-4)  # a new value: a new file, the others untouched
-    assert len(experiments(entries, "diffusion")) == 4 and first.stat().st_mtime == 1_000_000
+    planned = experiments(entries, "diffusion")
+    assert {name: e.path for name, e in planned.items()} == {
+        "demo_unet_tiny": "config/unet.yaml",
+        "demo_unet_tiny__lr-0.0001": "results/experiments/diffusion/demo_unet_tiny__lr-0.0001.yaml",
+        "demo_unet_tiny__lr-0.0002": "results/experiments/diffusion/demo_unet_tiny__lr-0.0002.yaml"}
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["unet.yaml"]  # a plan writes nothing
+    combination = planned["demo_unet_tiny__lr-0.0001"]
+    assert combination.config.optim.lr == 1e-4 and combination.base == "config/unet.yaml"
+    write_grid_experiment(combination.path, combination.data, combination.base)  # what rule grid_experiment does
+    assert load_config(combination.path, "diffusion") == combination.config
     data = yaml.safe_load(base.read_text())
-    data["train"]["epochs"] = 3  # the base changed: every combination's file changes
+    data["train"]["epochs"] = 3  # the base changed: the combination's mapping (the rule's params) changes with it
     base.write_text(yaml.safe_dump(data))
-    experiments(entries, "diffusion")
-    assert first.stat().st_mtime != 1_000_000 and load_config(first, "diffusion").train.epochs == 3
+    assert experiments(entries, "diffusion")["demo_unet_tiny__lr-0.0001"].data["train"]["epochs"] == 3
 
 
 def test_a_grid_name_that_another_experiment_has_is_refused():
@@ -134,8 +133,8 @@ def test_a_grid_trains_one_job_per_combination_and_a_new_axis_value_plans_only_t
     names = [f"{name}__lr-0.001", f"{name}__lr-0.002"]
 
     plan = smk(root, "-n", "phase1")
-    assert planned_jobs(plan) == {"demo_data": 1, "train_autoencoder": 2, "select_autoencoder": 1,
-                                  "training_curves": 2, "embed_latents": 1, "phase1": 1}
+    assert planned_jobs(plan) == {"demo_data": 1, "grid_experiment": 2, "train_autoencoder": 2,
+                                  "select_autoencoder": 1, "training_curves": 2, "embed_latents": 1, "phase1": 1}
     assert all(f"results/autoencoder/{n}/{n}_metrics.csv" in plan.stdout for n in names)
     smk(root, "phase1")
     for n, lr in zip(names, (1e-3, 2e-3)):  # each checkpoint records its combination's resolved config
@@ -147,6 +146,12 @@ def test_a_grid_trains_one_job_per_combination_and_a_new_axis_value_plans_only_t
     grid["axes"]["optim.lr"].append(5e-3)  # a new value: only its combination trains (selection ranks all three)
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
     plan = smk(root, "-n", "phase1")
-    assert planned_jobs(plan) == {"train_autoencoder": 1, "training_curves": 1, "select_autoencoder": 1,
-                                  "embed_latents": 1, "phase1": 1}
+    assert planned_jobs(plan) == {"grid_experiment": 1, "train_autoencoder": 1, "training_curves": 1,
+                                  "select_autoencoder": 1, "embed_latents": 1, "phase1": 1}
     assert f"results/autoencoder/{name}__lr-0.005/{name}__lr-0.005_metrics.csv" in plan.stdout
+
+    exp = yaml.safe_load((root / base).read_text())  # an edited base: every combination is rewritten and retrains
+    exp["train"]["epochs"] += 1
+    (root / base).write_text(yaml.safe_dump(exp))
+    plan = smk(root, "-n", "phase1")
+    assert planned_jobs(plan)["grid_experiment"] == planned_jobs(plan)["train_autoencoder"] == 3

@@ -4,6 +4,7 @@ research preset's plan, and the config checks that stop a plan before any job ru
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_
     assert "--workflow-profile profiles/NAME" in out
 
 
-RESEARCH_256_PLAN = {"demo_data": 1, "train_autoencoder": 8, "select_autoencoder": 1, "embed_latents": 1,
+# grid_experiment: one experiment file per grid combination (8 autoencoders, 12 UNets, 4 ControlNets)
+RESEARCH_256_PLAN = {"demo_data": 1, "grid_experiment": 24, "train_autoencoder": 8, "select_autoencoder": 1, "embed_latents": 1,
                      "train_diffusion": 13, "sample_diffusion": 13, "train_controlnet": 4, "sample_controlnet": 4,
                      "controlnet_summary": 1, "evaluate_memorization": 17, "memorization_summary": 1,
                      "training_curves": 25, "train_judge": 1, "evaluate_samples": 13,
@@ -118,8 +120,8 @@ def test_the_research_preset_runs_in_phases(project):
              for phase in ("phase1", "phase2", "phase3")}
     jobs = {phase: planned_jobs(proc) for phase, proc in plans.items()}
     # phase1: the autoencoder grid, its selection and the latent store; no UNet
-    assert jobs["phase1"] == {"demo_data": 1, "train_autoencoder": 8, "select_autoencoder": 1, "training_curves": 8,
-                              "embed_latents": 1, "phase1": 1}
+    assert jobs["phase1"] == {"demo_data": 1, "grid_experiment": 8, "train_autoencoder": 8, "select_autoencoder": 1,
+                              "training_curves": 8, "embed_latents": 1, "phase1": 1}
     # phase2: the 12 ablation UNets (and what they need), not the fine-tune nor the ControlNets
     assert jobs["phase2"]["train_diffusion"] == jobs["phase2"]["evaluate_memorization"] == 12
     assert jobs["phase2"]["evaluate_samples"] == 12 and jobs["phase2"]["train_judge"] == 1
@@ -162,3 +164,42 @@ def test_a_typo_in_the_memorization_section_stops_the_plan(project, tmp_path):
     assert proc.returncode != 0
     assert "workflow config, section 'memorization': unknown key 'alpah'; allowed keys: alpha," in (
         proc.stdout + proc.stderr)
+
+
+def clean_clone(root: Path) -> Path:
+    """The repository's files (tracked, and new ones not ignored) committed in a fresh git repository at ROOT."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src, dst = REPO / name, root / name
+        if src.is_symlink() or src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src.readlink()) if src.is_symlink() else shutil.copy2(src, dst)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
+        subprocess.run([*git, *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the repository's git checkout")
+@pytest.mark.parametrize("args", [(), ("--configfile", "config/presets/research_256.yaml")], ids=["demo", "grids"])
+def test_a_dry_run_on_a_clean_clone_writes_nothing_outside_dot_snakemake(tmp_path, args):
+    root = clean_clone(tmp_path / "clone")
+    proc = dry_run(root, "all", *args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line for line in status if not line[3:].startswith(".snakemake/")] == []
+
+
+def test_numbers_as_users_write_them_plan_in_the_workflow_config(project, tmp_path):
+    preset = yaml.safe_load((project / "config/presets/research_256.yaml").read_text())
+    path = tmp_path / "numbers.yaml"
+    path.write_text(yaml.safe_dump({**preset, "memorization": {"calibration_rate": "CAL"}, "autoencoders": [
+        {"grid": {"base": "config/autoencoders/demo_kl_c4_f4.yaml", "axes": {"optim.lr": ["LR1", "LR2"]}}}]})
+        .replace("CAL", "5e-3").replace("LR1", "1e-4").replace("LR2", "5E-3"))
+    proc = dry_run(project, "phase1", "--configfile", str(path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "results/experiments/autoencoder/demo_kl_c4_f4__lr-0.0001.yaml" in out
+    assert "results/experiments/autoencoder/demo_kl_c4_f4__lr-0.005.yaml" in out

@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from ldmflow.artifacts import RunPaths, process_alive
 from ldmflow.config.loading import load_config
+from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 from ldmflow.training.events import read_status
 
@@ -201,7 +200,7 @@ def workflow_status(config: str | Path = "config/config.yaml", results: str | Pa
     results = Path(results)
     workdir = results.resolve().parent
     try:
-        wf = yaml.safe_load(Path(config).read_text()) or {}
+        wf = load_yaml(Path(config).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{config}: workflow config not found (give --config)") from None
     incomplete = incomplete_outputs(workdir)

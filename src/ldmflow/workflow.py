@@ -5,20 +5,25 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ldmflow.artifacts import METRICS_SUFFIX, RunPaths, atomic_write_bytes
+from ldmflow.config.common import STAGE_NAMES
 from ldmflow.config.loading import load_config
 from ldmflow.config.memorization import MemorizationConfig
 from ldmflow.config.schema import validate
+from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger("ldmflow.workflow")
-# The workflow config's lists of experiment files: a --configfile that sets one must set all of them.
-EXPERIMENT_LISTS = ("autoencoders", "diffusion", "controlnets")
+# The workflow config's lists of experiments (list key -> the stage of its experiments), in the order the
+# workflow runs them: a --configfile that sets one must set all of them.
+EXPERIMENT_LISTS: dict[str, str] = dict(zip(("autoencoders", "diffusion", "controlnets"), STAGE_NAMES, strict=True))
 # Where the experiments of grids are written, one file per combination (results/experiments/STAGE/NAME.yaml).
 GRID_DIR = Path("results") / "experiments"
 # Keys that are machine choices even though no cluster profile sets them, with what they would do to a
@@ -31,18 +36,37 @@ MACHINE_KEYS = {
 }
 
 
-def experiments(entries: list, stage: str, key: str | None = None) -> dict[str, str]:
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment the workflow plans: the file its training job reads, its validated config and, for a grid
+    combination, the mapping rule grid_experiment writes to that file (None: a file of the user's)."""
+
+    path: str
+    config: Any  # the stage's experiment dataclass
+    data: dict | None = None
+    base: str | None = None  # a grid combination's base experiment file
+
+
+def as_experiment(entry: str | Path | Experiment, stage: str | None = None) -> Experiment:
+    """An experiment as planned, or the one an experiment file holds (loaded and validated now)."""
+    if isinstance(entry, Experiment):
+        return entry
+    return Experiment(str(entry), load_config(entry, stage))
+
+
+def experiments(entries: list, stage: str, key: str | None = None) -> dict[str, Experiment]:
     """Validate each experiment of a stage now (so ``snakemake -n`` reports a bad key at once) and map each
-    experiment's ``name`` to its file; two experiments with one name are an error.
+    experiment's ``name`` to it; two experiments with one name are an error. Writes nothing.
 
     An entry is an experiment file, or a grid (``{grid: {base: FILE, axes: {...}, name: TEMPLATE}}``, see
-    :mod:`ldmflow.config.grid`): each of its combinations is written to ``results/experiments/STAGE/NAME.yaml``
-    (rewritten only when its content changes, so an unchanged combination stays up to date when an axis gains a
-    value) and that file is the experiment's. ``key`` names the config list in messages (default: ``stage``)."""
+    :mod:`ldmflow.config.grid`): each of its combinations is an experiment whose file,
+    ``results/experiments/STAGE/NAME.yaml``, rule grid_experiment writes from the combination's mapping (a
+    params of the rule, so Snakemake rewrites the file, and retrains, only when that mapping changes).
+    ``key`` names the config list in messages (default: ``stage``)."""
     from ldmflow.config.grid import expand_grid
 
     key = key or stage
-    out: dict[str, str] = {}
+    out: dict[str, Experiment] = {}
     for i, entry in enumerate(entries):
         if isinstance(entry, dict):
             if set(entry) != {"grid"}:
@@ -50,32 +74,62 @@ def experiments(entries: list, stage: str, key: str | None = None) -> dict[str, 
                                   f"allowed: an experiment file, or {{grid: {{base: FILE, axes: {{...}}}}}}")
             points = expand_grid(entry["grid"], stage, f"config: key '{key}[{i}].grid'")
             base = entry["grid"]["base"]
-            named = [(p.name, write_grid_experiment(stage, p.name, p.data, base)) for p in points]
+            named = [(p.name, Experiment(grid_experiment_path(stage, p.name), p.config, p.data, base))
+                     for p in points]
         else:
-            named = [(load_config(entry, stage).name, str(entry))]
-        for name, path in named:
+            experiment = as_experiment(entry, stage)
+            named = [(experiment.config.name, experiment)]
+        for name, experiment in named:
             if name in out:
-                raise ConfigError(f"{path}: experiment name {name!r} is also used by {out[name]}")
-            out[name] = path
+                raise ConfigError(f"{experiment.path}: experiment name {name!r} is also used by {out[name].path}")
+            out[name] = experiment
     return out
 
 
-def write_grid_experiment(stage: str, name: str, data: dict, base: str) -> str:
-    """Write one grid combination's experiment file (``results/experiments/STAGE/NAME.yaml``) unless it already
-    holds the same text, so that its modification time, which Snakemake compares, changes only with its content."""
-    path = GRID_DIR / stage / f"{name}.yaml"
+def grid_experiment_path(stage: str, name: str) -> str:
+    """The experiment file of a grid combination: ``results/experiments/STAGE/NAME.yaml``."""
+    return str(GRID_DIR / stage / f"{name}.yaml")
+
+
+def write_grid_experiment(path: str | Path, data: dict, base: str) -> None:
+    """Write one grid combination's experiment file (rule grid_experiment), with a header naming its grid."""
     text = (f"# Written by the workflow from a grid over {base}; edit the grid in the config, not this file.\n"
             + yaml.safe_dump(data, sort_keys=False))
-    if not path.is_file() or path.read_text() != text:
-        atomic_write_bytes(path, text.encode())
-    return str(path)
+    atomic_write_bytes(Path(path), text.encode())
 
 
-def phase_members(phases: dict, workflow: dict[str, dict[str, str]],
-                  declared: dict[str, dict[str, str]] | None = None) -> dict[str, list[tuple[str, str]]]:
+def workflow_config(configfile: str | Path, configfiles: Iterable[str | Path] = (),
+                    overrides: Mapping[str, Any] | None = None, replace: bool = False) -> dict:
+    """The workflow config merged as Snakemake merges it (the Snakefile's ``configfile`` unless it is missing or
+    ``--replace-workflow-config`` is given, then each ``--configfile``, then ``--config``), with every file read by
+    :func:`ldmflow.config.yamlio.load_yaml`: Snakemake's own loader reads YAML 1.1, where ``1e-4`` is a string."""
+    files = [*([] if replace or not Path(configfile).is_file() else [configfile]), *configfiles]
+    merged: dict = {}
+    for path in files:
+        data = load_yaml(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a workflow config is a mapping of keys; found a {type(data).__name__}")
+        merge_config(merged, data)
+    return merge_config(merged, overrides or {})
+
+
+def merge_config(config: dict, over: Mapping[str, Any]) -> dict:
+    """Merge ``over`` into ``config`` (in place) as Snakemake does: a mapping merges key by key, any other value (a
+    list too) replaces."""
+    for key, value in over.items():
+        if isinstance(value, Mapping):
+            below = config.get(key)
+            config[key] = merge_config(below if isinstance(below, dict) else {}, value)
+        else:
+            config[key] = value
+    return config
+
+
+def phase_members(phases: dict, workflow: dict[str, dict],
+                  declared: dict[str, dict] | None = None) -> dict[str, list[tuple[str, str]]]:
     """The experiments of each phase, as (stage, name): a phase is a list of ``STAGE/NAME`` patterns (shell-style
     wildcards: ``diffusion/unet_base__*``, ``autoencoder/*``). ``workflow`` maps each stage to the experiments the
-    workflow runs (name -> file); ``declared`` to those the config declares (default: the same), which may be more
+    workflow runs (name -> experiment); ``declared`` to those the config declares (default: the same), which may be more
     (mask-controlled ControlNets on data without masks): a pattern that matches no declared experiment is an
     error, one that matches only left-out experiments adds nothing."""
     import fnmatch
@@ -95,45 +149,48 @@ def phase_members(phases: dict, workflow: dict[str, dict[str, str]],
     return out
 
 
-def controlnet_bases(controlnets: dict[str, str], diffusion: dict[str, str]) -> dict[str, str]:
+def controlnet_bases(controlnets: Mapping[str, str | Experiment], diffusion: Mapping) -> dict[str, str]:
     """Map each ControlNet experiment's name to its ``base``, which must name one of the workflow's
-    diffusion experiments (``diffusion`` maps their names to their files)."""
+    diffusion experiments (``diffusion`` maps their names to their experiments)."""
     out: dict[str, str] = {}
-    for name, path in controlnets.items():
-        base = load_config(path, "controlnet").base
+    for name, entry in controlnets.items():
+        experiment = as_experiment(entry, "controlnet")
+        base = experiment.config.base
         if base not in diffusion:
             allowed = ", ".join(sorted(diffusion)) or "none (the config's 'diffusion' list is empty)"
             given = "is null" if base is None else f"names {base!r}, which is not a diffusion experiment of the workflow"
-            raise ConfigError(f"{path}: key 'base' {given}; allowed: {allowed}")
+            raise ConfigError(f"{experiment.path}: key 'base' {given}; allowed: {allowed}")
         out[name] = base
     return out
 
 
-def selection_warnings(autoencoders: dict[str, str], selection: dict) -> list[str]:
+def selection_warnings(autoencoders: Mapping[str, str | Experiment], selection: dict) -> list[str]:
     """Say at plan time (``snakemake -n``) which autoencoder experiments keep their best checkpoint by another
     metric than ``selection.metric``: selection ranks each run's best checkpoint, at that checkpoint's epoch."""
     metric = selection["metric"]
     messages = []
-    for name, path in autoencoders.items():
-        kept_by = load_config(path, "autoencoder").train.early_stopping.metric
+    for name, entry in autoencoders.items():
+        experiment = as_experiment(entry, "autoencoder")
+        kept_by = experiment.config.train.early_stopping.metric
         if kept_by != metric:
             messages.append(
-                f"{path}: the best checkpoint of {name} is kept by train.early_stopping.metric={kept_by}, but "
-                f"selection.metric is {metric}: select_autoencoder ranks it on {metric} at its best-{kept_by} "
+                f"{experiment.path}: the best checkpoint of {name} is kept by train.early_stopping.metric={kept_by}, "
+                f"but selection.metric is {metric}: select_autoencoder ranks it on {metric} at its best-{kept_by} "
                 f"epoch (set the two equal to rank each run at its best {metric})")
     for message in messages:
         log.warning("warning: %s", message)
     return messages
 
 
-def init_parent(path: str, stage: str, workflow: dict[str, dict[str, str]]) -> list[str]:
+def init_parent(entry: str | Experiment, stage: str, workflow: dict[str, dict]) -> list[str]:
     """The file a fine-tuned experiment depends on (``init.from``): the parent experiment's metrics CSV (it stands
     for the run, so ``snakemake -n`` plans the parent first and ``--forcerun`` of the parent reruns the child),
     or the checkpoint file a path names; nothing without ``init``. ``workflow`` maps each stage to its
-    experiments (name -> file)."""
+    experiments (name -> experiment)."""
     from ldmflow.training.finetune import parent_run
 
-    source = load_config(path, stage).init.from_
+    experiment = as_experiment(entry, stage)
+    path, source = experiment.path, experiment.config.init.from_
     if source is None:
         return []
     run = parent_run(source)
@@ -144,16 +201,16 @@ def init_parent(path: str, stage: str, workflow: dict[str, dict[str, str]]) -> l
         allowed = ", ".join(f"{parent_stage}/{n}" for n in sorted(workflow[parent_stage])) or "none"
         raise ConfigError(f"{path}: key 'init.from' names {source!r}, which is not an experiment of the workflow; "
                           f"allowed: {allowed}, or a checkpoint path")
-    if (parent_stage, name) == (stage, load_config(path, stage).name):
+    if (parent_stage, name) == (stage, experiment.config.name):
         raise ConfigError(f"{path}: key 'init.from' names the experiment itself")
     return [metrics_file(parent_stage, name)]
 
 
-def init_checkpoint_of(path: str, parent: list[str]) -> str | None:
+def init_checkpoint_of(entry: str | Experiment, parent: list[str]) -> str | None:
     """The checkpoint a fine-tuned experiment starts from, given the file :func:`init_parent` named (None: fresh)."""
     if not parent:
         return None
-    init = load_config(path).init
+    init = as_experiment(entry).config.init
     if not str(parent[0]).endswith(METRICS_SUFFIX):
         return str(parent[0])
     run = RunPaths.of_metrics(parent[0])
@@ -201,7 +258,7 @@ def check_config_files(paths: Iterable[str | Path]) -> None:
     preset that set only ``diffusion`` would keep the demo's ``controlnets``, whose bases it no longer has.
     """
     for path in paths:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text()) or {}
         given = [key for key in EXPERIMENT_LISTS if key in data]
         missing = [key for key in EXPERIMENT_LISTS if key not in data]
         if given and missing:
@@ -221,12 +278,12 @@ def check_default_profile(profiles: str | Path) -> None:
     default = Path(profiles) / "default" / "config.yaml"
     if not default.is_file():
         return
-    mine = yaml.safe_load(default.read_text()) or {}
+    mine = load_yaml(default.read_text()) or {}
     for key, why in MACHINE_KEYS.items():
         if key in mine:
             raise ConfigError(_profile_clash(default, key, why))
     for other in sorted(Path(profiles).glob("*/config.yaml")):
-        theirs = yaml.safe_load(other.read_text()) or {} if other != default else {}
+        theirs = load_yaml(other.read_text()) or {} if other != default else {}
         for key in sorted(mine.keys() & theirs.keys()):
             if mine[key] != theirs[key]:
                 raise ConfigError(_profile_clash(default, key, f"{other} sets it too, and would lose it"))
@@ -251,12 +308,12 @@ def manifest_has_masks(manifest: str) -> bool:
     return "mask" in read_manifest(manifest).columns
 
 
-def controlnets_for_data(controlnets: dict[str, str], manifest: str) -> dict[str, str]:
+def controlnets_for_data(controlnets: Mapping[str, str | Experiment], manifest: str) -> dict:
     """The ControlNet experiments the data can train: without masks, those controlled by ``mask`` are left
     out of the plan, with a note on stderr naming them (edge and image controls stay)."""
     if not controlnets or manifest_has_masks(manifest):
         return controlnets
-    dropped = [n for n, p in controlnets.items() if load_config(p, "controlnet").control.signal == "mask"]
+    dropped = [n for n, e in controlnets.items() if as_experiment(e, "controlnet").config.control.signal == "mask"]
     if dropped:
         print(f"note: {manifest} has no masks; left out the mask-controlled ControlNet experiment(s) "
               f"{', '.join(dropped)}", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 
 # Upper bounds of the plain commands' numbers: far above any real use, low enough that a typo (an extra
@@ -161,7 +162,7 @@ def _apply_sets(args: argparse.Namespace, allowed: tuple[str, ...],
                                   f"{', '.join(map(str, action.choices))}")
         else:
             try:
-                value = yaml.safe_load(raw)
+                value = load_yaml(raw)  # 1e-4 is a number, as in a config file
             except yaml.YAMLError as exc:
                 raise ConfigError(f"--set {item!r}: not a YAML value ({str(exc).splitlines()[0]})") from None
         setattr(args, key, value)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 from ldmflow.config.schema import param
+
+# The training stages, in the order the workflow runs them: the one list that experiment files, run folders
+# (results/STAGE/NAME), ``init.from: STAGE/NAME`` and the workflow's wildcards use.
+Stage = Literal["autoencoder", "diffusion", "controlnet"]
+STAGE_NAMES: tuple[str, ...] = typing.get_args(Stage)
 
 # --------------------------------------------------------------------------------------------------
 # Sections shared by every stage

@@ -65,7 +65,7 @@ class ControlSamplingConfig:
             self.scale = float(self.scale)
 
     def base(self) -> SamplingConfig:
-        """The diffusion sampling settings (what :func:`ldmflow.samplers.sample` reads)."""
+        """The diffusion sampling settings (what :func:`ldmflow.diffusion.samplers.sample` reads)."""
         return SamplingConfig(sampler=self.sampler, steps=self.steps, eta=self.eta, guidance=self.guidance)
 
 

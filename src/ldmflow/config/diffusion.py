@@ -37,7 +37,7 @@ UNET_PRESETS: dict[str, dict] = {
 
 @dataclasses.dataclass
 class UNetConfig:
-    preset: str | None = param(None, "Named architecture preset (ldmflow.config.UNET_PRESETS); keys set here win.")
+    preset: str | None = param(None, "Named architecture preset (ldmflow.config.diffusion.UNET_PRESETS); keys set here win.")
     base_channels: int = param(64, "Channels of the first level; later levels multiply it.", minimum=8)
     channel_mult: list[int] = param([1, 2, 2], "Channel multiplier per level (the number of levels).", minItems=1)
     num_res_blocks: int = param(2, "ResNet blocks per level.", minimum=1)

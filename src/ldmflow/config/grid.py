@@ -35,13 +35,14 @@ _FIELD = re.compile(r"\{([^{}]*)\}")
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One experiment of a grid: its name, the keys the grid set (dotted key -> value) and its raw mapping
-    (the base file with those keys and the name set), ready for :func:`ldmflow.config.loading.load_config`."""
+    """One experiment of a grid: its name, the keys the grid set (dotted key -> value), its raw mapping (the base
+    file with those keys and the name set) and the validated experiment that mapping loads as."""
 
     name: str
     settings: dict
     data: dict
     labels: dict  # axis -> the label of this combination's value on it
+    config: object  # the stage's experiment dataclass, from load_config(data)
 
 
 def value_label(value) -> str:
@@ -144,6 +145,6 @@ def expand_grid(grid: dict, stage: str, where: str = "grid") -> list[GridPoint]:
             set_dotted(data, key, copy.deepcopy(value), f"{where}.axes")
         data["name"] = name
         source = f"{base} with {described} ({where})"
-        load_config(data, stage, source=source)  # every combination must be a valid experiment, now
-        points.append(GridPoint(name=name, settings=settings, data=data, labels=labels))
+        config = load_config(data, stage, source=source)  # every combination must be a valid experiment, now
+        points.append(GridPoint(name=name, settings=settings, data=data, labels=labels, config=config))
     return points

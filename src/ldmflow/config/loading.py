@@ -8,13 +8,16 @@ from pathlib import Path
 import yaml
 
 from ldmflow.config.autoencoder import AutoencoderExperiment
+from ldmflow.config.common import STAGE_NAMES
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import UNET_PRESETS, DiffusionExperiment
 from ldmflow.config.schema import from_dict, json_schema, to_dict, validate
+from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 
-STAGES: dict[str, type] = {"autoencoder": AutoencoderExperiment, "diffusion": DiffusionExperiment,
-                           "controlnet": ControlNetExperiment}
+# stage -> its experiment dataclass
+STAGES: dict[str, type] = dict(zip(STAGE_NAMES, (AutoencoderExperiment, DiffusionExperiment, ControlNetExperiment),
+                                   strict=True))
 
 
 def apply_presets(data: dict, stage: str, source: str) -> dict:
@@ -29,14 +32,15 @@ def apply_presets(data: dict, stage: str, source: str) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: str = "--set") -> dict:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML, ``optim.lr=1e-4`` a number) to a raw config
+    mapping."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{source}: override {item!r} must look like dotted.key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
         set_dotted(data, key.strip(), value, source)
@@ -55,9 +59,11 @@ def set_dotted(data: dict, key: str, value, source: str = "--set") -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """An experiment file's mapping, numbers read as written (``lr: 1e-4`` is a float; see
+    :mod:`ldmflow.config.yamlio`)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
