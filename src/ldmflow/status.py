@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ldmflow.artifacts import RunPaths, process_alive
+from ldmflow.config.common import EXPERIMENT_LISTS
 from ldmflow.config.loading import load_config
 from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 from ldmflow.training.events import read_status
 
 State = Literal["not started", "queued", "running", "done", "early-stopped", "failed", "preempted", "interrupted"]
-# The workflow config's experiment lists, in the order the workflow runs them.
-STAGES = {"autoencoders": "autoencoder", "diffusion": "diffusion", "controlnets": "controlnet"}
 STALE_AFTER_S = 30 * 60  # a run on another host whose status file is older than this is taken for dead
 
 
@@ -205,7 +204,7 @@ def workflow_status(config: str | Path = "config/config.yaml", results: str | Pa
         raise ConfigError(f"{config}: workflow config not found (give --config)") from None
     incomplete = incomplete_outputs(workdir)
     rows = []
-    for key, stage in STAGES.items():
+    for key, stage in EXPERIMENT_LISTS.items():
         for cfg in _experiments(wf.get(key) or [], stage, workdir):
             es = cfg.train.early_stopping
             rows.append(run_status(stage, cfg.name, results / stage / cfg.name, workdir / "logs" / stage / f"{cfg.name}.log",

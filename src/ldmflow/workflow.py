@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ldmflow.artifacts import METRICS_SUFFIX, RunPaths, atomic_write_bytes
-from ldmflow.config.common import STAGE_NAMES
+from ldmflow.config.common import EXPERIMENT_LISTS
 from ldmflow.config.loading import load_config
 from ldmflow.config.memorization import MemorizationConfig
 from ldmflow.config.schema import validate
@@ -21,9 +21,6 @@ from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger("ldmflow.workflow")
-# The workflow config's lists of experiments (list key -> the stage of its experiments), in the order the
-# workflow runs them: a --configfile that sets one must set all of them.
-EXPERIMENT_LISTS: dict[str, str] = dict(zip(("autoencoders", "diffusion", "controlnets"), STAGE_NAMES, strict=True))
 # Where the experiments of grids are written, one file per combination (results/experiments/STAGE/NAME.yaml).
 GRID_DIR = Path("results") / "experiments"
 # Keys that are machine choices even though no cluster profile sets them, with what they would do to a

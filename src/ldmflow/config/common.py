@@ -12,6 +12,9 @@ from ldmflow.config.schema import param
 # (results/STAGE/NAME), ``init.from: STAGE/NAME`` and the workflow's wildcards use.
 Stage = Literal["autoencoder", "diffusion", "controlnet"]
 STAGE_NAMES: tuple[str, ...] = typing.get_args(Stage)
+# The workflow config's lists of experiments (list key -> the stage of its experiments), in the order the
+# workflow runs them: a --configfile that sets one must set all of them.
+EXPERIMENT_LISTS: dict[str, str] = dict(zip(("autoencoders", "diffusion", "controlnets"), STAGE_NAMES, strict=True))
 
 # --------------------------------------------------------------------------------------------------
 # Sections shared by every stage

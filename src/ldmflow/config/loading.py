@@ -147,7 +147,7 @@ def load_config(path_or_dict: str | Path | dict, stage: str | None = None,
 
 def resolved_config(cfg) -> dict:
     """The resolved experiment config that checkpoints and stores record; without ``init`` when it is unset, so
-    that runs and stores made before fine-tuning existed still resume and match."""
+    that runs and stores whose config has no ``init`` section still resume and match."""
     out = to_dict(cfg)
     if out.get("init", {}).get("from") is None:
         out.pop("init", None)

@@ -156,7 +156,7 @@ def control_preview(signal: Signal, control: torch.Tensor) -> np.ndarray:
 
 
 class ControlDataset(torch.utils.data.Dataset):
-    """A :class:`ldmflow.latents.LatentDataset` whose batches also carry ``control`` (B, K, H, W) float.
+    """A :class:`ldmflow.data.latent_store.LatentDataset` whose batches also carry ``control`` (B, K, H, W) float.
 
     ``stored`` holds the edge maps or control images of all store rows, (N, K, H, W) uint8; masks come
     from the store itself. ``labels`` and ``rows`` are the latent dataset's (class balance, grids).

@@ -15,19 +15,18 @@ from pathlib import Path
 from torch import nn
 
 from ldmflow.artifacts import RunPaths, file_sha256, inference_weights, load_checkpoint
-from ldmflow.config.common import InitConfig
+from ldmflow.config.common import STAGE_NAMES, InitConfig
 from ldmflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("autoencoder", "diffusion", "controlnet")
 RESULTS = Path("results")  # the workflow's results folder: where 'stage/NAME' runs live
 
 
 def parent_run(source: str) -> tuple[str, str] | None:
     """(stage, name) when ``init.from`` names a workflow experiment ('diffusion/NAME'); None for a path."""
     stage, sep, name = source.partition("/")
-    if sep and stage in STAGES and name and "/" not in name and not name.endswith(".pt"):
+    if sep and stage in STAGE_NAMES and name and "/" not in name and not name.endswith(".pt"):
         return stage, name
     return None
 
