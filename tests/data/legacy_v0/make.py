@@ -2,14 +2,17 @@
 'extra' dict, read as version 0): an autoencoder, its latent store, a diffusion model and a ControlNet, each
 trained one epoch on tiny shapes. Kept to show what the committed files are; rerunning it with today's code
 would write the current version instead."""
-import torch
-torch.set_num_threads(1)
 from pathlib import Path
+
+import torch
+
 from ldmflow.data.demo import write_demo_data
-from ldmflow.stages.train_autoencoder import train_autoencoder
 from ldmflow.stages.embed import embed_latents
-from ldmflow.stages.train_diffusion import train_diffusion
+from ldmflow.stages.train_autoencoder import train_autoencoder
 from ldmflow.stages.train_controlnet import train_controlnet
+from ldmflow.stages.train_diffusion import train_diffusion
+
+torch.set_num_threads(1)
 root = Path("/tmp/core_legacy/run")
 man = write_demo_data(root / "data", n=16, size=16, seed=3)
 ae = {"name": "legacy_ae", "seed": 42, "data": {"image_size": 16, "batch_size": 8, "mask_classes": 4},
