@@ -156,3 +156,79 @@ def test_the_checker_sees_a_planted_violation(tmp_path):
     """The import walk finds a lazy import inside a function (so the layering test can fail)."""
     tree = ast.parse("def f():\n    from ldmflow.training.loop import fit\n")
     assert imported("ldmflow.models.x", tree, {"ldmflow.training.loop", "ldmflow.models.x"}) == {"ldmflow.training.loop"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages do not serve as each other's library; artifact metadata is read through its types
+# --------------------------------------------------------------------------------------------------
+
+STAGE_REGISTRY = "ldmflow.stages"  # the package's __init__ may list the stages
+METADATA_MODULE = "ldmflow.metadata"
+# what holds an artifact's metadata as a raw dict: a checkpoint's "extra", a store's zarr ".attrs" (and a
+# copy of them), a judge's ".info", a checkpoint's provenance
+METADATA_HOLDERS = {"extra", "attrs", "info", "provenance"}
+PANDAS_FRAMES = {"frame"}  # a manifest DataFrame's .attrs is pandas' own metadata, not an artifact's
+
+
+def stage_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} imports {d}" for m, deps in graph.items() for d in deps
+            if m.startswith("ldmflow.stages.") and d.startswith("ldmflow.stages.") and m != STAGE_REGISTRY]
+
+
+def test_no_stage_imports_another_stage():
+    bad = stage_imports(graph())
+    assert not bad, "shared code moves down a floor, out of ldmflow.stages:\n" + "\n".join(bad)
+
+
+def _holder(node: ast.expr) -> str | None:
+    """The name a metadata read goes through (``extra`` of ``extra["k"]``, ``attrs`` of ``store.attrs["k"]``)."""
+    if isinstance(node, ast.Name):
+        name = node.id
+    elif isinstance(node, ast.Attribute):
+        if isinstance(node.value, ast.Name) and node.value.id in PANDAS_FRAMES:
+            return None
+        name = node.attr
+    else:
+        return None
+    return name if name in METADATA_HOLDERS or name.endswith("_extra") else None
+
+
+def metadata_reads(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, key) of each read of artifact metadata by string key: ``extra["k"]``, ``store.attrs.get("k")``,
+    ``base_extra["k"]``, and ``state["extra"]`` itself (key "extra")."""
+    reads = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            holder, key = node.value, node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
+                and node.args:
+            holder, key = node.func.value, node.args[0]
+        else:
+            continue
+        if isinstance(key, ast.Constant) and isinstance(key.value, str) and (_holder(holder) or key.value == "extra"):
+            reads.append((node.lineno, key.value))
+    return sorted(reads)
+
+
+# Loading a checkpoint's state reads its "extra" entry, to hand it to the metadata types (the loop compares
+# the recorded inputs' sha256 on resume and writes the entry it is given).
+READS_STATE_EXTRA = {"ldmflow.checkpoints", "ldmflow.training.loop"}
+
+
+def test_artifact_metadata_is_read_only_through_its_types():
+    bad = [f"{name}:{line} ({key!r})" for name, tree in modules().items() if name != METADATA_MODULE
+           for line, key in metadata_reads(tree) if not (key == "extra" and name in READS_STATE_EXTRA)]
+    assert not bad, "read artifact metadata through ldmflow.metadata, not by string key: " + ", ".join(bad)
+
+
+def test_the_metadata_checker_sees_planted_violations():
+    """Each way of reading metadata by key is caught, and what is not metadata is not."""
+    planted = ast.parse("def f(state, store, frame, meta):\n"
+                        "    a = state['extra']['num_classes']\n"
+                        "    b = store.attrs.get('channels', 3)\n"
+                        "    c = base_extra['latent_size']\n"
+                        "    d = frame.attrs['source']\n"
+                        "    e = meta.num_classes\n")
+    assert metadata_reads(planted) == [(2, "extra"), (3, "channels"), (4, "latent_size")]
+    assert stage_imports({"ldmflow.stages.a": {"ldmflow.stages.b", "ldmflow.artifacts"},
+                          "ldmflow.stages": {"ldmflow.stages.a"}}) == ["ldmflow.stages.a imports ldmflow.stages.b"]

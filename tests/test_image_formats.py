@@ -227,8 +227,9 @@ def test_workflow_plans_a_labelled_manifest_without_masks(tmp_path):
 
 def test_samples_are_written_in_the_datas_own_values(tmp_path):
     from ldmflow.config.autoencoder import AutoencoderModelConfig
+    from ldmflow.metadata import SamplesAttrs
     from ldmflow.models.autoencoder import Autoencoder
-    from ldmflow.stages.sample import save_data_values, save_samples
+    from ldmflow.samples import save_data_values, save_samples
     from ldmflow.viz import to_pixels
 
     model_cfg = AutoencoderModelConfig(variant="plain", downsample=4, latent_channels=4, base_channels=8)
@@ -240,7 +241,9 @@ def test_samples_are_written_in_the_datas_own_values(tmp_path):
     assert img.mode == "I;16" and img.size == (16, 16) and values.min() >= 1000 and values.max() <= 4095
     with torch.no_grad():
         pixels = to_pixels(gray.decode(torch.from_numpy(latents))[0])  # (3, 16, 16, 1)
-    save_samples(tmp_path / "gray", pixels, latents, np.full(3, -1), {})
+    attrs = SamplesAttrs(checkpoint="c.pt", checkpoint_sha256="0", autoencoder_checkpoint="ae.pt", autoencoder_sha256="0",
+                         sampler="ddim", steps=1, eta=0.0, guidance=None, seed=0, classes=None, ldmflow_version="0")
+    save_samples(tmp_path / "gray", pixels, latents, np.full(3, -1), attrs)
     assert Image.open(tmp_path / "gray" / "sample_00000.png").mode == "L"  # grayscale is not tripled
 
     stack = Autoencoder(model_cfg, image_channels=2).eval()

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ldmflow.checkpoints import load_judge
 from ldmflow.config.judge import AugmentConfig, judge_config
 from ldmflow.errors import ConfigError
-from ldmflow.evaluation.judge import augment, judge_outputs, load_judge, read_images, save_judge, train_judge, validity
+from ldmflow.evaluation.judge import augment, judge_outputs, read_images, save_judge, train_judge, validity
 from ldmflow.evaluation.two_sample import two_sample_test, wilson_interval
 from ldmflow.stages.evaluate import class_fidelity
 
@@ -93,7 +94,7 @@ def test_same_seed_same_judge_and_the_checkpoint_rebuilds_it(demo, tmp_path):
     b, _ = train_judge(demo, cfg, image_size=16, threads=1)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     save_judge(a, rec, tmp_path / "judge.pt")
-    c = load_judge(tmp_path / "judge.pt")
+    c = load_judge(tmp_path / "judge.pt").model
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     assert torch.equal(judge_outputs(a, x)["probs"], judge_outputs(c, x)["probs"])
     assert c.validity["real_val"] == rec["real_val"] and c.info["classes"] == ["circle", "square", "triangle"]

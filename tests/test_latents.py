@@ -14,11 +14,12 @@ import zarr
 
 import ldmflow
 from ldmflow.artifacts import file_sha256, load_checkpoint
+from ldmflow.checkpoints import load_autoencoder, store_autoencoder
 from ldmflow.data.dataset import prepare_data
 from ldmflow.data.latent_store import STORE_FORMAT, LatentDataset, LatentStore
 from ldmflow.errors import LatentError
-from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
-from ldmflow.stages.embed import RunningMoments, embed_latents, store_autoencoder
+from ldmflow.models.autoencoder import Autoencoder
+from ldmflow.stages.embed import RunningMoments, embed_latents
 from ldmflow.stages.select_autoencoder import select_autoencoder
 from ldmflow.stages.train_autoencoder import train_autoencoder
 
@@ -51,7 +52,8 @@ def stores(runs, demo_manifest, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("variant", ["kl", "plain"])
 def test_store_holds_every_row_as_the_data_layer_sees_it(variant, runs, stores, demo_manifest):
-    model, cfg = load_autoencoder(runs[variant])
+    loaded = load_autoencoder(runs[variant])
+    model, cfg = loaded.model, loaded.config
     data = prepare_data(demo_manifest, cfg.data, cfg.seed)  # cached: images and masks in memory
     group = zarr.open_group(stores[variant], mode="r")
     n, size = len(data.paths), cfg.data.image_size
@@ -145,7 +147,8 @@ def test_refuses_a_store_made_by_another_autoencoder(runs, stores, demo_manifest
     with pytest.raises(LatentError, match=f"{stores['kl']}: made by autoencoder .*tiny_kl_checkpoint_best.pt.* "
                                           "but .*tiny_plain_checkpoint_best.pt has sha256"):
         store.check_autoencoder(runs["plain"])
-    model, cfg = store_autoencoder(store, "cpu")
+    loaded = store_autoencoder(store, "cpu")
+    model, cfg = loaded.model, loaded.config
     assert isinstance(model, Autoencoder) and cfg.name == "tiny_kl"
 
     # the recorded checkpoint replaced after embedding: refused; a moved copy of the right one: accepted
@@ -157,7 +160,7 @@ def test_refuses_a_store_made_by_another_autoencoder(runs, stores, demo_manifest
     shutil.copy(runs["plain"], copy)
     with pytest.raises(LatentError, match="made by autoencoder"):
         store_autoencoder(made, "cpu")
-    assert store_autoencoder(made, "cpu", checkpoint=moved)[1].name == "tiny_kl"
+    assert store_autoencoder(made, "cpu", checkpoint=moved).config.name == "tiny_kl"
 
 
 def test_a_failed_write_leaves_the_previous_store_and_no_temporary(runs, demo_manifest, tmp_path, monkeypatch):

@@ -330,11 +330,12 @@ def write_store(path, checkpoint, manifest, copies: int = 6):
     """A latent store (posterior means of the demo images) and a sample folder with PNGs and samples.zarr."""
     import zarr
 
+    from ldmflow.checkpoints import load_autoencoder
     from ldmflow.data.images import load_row
     from ldmflow.data.manifest import read_manifest
-    from ldmflow.models.autoencoder import load_autoencoder
 
-    model, cfg = load_autoencoder(checkpoint)
+    loaded = load_autoencoder(checkpoint)
+    model, cfg = loaded.model, loaded.config
     frame = read_manifest(manifest)
     size = cfg.data.image_size
     images = np.stack([load_row(p, None, size, None, "m", i)[0] for i, p in enumerate(frame["image"])])

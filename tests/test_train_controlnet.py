@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from ldmflow.artifacts import load_checkpoint
+from ldmflow.checkpoints import load_controlnet, load_diffusion
 from ldmflow.data.controls import SIGNALS, ControlDataset
 from ldmflow.data.latent_store import LatentDataset
 from ldmflow.diffusion.schedules import NoiseSchedule
 from ldmflow.errors import ConfigError, ControlError, SamplingError
 from ldmflow.models.controlnet import FUSIONS
-from ldmflow.stages.sample import load_diffusion
-from ldmflow.stages.sample_controlnet import load_controlnet, sample_controlnet
+from ldmflow.stages.sample_controlnet import sample_controlnet
 from ldmflow.stages.summaries import summarize_control_fidelity
 from ldmflow.stages.train_autoencoder import train_autoencoder
 from ldmflow.stages.train_controlnet import FIDELITY_FILE, train_controlnet
@@ -82,8 +82,9 @@ def test_each_fusion_trains_its_loss_falls_and_it_reports_control_fidelity(tmp_p
     cfg = experiment(model={"fusion": fusion}, train={"epochs": 25, "sample_every": 5}, optim={"lr": 5e-3})
     result = train_controlnet(cfg, stage["store"], stage["base"], tmp_path)
     rows = result["history"]
-    base, base_cfg, _ = load_diffusion(stage["base"], "cpu")
-    model, *_ = load_controlnet(tmp_path / "checkpoints/tinyc_checkpoint_latest.pt", "cpu")
+    loaded = load_diffusion(stage["base"], "cpu")
+    base, base_cfg = loaded.model, loaded.config
+    model = load_controlnet(tmp_path / "checkpoints/tinyc_checkpoint_latest.pt", "cpu").model
     before = training_loss(lambda x, t, y, c: base(x, t, y), stage["store"], base_cfg)  # = the model at init
     after = training_loss(lambda x, t, y, c: model(x, t, y, control=c), stage["store"], base_cfg)
     # the same model given other rows' controls: what it gained from the control itself
@@ -128,8 +129,8 @@ def test_every_control_signal_trains_and_samples(tmp_path, stage, signal_):
     cfg = experiment(control=control, train={"epochs": 1})
     train_controlnet(cfg, stage["store"], stage["base"], tmp_path / "run")
     ckpt = tmp_path / "run/checkpoints/tinyc_checkpoint_best.pt"
-    model, _, _, extra = load_controlnet(ckpt, "cpu")
-    assert extra["control_channels"] == {"mask": 4, "edges": 1, "image": 3}[signal_]
+    loaded = load_controlnet(ckpt, "cpu")
+    assert loaded.meta.control_channels == {"mask": 4, "edges": 1, "image": 3}[signal_]
     sample_controlnet(ckpt, 3, 2, tmp_path / "samples", steps=2)
     assert (tmp_path / "samples/grid.png").is_file() and (tmp_path / "samples/control.png").is_file()
 
@@ -272,8 +273,9 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, stage):
     rows = train_controlnet(cfg, stage["store"], stage["base"], tmp_path)["history"]
     train, val = [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
     assert all(map(math.isfinite, train + val))
-    base, base_cfg, _ = load_diffusion(stage["base"], "cpu")
-    model, *_ = load_controlnet(tmp_path / "checkpoints/tinyc_checkpoint_latest.pt", "cpu")
+    loaded = load_diffusion(stage["base"], "cpu")
+    base, base_cfg = loaded.model, loaded.config
+    model = load_controlnet(tmp_path / "checkpoints/tinyc_checkpoint_latest.pt", "cpu").model
     before = training_loss(lambda x, t, y, c: base(x, t, y), stage["store"], base_cfg)  # = the model at init
     after = training_loss(lambda x, t, y, c: model(x, t, y, control=c), stage["store"], base_cfg)
     print(f"bf16 controlnet train_loss {train}; fixed-noise training loss {before:.4f} -> {after:.4f}")

@@ -114,9 +114,9 @@ def _controlnet(cfg: ControlNetExperiment, data, base, control_channels: int | N
         raise ConfigError(f"{cfg.name}: a ControlNet steers a trained diffusion UNet; pass base=CHECKPOINT (the "
                           "config's key 'base' names a workflow experiment, not a file)")
     if not isinstance(base, torch.nn.Module):
-        from ldmflow.stages.sample import load_diffusion
+        from ldmflow.checkpoints import load_diffusion
 
-        base = load_diffusion(base, "cpu")[0]
+        base = load_diffusion(base, "cpu").model
     if data is not None:
         control_channels, downsample = control_geometry(cfg, LatentStore(data))
     if control_channels is None or downsample is None:
@@ -188,5 +188,5 @@ def build_dataset(config, data: str | Path, split: str | None = "train", threads
         return LatentDataset(store, split, kl_latents=config.data.kl_latents)
     from ldmflow.stages.train_controlnet import control_dataset, stored_controls
 
-    return control_dataset(config, store, split, stored_controls(config, store, int(store.attrs["image_size"])))
+    return control_dataset(config, store, split, stored_controls(config, store, store.info.image_size))
 

@@ -31,9 +31,10 @@ def parse_scale(text: str | float | list | None) -> float | list[float] | None:
 
 
 def cmd_sample(args) -> None:
+    from ldmflow.checkpoints import checkpoint_stage
     from ldmflow.errors import SamplingError
     from ldmflow.stages.sample import sample_checkpoint
-    from ldmflow.stages.sample_controlnet import checkpoint_stage, sample_controlnet
+    from ldmflow.stages.sample_controlnet import sample_controlnet
 
     _apply_sets(args, ("n", "class_id", "guidance", "sampler", "steps", "seed", "batch_size", "control", "scale"))
     if checkpoint_stage(args.checkpoint) == "controlnet":

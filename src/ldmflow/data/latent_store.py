@@ -31,17 +31,13 @@ from zarr.codecs import BloscCodec
 from ldmflow.artifacts import file_sha256, resolve_checkpoint
 from ldmflow.data.manifest import SPLITS
 from ldmflow.errors import LatentError
+from ldmflow.metadata import STORE_FORMAT, LatentsInfo, StoreAttrs
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "ldmflow-latents-v1"
 DTYPES = ("float16", "float32")
-REQUIRED_ATTRS = ("n", "scale_factor", "variant", "image_size", "downsample", "latent_channels", "classes",
-                  "mask_classes", "autoencoder")
 CHUNK_BYTES = 1 << 20  # ~1 MiB uncompressed per chunk: whole chunks per write, cheap random reads
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte shuffle suits float16/32
-
-
 
 
 def chunk_rows(row_bytes: int, n: int) -> int:
@@ -57,7 +53,8 @@ def chunk_rows(row_bytes: int, n: int) -> int:
 class LatentStore:
     """A finished latent store, opened read-only and checked: format, array shapes, attributes.
 
-    ``attrs`` is the attribute mapping; ``latents``, ``logvar`` and ``masks`` are the zarr arrays
+    ``info`` is the typed attributes (:class:`ldmflow.metadata.StoreAttrs`), ``attrs`` the raw mapping as
+    zarr holds it; ``latents``, ``logvar`` and ``masks`` are the zarr arrays
     (``logvar`` None for a plain autoencoder, ``masks`` None without masks).
     """
 
@@ -70,9 +67,14 @@ class LatentStore:
         except Exception as exc:  # zarr raises several types for a folder that is not a group
             raise LatentError(f"{self.path}: not a zarr v3 group ({type(exc).__name__}: {exc})") from None
         self.attrs = dict(self.group.attrs)
-        if self.attrs.get("format") != STORE_FORMAT:
+        found = StoreAttrs.format_of(self.attrs)
+        if found != STORE_FORMAT:
             raise LatentError(f"{self.path}: not a complete ldmflow latent store (format attribute "
-                              f"{self.attrs.get('format')!r}, expected {STORE_FORMAT!r}); rerun `ldmflow embed`")
+                              f"{found!r}, expected {STORE_FORMAT!r}); rerun `ldmflow embed`")
+        missing = StoreAttrs.missing(self.attrs)
+        if missing:
+            raise LatentError(f"{self.path}: attribute(s) {', '.join(missing)} missing from a {STORE_FORMAT} store")
+        self.info = StoreAttrs.from_dict(self.attrs, str(self.path))
         self._check()
 
     def _array(self, name: str) -> zarr.Array:
@@ -82,38 +84,35 @@ class LatentStore:
             raise LatentError(f"{self.path}: array {name!r} is missing") from None
 
     def _check(self) -> None:
-        a = self.attrs
-        missing = [k for k in REQUIRED_ATTRS if k not in a]
-        if missing:
-            raise LatentError(f"{self.path}: attribute(s) {', '.join(missing)} missing from a {STORE_FORMAT} store")
-        n, c, size = a["n"], a["latent_channels"], a["image_size"]
-        h = size // a["downsample"]
+        a = self.info
+        n, c, size = a.n, a.latent_channels, a.image_size
+        h = size // a.downsample
         expected = {"latents": (n, c, h, h), "labels": (n,), "split": (n,), "paths": (n,)}
-        if a["variant"] == "kl":
+        if a.variant == "kl":
             expected["logvar"] = (n, c, h, h)
-        if a["mask_classes"] is not None:
+        if a.mask_classes is not None:
             expected["masks"] = (n, size, size)
         for name, shape in expected.items():
             got = self._array(name).shape
             if got != shape:
                 raise LatentError(f"{self.path}: array {name!r} has shape {got}; expected {shape} from the "
                                   f"attributes (n={n}, latent_channels={c}, image_size={size}, "
-                                  f"downsample={a['downsample']})")
+                                  f"downsample={a.downsample})")
         # named lookups, not a listing: Snakemake leaves a .snakemake_timestamp file in directory outputs
         extra = [k for k in ("logvar", "masks") if k not in expected and k in self.group]
         if extra:
-            raise LatentError(f"{self.path}: unexpected array(s) {', '.join(extra)} for a {a['variant']} store"
-                              f"{' without masks' if a['mask_classes'] is None else ''}")
+            raise LatentError(f"{self.path}: unexpected array(s) {', '.join(extra)} for a {a.variant} store"
+                              f"{' without masks' if a.mask_classes is None else ''}")
         self.latents = self.group["latents"]
         self.logvar = self.group["logvar"] if "logvar" in expected else None
         self.masks = self.group["masks"] if "masks" in expected else None
 
     def __repr__(self) -> str:
-        return f"LatentStore({str(self.path)!r}, n={self.n}, latents={self.latents.shape}, {self.attrs['variant']})"
+        return f"LatentStore({str(self.path)!r}, n={self.n}, latents={self.latents.shape}, {self.info.variant})"
 
     @property
     def n(self) -> int:
-        return int(self.attrs["n"])
+        return int(self.info.n)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -122,19 +121,19 @@ class LatentStore:
 
     @property
     def scale_factor(self) -> float:
-        return float(self.attrs["scale_factor"])
+        return float(self.info.scale_factor)
 
     @property
     def classes(self) -> list[str] | None:
-        return self.attrs["classes"]
+        return self.info.classes
 
     @property
     def mask_classes(self) -> int | None:
-        return self.attrs["mask_classes"]
+        return self.info.mask_classes
 
     @property
     def kl(self) -> bool:
-        return self.attrs["variant"] == "kl"
+        return self.info.variant == "kl"
 
     @property
     def labels(self) -> np.ndarray:
@@ -158,11 +157,11 @@ class LatentStore:
     def check_autoencoder(self, checkpoint: str | Path) -> Path:
         """Refuse a checkpoint (or selected.json) other than the autoencoder that made this store."""
         path, _ = resolve_checkpoint(checkpoint)
-        made_by = self.attrs["autoencoder"]
+        made_by = self.info.autoencoder
         sha = file_sha256(path)
-        if sha != made_by["sha256"]:
+        if sha != made_by.sha256:
             raise LatentError(
-                f"{self.path}: made by autoencoder {made_by['checkpoint']} (sha256 {made_by['sha256'][:12]}...), "
+                f"{self.path}: made by autoencoder {made_by.checkpoint} (sha256 {made_by.sha256[:12]}...), "
                 f"but {path} has sha256 {sha[:12]}...; decode with the autoencoder that made the store, or "
                 "re-embed with this one")
         return path
@@ -229,26 +228,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
-log = logging.getLogger(__name__)
 
-
-def store_provenance(store: LatentStore) -> dict:
+def store_provenance(store: LatentStore) -> LatentsInfo:
     """What a diffusion checkpoint records about its latents: enough to rebuild, sample and decode."""
-    attrs = store.attrs
-    shape = store.latent_shape
-    return {
-        "latents": str(store.path),
-        "latent_channels": shape[0],
-        "latent_size": shape[1],
-        "classes": store.classes,
-        "scale_factor": store.scale_factor,
-        "autoencoder_checkpoint": attrs["autoencoder"]["checkpoint"],
-        "autoencoder_sha256": attrs["autoencoder"]["sha256"],
-        "manifest": attrs["manifest"]["path"],
-        "manifest_sha256": attrs["manifest"]["sha256"],
-        "data_fingerprint_sha256": attrs.get("data_fingerprint"),
-        "mask_classes": store.mask_classes,
-        "image_size": attrs.get("image_size"),
-        "channels": attrs.get("channels", 3),
-        "intensity": attrs.get("intensity"),
-    }
+    return LatentsInfo.of_store(str(store.path), store.info)

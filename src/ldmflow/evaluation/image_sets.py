@@ -19,9 +19,9 @@ from ldmflow.data.images import load_row, to_unit_range
 from ldmflow.data.manifest import IMAGE_SUFFIXES, read_manifest
 from ldmflow.errors import ConfigError, DataError
 from ldmflow.evaluation.features import Features, tile_features
+from ldmflow.metadata import STORE_FORMAT, StoreAttrs, autoencoder_of_store, store_image_size
 
 log = logging.getLogger(__name__)
-LATENT_STORE_FORMAT = "ldmflow-latents-v1"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,13 +116,13 @@ def _open_store(path: Path) -> ImageSet:
     arrays = set(group.array_keys())
     if "latents" not in arrays:
         raise DataError(f"{path}: a zarr group without a 'latents' array; expected an ldmflow latent store "
-                        f"(format {LATENT_STORE_FORMAT}) or samples store")
+                        f"(format {STORE_FORMAT}) or samples store")
     latents = group["latents"]
     count = latents.shape[0]
     # a samples store records the autoencoder at the top level, a latent store under "autoencoder"
-    ckpt = attrs.get("autoencoder_checkpoint") or (attrs.get("autoencoder") or {}).get("checkpoint")
+    ckpt = autoencoder_of_store(attrs)[0]
     ckpt = _resolve(str(ckpt), path.parent) if ckpt else None
-    if attrs.get("format") == LATENT_STORE_FORMAT:
+    if StoreAttrs.format_of(attrs) == STORE_FORMAT:
         missing = {"paths", "split"} - arrays
         if missing:
             raise DataError(f"{path}: latent store without the array(s) {', '.join(sorted(missing))}")
@@ -130,9 +130,8 @@ def _open_store(path: Path) -> ImageSet:
         split = np.array(_strings(group["split"][:]), dtype=object)
         if len(paths) != count or len(split) != count:
             raise DataError(f"{path}: latents has {count} rows but paths {len(paths)} and split {len(split)}")
-        size = attrs.get("image_size")
         return ImageSet(str(path), paths, list(paths), list(range(1, count + 1)), latents, np.arange(count), split,
-                        ckpt, image_size=int(size) if size else None)
+                        ckpt, image_size=store_image_size(attrs))
     names = [f"sample_{i:05d}" for i in range(count)]
     return ImageSet(str(path), names, [None] * count, list(range(1, count + 1)), latents, np.arange(count),
                     checkpoint=ckpt)
@@ -192,7 +191,7 @@ class Loader:
     @property
     def autoencoder(self):
         if self._ae is None:
-            from ldmflow.models.autoencoder import load_autoencoder
+            from ldmflow.checkpoints import load_autoencoder
 
             if self.checkpoint is None:
                 raise ConfigError("memorization options: key 'autoencoder' is null, and no store names an "
@@ -203,20 +202,20 @@ class Loader:
 
     @property
     def ae_size(self) -> int:
-        return self.autoencoder[1].data.image_size
+        return self.autoencoder.config.data.image_size
 
     @property
     def channels(self) -> int:
         """The data's channels (the autoencoder's data.channels; 3 without an autoencoder): image files are
         decoded to it, so files and decoded latents compare channel for channel."""
-        return (self.autoencoder[1].data.channels or 3) if self.checkpoint is not None else 3
+        return (self.autoencoder.config.data.channels or 3) if self.checkpoint is not None else 3
 
     def unit_range(self, img: np.ndarray) -> torch.Tensor:
         """A decoded file (H, W, C) -> (C, H, W) in [-1, 1]: 8-bit 0..255; deeper data by the autoencoder's
         intensity range (what it trained with), else by the image's own per-channel min..max."""
         if img.dtype == np.uint8:
             return to_unit_range(img[None])[0]
-        value_range = self.autoencoder[1].data.intensity.range if self.checkpoint is not None else None
+        value_range = self.autoencoder.config.data.intensity.range if self.checkpoint is not None else None
         if value_range is None:
             flat = img.reshape(-1, img.shape[-1])
             value_range = [[float(lo), float(max(hi, lo + 1e-6))] for lo, hi in zip(flat.min(0), flat.max(0))]
@@ -245,7 +244,7 @@ class Loader:
             return torch.stack(list(pool.map(load, idx)))  # (n, C, size, size)
 
     def _decode(self, s: ImageSet, idx: np.ndarray, size: int) -> torch.Tensor:
-        model, _ = self.autoencoder
+        model = self.autoencoder.model
         z = self._stored_latents(s, idx).to(self.device)
         with torch.no_grad():
             bs = self.cfg.batch_size
@@ -267,7 +266,7 @@ class Loader:
         """Rows ``idx`` as latents (n, C, h, w): from the store when it has them, else encoded images."""
         if s.has_latents:
             return self._stored_latents(s, idx)
-        model, _ = self.autoencoder
+        model = self.autoencoder.model
         x = self.images(s, idx, self.ae_size).to(self.device)
         with torch.no_grad():
             z = [model.encode(x[b:b + self.cfg.batch_size])[0] for b in range(0, len(x), self.cfg.batch_size)]

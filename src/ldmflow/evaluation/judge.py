@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from ldmflow import __version__
-from ldmflow.artifacts import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ldmflow.artifacts import CHECKPOINT_FORMAT, save_checkpoint
 from ldmflow.config.judge import AugmentConfig, JudgeConfig
-from ldmflow.config.schema import from_dict, to_dict
+from ldmflow.config.schema import to_dict
 from ldmflow.data.images import load_row, to_unit_range
 from ldmflow.data.latent_store import LatentStore
 from ldmflow.devices import set_deterministic
-from ldmflow.errors import DataError, TrainingError
+from ldmflow.errors import DataError
 from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.evaluation.two_sample import wilson_interval
+from ldmflow.metadata import JudgeMeta
 from ldmflow.models.judge import Judge
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ def real_images(source: str | Path, threads: int = 4, image_size: int = 32, max_
         return RealImages(batch["image"], labels, batch.get("mask"), data.split, data.classes, data.mask_classes,
                           data.value_range, str(source))
     store = LatentStore(source)
-    attrs = store.attrs
-    value_range = (attrs.get("intensity") or {}).get("range")
+    value_range = (store.info.intensity or {}).get("range")
     split = store.split
     rows = np.arange(store.n)
     if max_per_split is not None:
@@ -102,7 +102,7 @@ def real_images(source: str | Path, threads: int = 4, image_size: int = 32, max_
         rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(split == s))[:max_per_split]
                                        for s in np.unique(split)]))
     paths = store.paths
-    images = read_images([paths[i] for i in rows], int(attrs["image_size"]), int(attrs.get("channels", 3)),
+    images = read_images([paths[i] for i in rows], store.info.image_size, store.info.channels,
                          value_range, str(store.path), threads)
     labels = None
     if store.classes and (store.labels >= 0).any():
@@ -361,27 +361,11 @@ def _fmt(value: float | None) -> str:
 
 
 def save_judge(model: Judge, record: dict, path: str | Path) -> None:
-    """Write ``judge.pt`` atomically: the weights, the config and data facts that rebuild it, its real-val figures."""
-    state = {"format": CHECKPOINT_FORMAT, "stage": "judge", "name": "judge", "config": model.info["config"],
-             "extra": {k: v for k, v in model.info.items() if k != "config"},
-             "model": {k: v.cpu() for k, v in model.state_dict().items()},
+    """Write ``judge.pt`` atomically: the weights, the config and data facts that rebuild it (read back by
+    :func:`ldmflow.checkpoints.load_judge`), its real-val figures."""
+    meta, config = JudgeMeta.of_judge(model)
+    state = {"format": CHECKPOINT_FORMAT, "stage": "judge", "name": "judge", "config": config,
+             "extra": meta.to_dict(), "model": {k: v.cpu() for k, v in model.state_dict().items()},
              "validity": {k: record[k] for k in ("real_val", "held_out_split", "counts")},
              "ldmflow_version": __version__}
     save_checkpoint(state, path)
-
-
-def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
-    """Rebuild a judge from ``judge.pt`` alone (weights_only load); ``model.info`` holds its data facts and
-    config, ``model.validity`` its real-val figures."""
-    state = load_checkpoint(path, map_location="cpu")
-    if state.get("stage") != "judge":
-        raise TrainingError(f"{path}: a {state.get('stage')} checkpoint, not a judge (train one with "
-                            "`ldmflow judge train`)")
-    cfg = from_dict(JudgeConfig, state["config"])
-    extra = state["extra"]
-    model = Judge(extra["channels"], extra["num_classes"], extra["mask_classes"], cfg.width, cfg.levels,
-                  image_size=extra["image_size"], flips=_flip_dims(cfg.augment))
-    model.load_state_dict(state["model"])
-    model.info = {**extra, "config": state["config"]}
-    model.validity = state["validity"]
-    return model.to(device).eval().requires_grad_(False)

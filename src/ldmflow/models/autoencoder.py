@@ -201,17 +201,3 @@ class AutoencoderLoss(nn.Module):
 def build_loss(cfg: AutoencoderExperiment) -> AutoencoderLoss:
     """The research module's notebook helper: the multi-head autoencoder loss."""
     return AutoencoderLoss(cfg.loss)
-
-
-def load_autoencoder(checkpoint, device="cpu") -> tuple[Autoencoder, AutoencoderExperiment]:
-    """Rebuild an autoencoder from its checkpoint alone (the resolved config it carries), in eval mode."""
-    from ldmflow.artifacts import inference_weights, load_checkpoint
-    from ldmflow.config.schema import from_dict
-
-    state = load_checkpoint(checkpoint, map_location=device)
-    if state.get("stage") != "autoencoder":
-        raise ValueError(f"{checkpoint}: a {state.get('stage')} checkpoint, not an autoencoder checkpoint")
-    cfg = from_dict(AutoencoderExperiment, state["config"])
-    model = build_autoencoder(cfg)
-    model.load_state_dict(inference_weights(state))
-    return model.to(device).eval().requires_grad_(False), cfg

@@ -20,22 +20,17 @@ import torch
 import zarr
 
 from ldmflow import __version__
-from ldmflow.artifacts import (
-    file_sha256,
-    fsync_tree,
-    load_checkpoint,
-    publish_dir,
-    remove_stale_temporaries,
-    resolve_checkpoint,
-)
+from ldmflow.artifacts import file_sha256, fsync_tree, publish_dir, remove_stale_temporaries, resolve_checkpoint
+from ldmflow.checkpoints import load_autoencoder
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.loading import resolved_config
 from ldmflow.data.dataset import ImageDataset, prepare_data
-from ldmflow.data.latent_store import COMPRESSOR, DTYPES, STORE_FORMAT, LatentStore, chunk_rows
+from ldmflow.data.latent_store import COMPRESSOR, DTYPES, chunk_rows
 from ldmflow.data.manifest import SPLITS
 from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
-from ldmflow.models.autoencoder import Autoencoder, load_autoencoder
+from ldmflow.metadata import AutoencoderRef, ManifestRef, StoreAttrs
+from ldmflow.models.autoencoder import Autoencoder
 from ldmflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -44,8 +39,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------
-
-
 
 
 class RunningMoments:
@@ -126,6 +119,146 @@ def prefetch(load: Callable[[Sequence[int]], dict], batches: Iterable[Sequence[i
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a store is embedded from: the autoencoder (its checkpoint, how it was named, sha256, model and
+    config) and the manifest (its sha256, and whether the autoencoder trained on it)."""
+
+    checkpoint: Path
+    selected: Path | None
+    sha256: str
+    model: Autoencoder
+    cfg: AutoencoderExperiment
+    manifest: Path
+    manifest_sha256: str | None
+    trained_on_it: bool | None
+
+
+def _check_options(dtype: str, batch_size: int) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"key 'dtype' has value {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"key 'batch_size' has value {batch_size!r}; allowed: integer >= 1")
+
+
+def _source(checkpoint: str | Path, manifest: str | Path, dev: torch.device) -> Source:
+    """The autoencoder and manifest, warning when the manifest is not the one the autoencoder trained on."""
+    ckpt_path, selected = resolve_checkpoint(checkpoint)
+    sha256 = file_sha256(ckpt_path)
+    loaded = load_autoencoder(ckpt_path, dev)
+    manifest_sha256 = file_sha256(manifest) if Path(manifest).is_file() else None
+    trained_on = loaded.meta.manifest_sha256
+    same = None if not (trained_on and manifest_sha256) else trained_on == manifest_sha256
+    if same is False:
+        log.warning("%s differs from the manifest %s was trained on; its split (seed %d) is not the "
+                    "autoencoder's", manifest, ckpt_path, loaded.config.seed)
+    return Source(ckpt_path, selected, sha256, loaded.model, loaded.config, Path(manifest), manifest_sha256, same)
+
+
+def _create_arrays(group: zarr.Group, data, cfg: AutoencoderExperiment, dtype: str) -> dict[str, ChunkWriter]:
+    """The store's arrays: labels, split and paths written now; a chunk writer for each encoded array."""
+    n, size, c = len(data.paths), cfg.data.image_size, cfg.model.latent_channels
+    h = size // cfg.model.downsample
+    latent_bytes = c * h * h * np.dtype(dtype).itemsize
+
+    def array(name: str, shape: tuple, kind, row_bytes: int, compress: bool = True) -> zarr.Array:
+        return group.create_array(name, shape=shape, chunks=(chunk_rows(row_bytes, n),) + shape[1:], dtype=kind,
+                                  compressors=COMPRESSOR if compress else "auto")
+
+    writers = {"latents": ChunkWriter(array("latents", (n, c, h, h), dtype, latent_bytes))}
+    if cfg.model.variant == "kl":
+        writers["logvar"] = ChunkWriter(array("logvar", (n, c, h, h), dtype, latent_bytes))
+    if data.has_masks:
+        writers["masks"] = ChunkWriter(array("masks", (n, size, size), "uint8", size * size))
+    labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
+    for name, kind, row_bytes, values in (("labels", "int64", 8, labels), ("split", str, 8, data.split),
+                                          ("paths", str, 256, data.paths)):
+        target = array(name, (n,), kind, row_bytes, compress=kind is not str)
+        step = target.chunks[0]
+        for i in range(0, n, step):  # chunk by chunk: a fixed-width copy of all paths could be large
+            target[i:i + step] = np.asarray(values[i:i + step], dtype=kind)
+    return writers
+
+
+@dataclasses.dataclass
+class Encoded:
+    """The train split's latent moments and summed posterior variance (KL), over the rows encoded so far."""
+
+    moments: RunningMoments
+    posterior_var: np.ndarray
+    done: int = 0
+
+
+def _encode_batch(src: Source, batch: dict, writers: dict[str, ChunkWriter], train: np.ndarray, dtype: str,
+                  dev: torch.device, acc: Encoded) -> None:
+    """Encode one batch, append it to the arrays and to the train split's statistics."""
+    mean, logvar = src.model.encode(batch["image"].to(dev))  # (B, C, h, w) each
+    stored = mean.float().cpu().numpy().astype(dtype)
+    if not np.isfinite(stored).all():
+        rows = np.flatnonzero(~np.isfinite(stored).reshape(len(stored), -1).all(1)) + acc.done
+        raise LatentError(f"{src.checkpoint}: non-finite latents for manifest row(s) {(rows + 1).tolist()[:10]}"
+                          + ("; their values overflow float16, set dtype=float32" if dtype == "float16" else ""))
+    writers["latents"].append(stored)
+    in_train = train[acc.done:acc.done + len(stored)]
+    acc.moments.update(stored[in_train])
+    if "logvar" in writers:
+        lv = logvar.float().cpu().numpy().astype(dtype)
+        writers["logvar"].append(lv)
+        acc.posterior_var += np.exp(lv[in_train].astype(np.float64)).sum(axis=(0, 2, 3))
+    if "masks" in writers:
+        writers["masks"].append(batch["mask"].numpy().astype(np.uint8))
+    acc.done += len(stored)
+
+
+def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWriter], data, dtype: str,
+                dev: torch.device, name: str) -> Encoded:
+    """Encode every batch in order, logging the rate every 30 s; every chunk flushed at the end."""
+    n, train = len(data.paths), data.split == "train"
+    acc = Encoded(RunningMoments(src.cfg.model.latent_channels), np.zeros(src.cfg.model.latent_channels))
+    t0, next_log = time.monotonic(), 0.0
+    with torch.inference_mode(), progress_bar(n, f"embedding {name}", "img") as bar:
+        for batch in batches:
+            before = acc.done
+            _encode_batch(src, batch, writers, train, dtype, dev, acc)
+            bar.update(acc.done - before)
+            if time.monotonic() >= next_log or acc.done == n:
+                log.info("embedded %d / %d images (%.1f images/s)", acc.done, n, acc.done / (time.monotonic() - t0))
+                next_log = time.monotonic() + 30
+    for w in writers.values():
+        w.flush()
+    if acc.done != n:
+        raise LatentError(f"{name}: encoded {acc.done} of {n} rows")
+    return acc
+
+
+def _store_attrs(src: Source, data, dtype: str, acc: Encoded) -> StoreAttrs:
+    """The finished store's attributes: what made it and the statistics of its train split."""
+    std = acc.moments.overall_std()
+    if not (std > 0 and math.isfinite(std)):
+        raise LatentError(f"{src.checkpoint}: the train-split latents have std {std}; cannot scale them")
+    cfg = src.cfg
+    kl = cfg.model.variant == "kl"
+    return StoreAttrs(
+        n=len(data.paths), counts={s: int((data.split == s).sum()) for s in SPLITS}, dtype=dtype,
+        scale_factor=1.0 / std, latent_std=std, channel_mean=acc.moments.mean.tolist(),
+        channel_std=acc.moments.channel_std().tolist(), variant=cfg.model.variant, image_size=cfg.data.image_size,
+        channels=data.channels,
+        # raw per-channel [low, high] -> [-1, 1] (null: 8-bit, 0..255) and the files' bit depth: what
+        # decoding needs to write samples back in the data's own values
+        intensity={"range": data.value_range, "source_bits": data.source_bits},
+        data_fingerprint=data.fingerprint, downsample=cfg.model.downsample,
+        latent_channels=cfg.model.latent_channels, classes=data.classes,
+        mask_classes=data.mask_classes if data.has_masks else None,
+        autoencoder=AutoencoderRef(checkpoint=str(src.checkpoint.resolve()), sha256=src.sha256, name=cfg.name,
+                                   selected=str(src.selected.resolve()) if src.selected else None,
+                                   config=resolved_config(cfg)),  # as the checkpoint records it
+        manifest=ManifestRef(path=str(src.manifest.resolve()), sha256=src.manifest_sha256,
+                             autoencoder_trained_on_it=src.trained_on_it, skipped_rows=len(data.skipped)),
+        # E[sigma^2] per channel: with kl_latents="sample" the latents' variance is std^2 + this
+        posterior_var_mean=(acc.posterior_var / acc.moments.n).tolist() if kl else None,
+        ldmflow_version=__version__, created=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
 def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path, *, batch_size: int = 64,
                   dtype: Literal["float16", "float32"] = "float16", device: str | None = None,
                   threads: int | None = None) -> Path:
@@ -135,144 +268,36 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
     the split come from the data layer with the autoencoder's own data config and seed, so the split is
     the one the autoencoder trained with. Images are decoded by a thread pool while the encoder runs.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"key 'dtype' has value {dtype!r}; allowed: {', '.join(DTYPES)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"key 'batch_size' has value {batch_size!r}; allowed: integer >= 1")
-    ckpt_path, selected = resolve_checkpoint(checkpoint)
+    _check_options(dtype, batch_size)
     out = Path(out)
     dev = get_device(device)
     if threads:
         torch.set_num_threads(threads)
-
-    ae_sha256 = file_sha256(ckpt_path)
-    state = load_checkpoint(ckpt_path)
-    trained_on = (state.get("extra") or {}).get("manifest_sha256")
-    del state
-    model, cfg = load_autoencoder(ckpt_path, dev)
-    manifest_sha256 = file_sha256(manifest) if Path(manifest).is_file() else None
-    if trained_on and manifest_sha256 and trained_on != manifest_sha256:
-        log.warning("%s differs from the manifest %s was trained on; its split (seed %d) is not the "
-                    "autoencoder's", manifest, ckpt_path, cfg.seed)
-
+    src = _source(checkpoint, manifest, dev)
+    cfg = src.cfg
     # cache_max_gb=0: every row is decoded and checked now, none is kept; batches are decoded again below
     data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
     data.write_skipped(out.parent)
-    n, size, f, c = len(data.paths), cfg.data.image_size, cfg.model.downsample, cfg.model.latent_channels
-    h = size // f
-    kl = cfg.model.variant == "kl"
-    log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, size, ckpt_path,
-             cfg.model.variant, c, h, h, out)
-
+    n, h = len(data.paths), cfg.data.image_size // cfg.model.downsample
+    log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
+             src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
     dataset = ImageDataset(data, split=None)
     batches = prefetch(dataset.__getitems__, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)),
                        workers=min(4, threads or os.cpu_count() or 1))
-
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        latent_bytes = c * h * h * np.dtype(dtype).itemsize
-
-        def array(name: str, shape: tuple, kind, row_bytes: int, compress: bool = True) -> zarr.Array:
-            return group.create_array(name, shape=shape, chunks=(chunk_rows(row_bytes, n),) + shape[1:], dtype=kind,
-                                      compressors=COMPRESSOR if compress else "auto")
-
-        writers = {"latents": ChunkWriter(array("latents", (n, c, h, h), dtype, latent_bytes))}
-        if kl:
-            writers["logvar"] = ChunkWriter(array("logvar", (n, c, h, h), dtype, latent_bytes))
-        if data.has_masks:
-            writers["masks"] = ChunkWriter(array("masks", (n, size, size), "uint8", size * size))
-        labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
-        for name, kind, row_bytes, values in (("labels", "int64", 8, labels), ("split", str, 8, data.split),
-                                              ("paths", str, 256, data.paths)):
-            target = array(name, (n,), kind, row_bytes, compress=kind is not str)
-            step = target.chunks[0]
-            for i in range(0, n, step):  # chunk by chunk: a fixed-width copy of all paths could be large
-                target[i:i + step] = np.asarray(values[i:i + step], dtype=kind)
-
-        train = data.split == "train"
-        moments, posterior_var = RunningMoments(c), np.zeros(c, dtype=np.float64)
-        done, t0, next_log = 0, time.monotonic(), 0.0
-        with torch.inference_mode(), progress_bar(n, f"embedding {out.name}", "img") as bar:
-            for batch in batches:
-                mean, logvar = model.encode(batch["image"].to(dev))  # (B, C, h, w) each
-                stored = mean.float().cpu().numpy().astype(dtype)
-                if not np.isfinite(stored).all():
-                    rows = np.flatnonzero(~np.isfinite(stored).reshape(len(stored), -1).all(1)) + done
-                    raise LatentError(
-                        f"{ckpt_path}: non-finite latents for manifest row(s) {(rows + 1).tolist()[:10]}"
-                        + ("; their values overflow float16, set dtype=float32" if dtype == "float16" else ""))
-                writers["latents"].append(stored)
-                in_train = train[done:done + len(stored)]
-                moments.update(stored[in_train])
-                if kl:
-                    lv = logvar.float().cpu().numpy().astype(dtype)
-                    writers["logvar"].append(lv)
-                    posterior_var += np.exp(lv[in_train].astype(np.float64)).sum(axis=(0, 2, 3))
-                if "masks" in writers:
-                    writers["masks"].append(batch["mask"].numpy().astype(np.uint8))
-                done += len(stored)
-                bar.update(len(stored))
-                if time.monotonic() >= next_log or done == n:
-                    log.info("embedded %d / %d images (%.1f images/s)", done, n, done / (time.monotonic() - t0))
-                    next_log = time.monotonic() + 30
-        for w in writers.values():
-            w.flush()
-        if done != n:
-            raise LatentError(f"{tmp}: encoded {done} of {n} rows")
-
-        std = moments.overall_std()
-        if not (std > 0 and math.isfinite(std)):
-            raise LatentError(f"{ckpt_path}: the train-split latents have std {std}; cannot scale them")
-        attrs = {
-            "format": STORE_FORMAT,
-            "n": n,
-            "counts": {s: int((data.split == s).sum()) for s in SPLITS},
-            "dtype": dtype,
-            "scale_factor": 1.0 / std,
-            "latent_std": std,
-            "channel_mean": moments.mean.tolist(),
-            "channel_std": moments.channel_std().tolist(),
-            "variant": cfg.model.variant,
-            "image_size": size,
-            "channels": data.channels,
-            # raw per-channel [low, high] -> [-1, 1] (null: 8-bit, 0..255) and the files' bit depth: what
-            # decoding needs to write samples back in the data's own values
-            "intensity": {"range": data.value_range, "source_bits": data.source_bits},
-            "data_fingerprint": data.fingerprint,
-            "downsample": f,
-            "latent_channels": c,
-            "classes": data.classes,
-            "mask_classes": data.mask_classes if data.has_masks else None,
-            "autoencoder": {"checkpoint": str(ckpt_path.resolve()), "sha256": ae_sha256, "name": cfg.name,
-                            "selected": str(selected.resolve()) if selected else None,
-                            "config": resolved_config(cfg)},  # as the checkpoint records it
-            "manifest": {"path": str(Path(manifest).resolve()), "sha256": manifest_sha256,
-                         "autoencoder_trained_on_it": None if not (trained_on and manifest_sha256)
-                         else trained_on == manifest_sha256, "skipped_rows": len(data.skipped)},
-            "ldmflow_version": __version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if kl:
-            # E[sigma^2] per channel: with kl_latents="sample" the latents' variance is std^2 + this
-            attrs["posterior_var_mean"] = (posterior_var / moments.n).tolist()
-        # the format attribute is written last: a store without it is never taken for a complete one
-        group.attrs.update(attrs)
+        writers = _create_arrays(group, data, cfg, dtype)
+        attrs = _store_attrs(src, data, dtype, _encode_all(src, batches, writers, data, dtype, dev, out.name))
+        # the format attribute is written with the rest, last: a store without it is never taken for a whole one
+        group.attrs.update(attrs.to_dict())
         fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:
         batches.close()  # stop decoding before the temporary store goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %s: %d latents, scale_factor %.5g", out, n, attrs["scale_factor"])
+    log.info("wrote %s: %d latents, scale_factor %.5g", out, n, attrs.scale_factor)
     return out
-
-
-def store_autoencoder(store: LatentStore, device: str | torch.device | None = None,
-                      checkpoint: str | Path | None = None) -> tuple[Autoencoder, AutoencoderExperiment]:
-    """The autoencoder that made a latent store (the recorded checkpoint, or a moved copy of it), checked
-    by sha256, in eval mode."""
-    path = store.check_autoencoder(checkpoint or store.attrs["autoencoder"]["checkpoint"])
-    return load_autoencoder(path, get_device(None if device is None else str(device)))

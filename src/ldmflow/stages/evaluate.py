@@ -15,12 +15,14 @@ import csv
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ldmflow.artifacts import atomic_write_bytes, atomic_write_json, file_sha256
+from ldmflow.checkpoints import load_controlnet, load_diffusion, load_judge, verified_autoencoder
 from ldmflow.config.judge import JudgeConfig, judge_config
 from ldmflow.config.schema import to_dict
 from ldmflow.data.images import to_unit_range
@@ -29,7 +31,6 @@ from ldmflow.errors import DataError
 from ldmflow.evaluation.judge import (
     Judge,
     judge_outputs,
-    load_judge,
     read_images,
     real_images,
     save_judge,
@@ -38,6 +39,7 @@ from ldmflow.evaluation.judge import (
 )
 from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.evaluation.two_sample import feature_scores, two_sample_test, wilson_interval
+from ldmflow.metadata import JudgeMeta, SamplesAttrs
 from ldmflow.viz import colorize, grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,9 @@ def train_judge_stage(latents: str | Path, out_dir: str | Path, options: JudgeCo
     out.mkdir(parents=True, exist_ok=True)
     model, record = train_judge(latents, cfg, device=get_device(device), threads=threads)
     save_judge(model, record, out / "judge.pt")
-    record = {"judge": str(out / "judge.pt"), "latents": model.info["latents"], "config": to_dict(cfg), **record}
+    record = {"judge": str(out / "judge.pt"), "latents": JudgeMeta.of_judge(model)[0].latents, "config": to_dict(cfg), **record}
     atomic_write_json(out / "judge.json", record)
-    real = real_images(latents, threads, model.info["image_size"])
+    real = real_images(latents, threads, JudgeMeta.of_judge(model)[0].image_size)
     held = real.indices(record["held_out_split"])[:GRID_ROWS]
     _write_grid(out / "judge_val.png", model, real.images[held], None if real.labels is None else real.labels[held],
                 None if real.masks is None else real.masks[held])
@@ -132,7 +134,7 @@ def class_fidelity(model: Judge, probs: torch.Tensor | None, labels: torch.Tenso
     known = labels >= 0
     pred, truth = probs.argmax(1)[known], labels[known]
     k = probs.shape[1]
-    classes = model.info["classes"] or [str(i) for i in range(k)]
+    classes = JudgeMeta.of_judge(model)[0].classes or [str(i) for i in range(k)]
     conf = torch.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
     correct = int(conf.diag().sum())
     return {"available": True, "accuracy": correct / len(truth), "accuracy_ci95": wilson_interval(correct, len(truth)),
@@ -149,7 +151,7 @@ def decoder_reference(model: Judge, real, held: np.ndarray, held_f: np.ndarray, 
     its images apart from real ones."""
     from ldmflow.data.latent_store import LatentStore
 
-    store = LatentStore(model.info["latents"])
+    store = LatentStore(JudgeMeta.of_judge(model)[0].latents)
     device = next(decoder.parameters()).device
     rows = held if real.rows is None else real.rows[held]  # store rows of the held-out images
     z = torch.from_numpy(np.asarray(store.latents.get_orthogonal_selection((rows,)), np.float32))
@@ -170,7 +172,7 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
     """Class fidelity, the two-sample test (real held-out vs generated) and feature-space FD / precision / recall
     of generated images (N, C, H, W) in [-1, 1], with the judge's validity figures; with the ``decoder`` that
     made the judge's latent store, the same judge on its reconstructions of real held-out images."""
-    real = real_images(model.info["latents"], threads, model.info["image_size"], max_per_split=MAX_REAL)
+    real = real_images(JudgeMeta.of_judge(model)[0].latents, threads, JudgeMeta.of_judge(model)[0].image_size, max_per_split=MAX_REAL)
     held = real.indices("val", "test")
     gen = judge_outputs(model, images)
     train_f = judge_outputs(model, real.images[real.indices("train")])["features"].numpy()
@@ -196,35 +198,33 @@ def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tenso
     path = Path(samples)
     store = path if (path / "zarr.json").is_file() else path / "samples.zarr"
     if (store / "zarr.json").is_file():
-        from ldmflow.stages.sample import load_verified_autoencoder
-
         group = zarr.open_group(str(store), mode="r")
-        attrs = dict(group.attrs)
-        decoder = load_verified_autoencoder(attrs["autoencoder_checkpoint"], attrs["autoencoder_sha256"], device)
+        attrs = SamplesAttrs.from_dict(dict(group.attrs), str(store))
+        decoder = verified_autoencoder(attrs, device).model
         latents = torch.from_numpy(np.asarray(group["latents"][:], np.float32))
         with torch.no_grad():
             images = torch.cat([decoder.decode(latents[i:i + 64].to(device))[0].float().clamp(-1, 1).cpu()
                                 for i in range(0, len(latents), 64)])
         labels = torch.from_numpy(np.asarray(group["labels"][:], np.int64))
-        same = _store_autoencoder_sha(model) == attrs["autoencoder_sha256"]
+        same = _store_autoencoder_sha(model) == attrs.autoencoder_sha256
         return images, (labels if (labels >= 0).any() else None), str(store), decoder if same else None
     from ldmflow.data.manifest import IMAGE_SUFFIXES
 
     files = sorted(path.glob("sample_*.png")) or sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{path}: neither a samples.zarr nor image files (sample_*.png) to evaluate")
-    info = model.info
-    return read_images([str(f) for f in files], info["image_size"], info["channels"], info["value_range"],
+    info = JudgeMeta.of_judge(model)[0]
+    return read_images([str(f) for f in files], info.image_size, info.channels, info.value_range,
                        str(path)), None, str(path), None
 
 
 def _store_autoencoder_sha(model: Judge) -> str | None:
     """The sha256 of the autoencoder that made the judge's latent store (None for a manifest-trained judge)."""
-    if not (Path(model.info["latents"]) / "zarr.json").is_file():
+    if not (Path(JudgeMeta.of_judge(model)[0].latents) / "zarr.json").is_file():
         return None
     from ldmflow.data.latent_store import LatentStore
 
-    return LatentStore(model.info["latents"]).attrs["autoencoder"]["sha256"]
+    return LatentStore(JudgeMeta.of_judge(model)[0].latents).info.autoencoder.sha256
 
 
 def evaluate_samples(judge: str | Path, samples: str | Path, out_dir: str | Path | None = None, *,
@@ -235,7 +235,7 @@ def evaluate_samples(judge: str | Path, samples: str | Path, out_dir: str | Path
     reads its generated label, red where not | the judge's segmentation)."""
     cfg = judge_config(options)
     dev = get_device(device)
-    model = load_judge(judge, dev)
+    model = load_judge(judge, dev).model
     images, labels, source, decoder = load_samples(samples, model, dev)
     scores = {"samples": source, "judge_checkpoint": str(judge), "judge_sha256": file_sha256(judge),
               **sample_scores(model, images, labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads, decoder=decoder,
@@ -272,53 +272,78 @@ def evaluate_controlnet(checkpoint: str | Path, judge: str | Path, out_dir: str 
     the judge segments every decoded image, scored (mIoU) against the control's mask. Also the class fidelity,
     two-sample test and FD of the controlled samples. With ``out_dir``: ``scores.json`` and ``grid.png``
     (controlled | mask | its judge segmentation | base | its judge segmentation)."""
-    from ldmflow.data.latent_store import LatentStore
-    from ldmflow.diffusion.generate import generate_decoded
-    from ldmflow.stages.sample import decoder_and_schedule, load_diffusion
-    from ldmflow.stages.sample_controlnet import load_controlnet, load_controls
-
     cfg = judge_config(options)
     dev = get_device(device)
-    model = load_judge(judge, dev)
-    net, ncfg, base_cfg, extra = load_controlnet(checkpoint, dev)
+    model = load_judge(judge, dev).model
+    loaded = load_controlnet(checkpoint, dev)
+    ncfg, meta = loaded.config, loaded.meta
     sampling, scale = ncfg.sampling.base(), ncfg.sampling.scale
-    controls, row_labels, described = load_controls("val", n, ncfg, extra)
-    store = LatentStore(extra["latents"])
-    rows = store.indices("val")
-    picks = np.array([int(rows[i % len(rows)]) for i in range(n)])
-    masks = torch.from_numpy(store.masks[:][picks].astype(np.int64)) if store.masks is not None else None
-    labels = None
-    if extra["num_classes"]:
-        labels = torch.tensor([lab if lab is not None else i % extra["num_classes"] for i, lab in enumerate(row_labels)])
-    decoder, schedule = decoder_and_schedule(extra, base_cfg.diffusion, dev)
-
-    def draw(model_for) -> torch.Tensor:
-        _, pixels = generate_decoded(model_for, n, labels, extra, schedule, sampling, base_cfg.diffusion.prediction,
-                                     decoder, seed=seed, device=dev, batch_size=batch_size)
-        return to_unit_range(pixels)  # (N, C, H, W): the decoded images as their PNGs hold them
-
-    controlled = draw(lambda lo, hi: net.bind(controls[lo:hi].to(dev), scale))
-    base_path = Path(extra["base_checkpoint"])
-    base = None
-    if base_path.is_file() and file_sha256(base_path) == extra["base_sha256"]:
-        base_model = load_diffusion(base_path, dev)[0]
-        base = draw(lambda lo, hi: base_model)
+    drawn = ControlNetDraws.of(loaded, n, seed, dev, batch_size)
+    base_path = Path(meta.base_checkpoint)
     scores = {"experiment": ncfg.name, "fusion": ncfg.model.fusion, "signal": ncfg.control.signal,
-              "checkpoint": str(checkpoint), "base_checkpoint": str(base_path), "controls": described, "n": n,
+              "checkpoint": str(checkpoint), "base_checkpoint": str(base_path), "controls": drawn.described, "n": n,
               "seed": seed, "sampler": sampling.sampler, "steps": sampling.steps, "guidance": sampling.guidance,
               "scale": scale, "judge_checkpoint": str(judge), "judge_sha256": file_sha256(judge),
-              **sample_scores(model, controlled, labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads,
-                              decoder=decoder if _store_autoencoder_sha(model) == extra["autoencoder_sha256"] else None)}
-    scores["control_fidelity"] = control_fidelity(model, controlled, base, masks, ncfg.control.signal, base_path)
+              **sample_scores(model, drawn.controlled, drawn.labels, folds=cfg.folds, pr_k=cfg.pr_k, threads=threads,
+                              decoder=drawn.decoder if _store_autoencoder_sha(model) == meta.latents.autoencoder_sha256
+                              else None)}
+    scores["control_fidelity"] = control_fidelity(model, drawn.controlled, drawn.base, drawn.masks,
+                                                  ncfg.control.signal, base_path)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "scores.json", scores)
         r = slice(0, GRID_ROWS)
-        _write_grid(out / "grid.png", model, controlled[r], None if labels is None else labels[r],
-                    None if masks is None else masks[r], [] if base is None else [(base[r], None)])
+        _write_grid(out / "grid.png", model, drawn.controlled[r], None if drawn.labels is None else drawn.labels[r],
+                    None if drawn.masks is None else drawn.masks[r],
+                    [] if drawn.base is None else [(drawn.base[r], None)])
     _log_scores(ncfg.name, scores)
     return scores
+
+
+@dataclass
+class ControlNetDraws:
+    """A ControlNet's samples under the val split's controls and its base model's from the same noise and labels:
+    decoded images (N, C, H, W) in [-1, 1] as their PNGs hold them (``base`` None when its checkpoint is
+    missing or changed), the labels, the rows' masks (N, H, W) and the decoder."""
+
+    controlled: torch.Tensor
+    base: torch.Tensor | None
+    labels: torch.Tensor | None
+    masks: torch.Tensor | None
+    described: str
+    decoder: object
+
+    @classmethod
+    def of(cls, loaded, n: int, seed: int, dev, batch_size: int) -> ControlNetDraws:
+        from ldmflow.control_inputs import load_controls
+        from ldmflow.data.latent_store import LatentStore
+        from ldmflow.diffusion.generate import decode_latents, generate, seeded_noise
+        from ldmflow.diffusion.schedules import NoiseSchedule
+
+        ncfg, meta, base_cfg = loaded.config, loaded.meta, loaded.base_config
+        controls, row_labels, described = load_controls("val", n, ncfg, meta)
+        store = LatentStore(meta.latents.latents)
+        rows = store.indices("val")
+        picks = np.array([int(rows[i % len(rows)]) for i in range(n)])
+        masks = torch.from_numpy(store.masks[:][picks].astype(np.int64)) if store.masks is not None else None
+        k = meta.num_classes
+        labels = torch.tensor([lab if lab is not None else i % k for i, lab in enumerate(row_labels)]) if k else None
+        decoder = verified_autoencoder(meta.latents, dev).model
+        schedule = NoiseSchedule.from_config(base_cfg.diffusion).to(dev)
+
+        def draw(model, with_controls: bool) -> torch.Tensor:
+            noise, gen = seeded_noise(n, meta.latents.latent_shape, seed=seed, device=dev)
+            z = generate(model, schedule, noise, labels=labels, controls=controls if with_controls else None,
+                         control_scale=ncfg.sampling.scale, sampling=ncfg.sampling.base(),
+                         prediction=base_cfg.diffusion.prediction, generator=gen, batch_size=batch_size)
+            return to_unit_range(decode_latents(decoder, z, meta.latents.scale_factor, batch_size=batch_size)[1])
+
+        base_path = Path(meta.base_checkpoint)
+        base = None
+        if base_path.is_file() and file_sha256(base_path) == meta.base_sha256:
+            base = draw(load_diffusion(base_path, dev).model, False)
+        return cls(draw(loaded.model, True), base, labels, masks, described, decoder)
 
 
 def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor | None, masks: torch.Tensor | None,
@@ -328,7 +353,7 @@ def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor 
         return {"available": False, "reason": "not available: no masks (the judge has no segmentation head)"}
     if signal != "mask" or masks is None:
         return {"available": False, "reason": f"not available: the control signal is {signal}, not a mask"}
-    k = model.info["mask_classes"]
+    k = JudgeMeta.of_judge(model)[0].mask_classes
     out = {"available": True, "measure": "mIoU of the judge's segmentation of the decoded image against the "
            "control mask (pixel space)", **judge_validity(model),
            "controlled": segmentation_scores(judge_outputs(model, controlled)["seg"], masks, k)}

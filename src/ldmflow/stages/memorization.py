@@ -31,6 +31,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from ldmflow.devices import get_device
 from ldmflow.errors import DataError
 from ldmflow.evaluation.image_sets import ImageSet, Loader, image_formats, open_image_set, tensor_image_set
 from ldmflow.evaluation.memorization_report import _json_safe, _percentiles, write_histogram, write_per_sample
-from ldmflow.evaluation.search import blocked_search, neighbour_tests, shift_ratio
+from ldmflow.evaluation.search import Neighbours, blocked_search, neighbour_tests, shift_ratio
 from ldmflow.evaluation.verdict import verdict
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -89,7 +90,7 @@ def _quality(loader: Loader, train: ImageSet, samples: ImageSet, reference: Imag
     elif loader.checkpoint is None:
         ae = {"skipped": "no autoencoder checkpoint (give a latent store, or --set autoencoder=CHECKPOINT)"}
     else:
-        model, _ = loader.autoencoder
+        model = loader.autoencoder.model
         feats = {}
         for name, s in sets.items():
             parts = [quality.autoencoder_features(model, loader.images(s, picks[name][b:b + 256], loader.ae_size),
@@ -138,58 +139,65 @@ def check_formats(sets: dict[str, ImageSet | None], loader: Loader, cfg: Memoriz
     log.warning("memorization: %s", notes[-1])
 
 
-def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cfg: MemorizationConfig,
-              out: Path | None, device: str | torch.device | None, inputs: dict, notes: list[str]) -> dict:
-    device = get_device(str(device) if device else None)
-    checkpoint = cfg.autoencoder or train.checkpoint or samples.checkpoint
-    loader = Loader(cfg, device, checkpoint)
-    if len(train) < 2:
-        raise DataError(f"{train.source}: {len(train)} training image(s); the tests need at least 2")
-    check_formats({"training": train, "samples": samples, "reference": reference}, loader, cfg, notes)
-    if len(train) < cfg.n:
-        notes.append(f"{len(train)} training images: the tiled L2 test averages over {len(train)}, not n={cfg.n}")
+@dataclass
+class Search:
+    """The nearest-neighbour search of the samples (and of the held-out reference) in the training set."""
+
+    nb: Neighbours
+    tests: dict
+    ref_tests: dict | None
+    seconds: dict
+
+
+def _tests(loader: Loader, images: ImageSet, f_train, cfg: MemorizationConfig, tmp_dir: Path, name: str, device):
+    """Features of one image set, their neighbours in the training set and the per-image tests."""
+    feats = loader.features(images, tmp_dir, name)
+    nb = blocked_search(feats, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
+    tests = neighbour_tests(nb, cfg)
+    tests["shift_ratio"] = shift_ratio(feats, f_train, nb, n=cfg.n, shift=cfg.shift, map_shape=feats.map_shape,
+                                       memory_gb=cfg.memory_gb, device=device)
+    return nb, tests
+
+
+def _search(loader: Loader, train: ImageSet, samples: ImageSet, reference: ImageSet | None, cfg: MemorizationConfig,
+            out: Path | None, device) -> Search:
+    """Features in a temporary folder beside the report (they may be large), then the searches."""
     t0 = time.monotonic()
     work = Path(out) if out is not None else Path(tempfile.gettempdir())
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".memorization-", dir=work) as tmp:
         tmp_dir = Path(tmp)
         f_train = loader.features(train, tmp_dir, "train")
-        f_samples = loader.features(samples, tmp_dir, "samples")
         t_feat = time.monotonic()
-        nb = blocked_search(f_samples, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
-        tests = neighbour_tests(nb, cfg)
-        tests["shift_ratio"] = shift_ratio(f_samples, f_train, nb, n=cfg.n, shift=cfg.shift,
-                                           map_shape=f_samples.map_shape, memory_gb=cfg.memory_gb, device=device)
+        nb, tests = _tests(loader, samples, f_train, cfg, tmp_dir, "samples", device)
         ref_tests = None
         if reference is not None and len(reference):
-            f_ref = loader.features(reference, tmp_dir, "reference")
-            ref_nb = blocked_search(f_ref, f_train, k=cfg.k, n=cfg.n, memory_gb=cfg.memory_gb, device=device)
-            ref_tests = neighbour_tests(ref_nb, cfg)
-            ref_tests["shift_ratio"] = shift_ratio(f_ref, f_train, ref_nb, n=cfg.n, shift=cfg.shift,
-                                                   map_shape=f_ref.map_shape, memory_gb=cfg.memory_gb, device=device)
-        t_search = time.monotonic()
-    judged, tests["memorized"], calibrated = verdict(tests, ref_tests, cfg.criterion, cfg.calibration_rate)
-    if "warning" in judged["memorized"]:
-        notes.append(judged["memorized"]["warning"])
-    if ref_tests is None:
-        notes.append("no held-out reference images: give --reference, or a training manifest/store with a "
-                     f"'{cfg.reference_split}' split, to calibrate the verdict; the headline is uncalibrated")
-    ae_quality, inception = _quality(loader, train, samples, reference, cfg)
+            ref_tests = _tests(loader, reference, f_train, cfg, tmp_dir, "reference", device)[1]
+    return Search(nb, tests, ref_tests, {"feature_seconds": t_feat - t0, "search_seconds": time.monotonic() - t_feat})
 
-    order = np.argsort(-tests["similarity"], kind="stable")[:cfg.top_matches]
-    tiled, ratio = judged["tests"]["tiled_l2"], judged["tests"]["nn_ratio"]
-    tiled.update({"alpha": cfg.alpha, "n": min(cfg.n, len(train)), "tiles": cfg.tiles * cfg.tiles,
-                  "distance": "largest L2 distance between corresponding tiles of the zero-mean, unit-norm "
-                              "feature vectors; memorized when the distance to the nearest training image "
-                              "/ the mean distance to the n nearest < alpha (Carlini et al. 2023)"})
-    ratio.update({"threshold": cfg.ratio,
-                  "distance": "global L2 distance of the zero-mean, unit-norm feature vectors, sqrt(2 - 2 cos); "
-                              "memorized when nearest / second-nearest < threshold"})
+
+def _describe(judged: dict, cfg: MemorizationConfig, n_train: int, ref_tests: dict | None) -> None:
+    """Add to each test of the verdict its parameters and what its distance means."""
+    judged["tests"]["tiled_l2"].update(
+        {"alpha": cfg.alpha, "n": min(cfg.n, n_train), "tiles": cfg.tiles * cfg.tiles,
+         "distance": "largest L2 distance between corresponding tiles of the zero-mean, unit-norm "
+                     "feature vectors; memorized when the distance to the nearest training image "
+                     "/ the mean distance to the n nearest < alpha (Carlini et al. 2023)"})
+    judged["tests"]["nn_ratio"].update(
+        {"threshold": cfg.ratio, "distance": "global L2 distance of the zero-mean, unit-norm feature vectors, "
+                                             "sqrt(2 - 2 cos); memorized when nearest / second-nearest < threshold"})
     if ref_tests is not None:
         judged["tests"]["above_reference"].update(
             {"threshold": float(ref_tests["similarity"].max()),
              "meaning": "similarity to the nearest training image above every held-out image's"})
-    summary = {
+
+
+def _summary(found: Search, judged: dict, train: ImageSet, samples: ImageSet, reference: ImageSet | None,
+             cfg: MemorizationConfig, inputs: dict, quality: tuple[dict, dict], order: np.ndarray,
+             notes: list[str]) -> dict:
+    """``summary.json``'s content (JSON-safe)."""
+    tests, ref_tests = found.tests, found.ref_tests
+    return _json_safe({
         "format": SUMMARY_FORMAT,
         "inputs": inputs,
         "feature": cfg.feature,
@@ -204,27 +212,54 @@ def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cf
         "shift_ratio_percentiles": {"generated": _percentiles(tests["shift_ratio"]),
                                     "reference": _percentiles(ref_tests["shift_ratio"]) if ref_tests else None},
         "reference": judged["reference"],
-        "quality": ae_quality,
-        "inception_fid": inception,
-        "top_matches": [{"sample": samples.names[i], "nearest": train.names[nb.index[i, 0]],
+        "quality": quality[0],
+        "inception_fid": quality[1],
+        "top_matches": [{"sample": samples.names[i], "nearest": train.names[found.nb.index[i, 0]],
                          "similarity": float(tests["similarity"][i])} for i in order],
-        "search": {**nb.stats, "feature_seconds": t_feat - t0, "search_seconds": t_search - t_feat},
+        "search": {**found.nb.stats, **found.seconds},
         "config": to_dict(cfg),
         "notes": notes,
-    }
-    summary = _json_safe(summary)
+    })
+
+
+def _write_report(out: Path, summary: dict, found: Search, calibrated, loader: Loader, train: ImageSet,
+                  samples: ImageSet, cfg: MemorizationConfig, order: np.ndarray) -> None:
+    """per_sample.csv, summary.json, histogram.png and top_matches.png (sample | nearest training image)."""
+    tests, ref_tests, nb = found.tests, found.ref_tests, found.nb
+    above = tests["similarity"] > ref_tests["similarity"].max() if ref_tests else None
+    write_per_sample(out / "per_sample.csv", samples, train, nb, tests, above, calibrated)
+    atomic_write_json(out / "summary.json", summary)
+    write_histogram(out / "histogram.png", tests, ref_tests, summary["memorized"], cfg.feature)
+    size = cfg.image_size
+    columns = [to_uint8(loader.images(samples, order, size)), to_uint8(loader.images(train, nb.index[order, 0], size))]
+    save_png(grid(columns), out / "top_matches.png", upscale=max(1, 128 // size))
+    log.info("memorization: %d of %d samples flagged (%s); wrote %s", summary["memorized"]["count"],
+             len(samples), summary["memorized"]["criterion"], out)
+
+
+def _evaluate(train: ImageSet, samples: ImageSet, reference: ImageSet | None, cfg: MemorizationConfig,
+              out: Path | None, device: str | torch.device | None, inputs: dict, notes: list[str]) -> dict:
+    device = get_device(str(device) if device else None)
+    loader = Loader(cfg, device, cfg.autoencoder or train.checkpoint or samples.checkpoint)
+    if len(train) < 2:
+        raise DataError(f"{train.source}: {len(train)} training image(s); the tests need at least 2")
+    check_formats({"training": train, "samples": samples, "reference": reference}, loader, cfg, notes)
+    if len(train) < cfg.n:
+        notes.append(f"{len(train)} training images: the tiled L2 test averages over {len(train)}, not n={cfg.n}")
+    found = _search(loader, train, samples, reference, cfg, out, device)
+    judged, found.tests["memorized"], calibrated = verdict(found.tests, found.ref_tests, cfg.criterion,
+                                                           cfg.calibration_rate)
+    if "warning" in judged["memorized"]:
+        notes.append(judged["memorized"]["warning"])
+    if found.ref_tests is None:
+        notes.append("no held-out reference images: give --reference, or a training manifest/store with a "
+                     f"'{cfg.reference_split}' split, to calibrate the verdict; the headline is uncalibrated")
+    quality = _quality(loader, train, samples, reference, cfg)
+    order = np.argsort(-found.tests["similarity"], kind="stable")[:cfg.top_matches]
+    _describe(judged, cfg, len(train), found.ref_tests)
+    summary = _summary(found, judged, train, samples, reference, cfg, inputs, quality, order, notes)
     if out is not None:
-        out = Path(out)
-        above = tests["similarity"] > ref_tests["similarity"].max() if ref_tests else None
-        write_per_sample(out / "per_sample.csv", samples, train, nb, tests, above, calibrated)
-        atomic_write_json(out / "summary.json", summary)
-        write_histogram(out / "histogram.png", tests, ref_tests, summary["memorized"], cfg.feature)
-        size = cfg.image_size
-        columns = [to_uint8(loader.images(samples, order, size)),
-                   to_uint8(loader.images(train, nb.index[order, 0], size))]
-        save_png(grid(columns), out / "top_matches.png", upscale=max(1, 128 // size))
-        log.info("memorization: %d of %d samples flagged (%s); wrote %s", summary["memorized"]["count"],
-                 len(samples), summary["memorized"]["criterion"], out)
+        _write_report(Path(out), summary, found, calibrated, loader, train, samples, cfg, order)
     return summary
 
 
@@ -300,15 +335,19 @@ def checkpoint_images(checkpoint: str | Path, n: int, *, seed: int = 42, device:
                       batch_size: int = 64) -> torch.Tensor:
     """n decoded samples (N, 3, H, W) in [-1, 1] of a trained diffusion checkpoint, with its sampler and
     autoencoder (a class-conditional model cycles through the classes, as ``ldmflow sample`` does)."""
-    from ldmflow.diffusion.generate import generate_decoded
-    from ldmflow.stages.sample import decoder_and_schedule, load_diffusion
+    from ldmflow.checkpoints import load_diffusion, verified_autoencoder
+    from ldmflow.diffusion.generate import decode_latents, generate, seeded_noise
+    from ldmflow.diffusion.schedules import NoiseSchedule
 
     dev = get_device(str(device) if device else None)
-    model, cfg, extra = load_diffusion(checkpoint, dev)
-    decoder, schedule = decoder_and_schedule(extra, cfg.diffusion, dev)
-    labels = torch.arange(n) % extra["num_classes"] if extra["num_classes"] else None
-    _, pixels = generate_decoded(lambda lo, hi: model, n, labels, extra, schedule, cfg.sampling,
-                                 cfg.diffusion.prediction, decoder, seed=seed, device=dev, batch_size=batch_size)
+    loaded = load_diffusion(checkpoint, dev)
+    cfg, info = loaded.config, loaded.meta.latents
+    k = loaded.meta.num_classes
+    noise, gen = seeded_noise(n, info.latent_shape, seed=seed, device=dev)
+    z = generate(loaded.model, NoiseSchedule.from_config(cfg.diffusion).to(dev), noise,
+                 labels=torch.arange(n) % k if k else None, sampling=cfg.sampling, prediction=cfg.diffusion.prediction,
+                 generator=gen, batch_size=batch_size)
+    _, pixels = decode_latents(verified_autoencoder(info, dev).model, z, info.scale_factor, batch_size=batch_size)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
 
 

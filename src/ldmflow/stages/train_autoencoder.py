@@ -15,6 +15,7 @@ from ldmflow.data.dataset import ImageDataset, PreparedData, prepare_data
 from ldmflow.devices import get_device, set_deterministic
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import background_pixels, confusion, miou, psnr, psnr_of_mse, region_squared_errors
+from ldmflow.metadata import AutoencoderMeta
 from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder
 from ldmflow.training.finetune import initialise
 from ldmflow.training.loop import FitConfig, fit
@@ -140,10 +141,10 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
     log.info("%s: %d train / %d val images, %.2fM parameters", cfg.name, len(train_set), len(val_set),
              sum(p.numel() for p in model.parameters()) / 1e6)
     fc = FitConfig(stage="autoencoder", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
-                   resolved=resolved_config(cfg), extra={"manifest": str(manifest), "manifest_sha256": file_sha256(manifest)
-                                                         if Path(manifest).is_file() else None,
-                                                         "data_fingerprint_sha256": data.fingerprint,
-                                                         **({"init": parent} if parent else {})})
+                   resolved=resolved_config(cfg),
+                   extra=AutoencoderMeta(manifest=str(manifest), data_fingerprint_sha256=data.fingerprint, init=parent,
+                                         manifest_sha256=file_sha256(manifest) if Path(manifest).is_file() else None
+                                         ).to_dict())
     task = AutoencoderTask(cfg, model, val_set)
     uncached = data.images is None
     return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=get_device(device),

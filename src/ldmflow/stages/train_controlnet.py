@@ -12,25 +12,25 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ldmflow.artifacts import RunPaths, atomic_write_json, file_sha256, inference_weights, load_checkpoint
+from ldmflow.checkpoints import load_diffusion, verified_autoencoder
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.config.loading import resolve_experiment, resolved_config
 from ldmflow.data.controls import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
 from ldmflow.devices import get_device, set_deterministic
-from ldmflow.diffusion.generate import generate_latents
+from ldmflow.diffusion.generate import generate, seeded_noise
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import segmentation_scores
+from ldmflow.metadata import ControlNetMeta, DiffusionMeta, LatentsInfo
 from ldmflow.models.controlnet import ControlledUNet, build_controlnet
 from ldmflow.models.unet import count_parameters
-from ldmflow.stages.sample import load_diffusion, load_verified_autoencoder
-from ldmflow.stages.train_diffusion import DiffusionTask
+from ldmflow.tasks import DiffusionTask
 from ldmflow.training.batching import balancing_weights
 from ldmflow.training.distributed import rank
 from ldmflow.training.finetune import initialise
@@ -41,29 +41,6 @@ log = logging.getLogger(__name__)
 
 FIDELITY_FILE = "control_fidelity.json"
 FIDELITY_BATCH = 64  # samples per sampler call when measuring fidelity
-
-
-@torch.no_grad()
-def sample_segmentations(model_for: Callable[[int, int], Callable], base_cfg: DiffusionExperiment, schedule, decoder,
-                         scale_factor: float, latent_shape, labels: torch.Tensor | None, n: int, sampling, *,
-                         seed: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample n latents and decode them; ``model_for(lo, hi)`` is the ``model(x, t, y)`` for rows lo:hi (a
-    plain UNet, or a controlled one bound to those rows' controls).
-
-    Returns the images (N, 3, H, W) and the segmentation head's class ids (N, H, W), or None when the
-    autoencoder has no segmentation head. Batches are seeded seed, seed + 1, ..., so two models called
-    with the same arguments start from the same noise.
-    """
-    images, segs = [], []
-    for b, lo in enumerate(range(0, n, FIDELITY_BATCH)):
-        hi = min(n, lo + FIDELITY_BATCH)
-        y = labels[lo:hi] if labels is not None else None
-        z = generate_latents(model_for(lo, hi), base_cfg, schedule, latent_shape, hi - lo, y, seed=seed + b,
-                             device=device, sampling=sampling)
-        rgb, seg = decoder.decode(z / scale_factor, with_seg=True)  # seg None without a segmentation head
-        images.append(rgb.float())
-        segs.append(None if seg is None else seg.argmax(1))
-    return torch.cat(images), (None if segs[0] is None else torch.cat(segs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +57,8 @@ class ControlNetTask(DiffusionTask):
     """
 
     def __init__(self, cfg: ControlNetExperiment, base_cfg: DiffusionExperiment, model: ControlledUNet, base,
-                 store: LatentStore, num_classes: int | None, device, val_set: ControlDataset, provenance: dict):
+                 store: LatentStore, num_classes: int | None, device, val_set: ControlDataset,
+                 provenance: LatentsInfo):
         super().__init__(base_cfg, model, store, num_classes, device)
         self.experiment = cfg
         self.hflip, self.aligned = cfg.data.hflip, ("control",)  # flip latent and control together
@@ -100,8 +78,7 @@ class ControlNetTask(DiffusionTask):
 
     def decoder(self):
         if self._decoder is None:
-            p = self.provenance
-            self._decoder = load_verified_autoencoder(p["autoencoder_checkpoint"], p["autoencoder_sha256"], self.device)
+            self._decoder = verified_autoencoder(self.provenance, self.device).model
         return self._decoder
 
     def fidelity_available(self) -> str | None:
@@ -135,19 +112,28 @@ class ControlNetTask(DiffusionTask):
         y = rows["label"][:n]
         return torch.where(y < 0, self.num_classes, y)  # unlabelled rows take the null label
 
-    def _model_for(self, model, rows: dict, controlled: bool = True) -> Callable[[int, int], Callable]:
-        if not controlled:
-            return lambda lo, hi: self.base
-        return lambda lo, hi: model.bind(rows["control"][lo:hi], self.experiment.sampling.scale)
+    @torch.no_grad()
+    def sample_rows(self, model, rows: dict, n: int, sampling, controlled: bool = True):
+        """Samples of the first n fixed rows, decoded: images (N, I, H, W) and the segmentation head's class ids
+        (N, H, W), or None without a head. The noise comes from the experiment's seed, so the controlled
+        model and the uncontrolled base (``controlled`` false: ``self.base``, no control) start from the same."""
+        noise, gen = seeded_noise(n, self.store.latent_shape, seed=self.experiment.seed, device=self.device)
+        z = generate(model if controlled else self.base, self.schedule, noise, labels=self._labels_of(rows, n),
+                     controls=rows["control"][:n] if controlled else None, control_scale=self.experiment.sampling.scale,
+                     sampling=sampling, prediction=self.cfg.diffusion.prediction, generator=gen,
+                     batch_size=FIDELITY_BATCH)
+        images, segs = [], []
+        for lo in range(0, n, FIDELITY_BATCH):
+            rgb, seg = self.decoder().decode(z[lo:lo + FIDELITY_BATCH] / self.store.scale_factor, with_seg=True)
+            images.append(rgb.float())
+            segs.append(None if seg is None else seg.argmax(1))
+        return torch.cat(images), (None if segs[0] is None else torch.cat(segs))
 
     def scores(self, model, *, controlled: bool = True) -> dict:
         """Control fidelity of the (EMA) model, or of the uncontrolled base when ``controlled`` is false."""
         rows = self.fixed_rows()
         n = min(self.experiment.evaluation.fidelity_samples, len(rows["mask"]))
-        _, seg = sample_segmentations(self._model_for(model, rows, controlled), self.cfg, self.schedule, self.decoder(), self.store.scale_factor,
-                                      self.store.latent_shape, self._labels_of(rows, n), n,
-                                      self._sampling(self.experiment.evaluation.steps),
-                                      seed=self.experiment.seed, device=self.device)
+        _, seg = self.sample_rows(model, rows, n, self._sampling(self.experiment.evaluation.steps), controlled)
         return {"rows": n, **segmentation_scores(seg, rows["mask"][:n], self.mask_classes)}
 
     def evaluate(self, model, loader) -> dict[str, float]:
@@ -162,10 +148,7 @@ class ControlNetTask(DiffusionTask):
     def write_samples(self, model, epoch, path):
         rows = self.fixed_rows()
         n = min(self.experiment.sampling.grid_rows, len(rows["control"]))
-        images, _ = sample_segmentations(
-            self._model_for(model, rows), self.cfg, self.schedule,
-            self.decoder(), self.store.scale_factor, self.store.latent_shape, self._labels_of(rows, n), n,
-            self._sampling(), seed=self.experiment.seed, device=self.device)
+        images, _ = self.sample_rows(model, rows, n, self._sampling())
         truth, _ = self.decoder().decode(rows["latent"][:n] / self.store.scale_factor)  # the AE's reconstruction
         columns = [control_preview(self.experiment.control.signal, rows["control"][:n]), to_uint8(images),
                    to_uint8(truth)]
@@ -177,25 +160,19 @@ class ControlNetTask(DiffusionTask):
 # --------------------------------------------------------------------------------------------------
 
 
-def check_base(cfg: ControlNetExperiment, base_cfg: DiffusionExperiment, base_extra: dict, provenance: dict,
-               base_path: Path, source: str) -> None:
+def check_base(cfg: ControlNetExperiment, base_cfg: DiffusionExperiment, base_meta: DiffusionMeta,
+               provenance: LatentsInfo, base_path: Path, source: str) -> None:
     """Refuse a base checkpoint of another experiment, or one trained on other latents."""
     if cfg.base is not None and cfg.base != base_cfg.name:
         raise ConfigError(f"{source}: key 'base' names the diffusion experiment {cfg.base!r}, but {base_path} is "
                           f"a checkpoint of {base_cfg.name!r}")
-    if base_extra["autoencoder_sha256"] != provenance["autoencoder_sha256"] or \
-            base_extra["latent_channels"] != provenance["latent_channels"] or \
-            base_extra["latent_size"] != provenance["latent_size"]:
-        raise ConfigError(f"{base_path} was trained on latents of {base_extra['autoencoder_checkpoint']} "
-                          f"({base_extra['latent_channels']} x {base_extra['latent_size']}^2); the latent store "
-                          f"{provenance['latents']} holds latents of {provenance['autoencoder_checkpoint']} "
-                          f"({provenance['latent_channels']} x {provenance['latent_size']}^2): embed with the "
+    base = base_meta.latents
+    if base.autoencoder_sha256 != provenance.autoencoder_sha256 or base.latent_shape != provenance.latent_shape:
+        raise ConfigError(f"{base_path} was trained on latents of {base.autoencoder_checkpoint} "
+                          f"({base.latent_channels} x {base.latent_size}^2); the latent store "
+                          f"{provenance.latents} holds latents of {provenance.autoencoder_checkpoint} "
+                          f"({provenance.latent_channels} x {provenance.latent_size}^2): embed with the "
                           "base model's autoencoder")
-
-
-def store_manifest(store: LatentStore) -> str | None:
-    """The manifest the store was embedded from, as its attributes record it."""
-    return store.attrs["manifest"]["path"]
 
 
 def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: int):
@@ -203,9 +180,9 @@ def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: i
     signal = cfg.control.signal
     if signal == "edges":
         log.info("computing Sobel edge maps of %d images (%d px)", store.n, image_size)
-        return edge_controls(store.paths, image_size, str(store.path), store.attrs.get("channels"))
+        return edge_controls(store.paths, image_size, str(store.path), store.info.channels)
     if signal == "image":
-        manifest = cfg.control.manifest or store_manifest(store)
+        manifest = cfg.control.manifest or store.info.manifest.path
         if not manifest:
             raise ConfigError(f"{store.path}: the latent store records no manifest; set control.manifest to the "
                               "manifest with the 'control' column")
@@ -216,7 +193,7 @@ def stored_controls(cfg: ControlNetExperiment, store: LatentStore, image_size: i
 
 def control_geometry(cfg: ControlNetExperiment, store: LatentStore) -> tuple[int, int]:
     """A ControlNet's control channels and the factor from image to latent resolution, from its latent store."""
-    return control_channels(cfg.control.signal, store.mask_classes), int(store.attrs["image_size"]) // store.latent_shape[1]
+    return control_channels(cfg.control.signal, store.mask_classes), store.info.image_size // store.latent_shape[1]
 
 
 def control_dataset(cfg: ControlNetExperiment, store: LatentStore, split: str | None, stored) -> ControlDataset:
@@ -243,11 +220,12 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
     store = LatentStore(latents)
     provenance = store_provenance(store)
     base_path = Path(base)
-    base_model, base_cfg, base_extra = load_diffusion(base_path, dev)
-    check_base(cfg, base_cfg, base_extra, provenance, base_path, source)
-    num_classes = base_extra["num_classes"]
+    loaded = load_diffusion(base_path, dev)
+    base_model, base_cfg = loaded.model, loaded.config
+    check_base(cfg, base_cfg, loaded.meta, provenance, base_path, source)
+    num_classes = loaded.meta.num_classes
     k, factor = control_geometry(cfg, store)
-    image_size = int(store.attrs["image_size"])
+    image_size = store.info.image_size
     stored = stored_controls(cfg, store, image_size)
     train_set, val_set = (control_dataset(cfg, store, split, stored) for split in ("train", "val"))
     if len(val_set) == 0:
@@ -261,11 +239,11 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
              "parameters train", cfg.name, cfg.model.fusion, cfg.control.signal, k, image_size, base_cfg.name,
              len(train_set), len(val_set), count_parameters(model, trainable_only=True) / 1e6,
              count_parameters(model) / 1e6)
-    extra = {**provenance, "num_classes": num_classes, "base_checkpoint": str(base_path),
-             "base_sha256": file_sha256(base_path), "base_config": resolved_config(base_cfg), "signal": cfg.control.signal,
-             "control_channels": k, "downsample": factor, "image_size": image_size, **({"init": parent} if parent else {})}
+    meta = ControlNetMeta(latents=provenance, num_classes=num_classes, init=parent, base_checkpoint=str(base_path),
+                          base_sha256=file_sha256(base_path), base_config=resolved_config(base_cfg),
+                          signal=cfg.control.signal, control_channels=k, downsample=factor, image_size=image_size)
     fc = FitConfig(stage="controlnet", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
-                   resolved=resolved_config(cfg), extra=extra)
+                   resolved=resolved_config(cfg), extra=meta.to_dict())
     task = ControlNetTask(cfg, base_cfg, model, base_model, store, num_classes, dev, val_set, provenance)
     result = fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev, sample_weights=weights, workers=0,
                  progress=progress)
