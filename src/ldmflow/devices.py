@@ -69,6 +69,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         p = state["python"]
         random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
+
 log = logging.getLogger(__name__)
 
 # One folder per machine, shared by every workflow and user on it (a fixed path: a job's TMPDIR may differ).

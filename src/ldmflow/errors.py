@@ -37,7 +37,6 @@ class ControlError(DataError):
     """A control signal cannot be made or does not fit the model (missing column, wrong size, bad index)."""
 
 
-
 # The command line's exit codes: 2 for a user error (usage, config, data, a path that cannot be read or
 # written), 143 (128 + SIGTERM) for a run that saved a checkpoint on a scheduler's signal (SIGINT, SIGTERM,
 # SIGUSR1 or SIGUSR2: one code for all four) and can be resumed, 1 for a run that cannot go on. README "When

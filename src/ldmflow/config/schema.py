@@ -24,8 +24,6 @@ from ldmflow.errors import ConfigError
 T = TypeVar("T")
 
 
-
-
 def param(default: Any = dataclasses.MISSING, doc: str = "", *, key: str | None = None, **constraints: Any) -> Any:
     """A dataclass field with a description and JSON-schema constraints (minimum, maximum, ...); ``key`` is
     its name in files when that is a Python keyword (``init.from`` is the field ``from_``)."""

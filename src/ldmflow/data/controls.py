@@ -35,8 +35,6 @@ SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grayscale
 
 
-
-
 def control_channels(signal: Signal, mask_classes: int | None) -> int:
     """K, the channels of a control signal."""
     if signal == "mask":

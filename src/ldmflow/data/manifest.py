@@ -52,8 +52,6 @@ HASH_BYTES = 2**20  # duplicate files are compared by size and a hash of their f
 MAX_INTEGER_CLASSES = 10_000  # integer labels 0..K-1 with classes: null; larger ids are typos, not classes
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Manifests
 # --------------------------------------------------------------------------------------------------
@@ -181,6 +179,7 @@ def dataset_metadata(source: str | Path) -> dict:
     if unknown:
         raise DataError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: classes, mask_classes")
     return meta
+
 
 def _resolve_path(root: Path, text: str, source: Path, row: int) -> str:
     text = text.strip()
@@ -342,26 +341,6 @@ def resolve_labels(labels: list[str], classes: list[str] | None, source: str, ro
 # --------------------------------------------------------------------------------------------------
 # Decoding and preprocessing
 # --------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ def miou(conf: torch.Tensor) -> float:
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else math.nan
 
+
 log = logging.getLogger(__name__)
 
 

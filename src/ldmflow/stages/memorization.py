@@ -301,8 +301,6 @@ def evaluate_memorization(train: str | Path, samples: str | Path, out: str | Pat
     return _evaluate(train_set, sample_set, ref_set, cfg, Path(out), device, inputs, notes)
 
 
-
-
 def _generate(model, n: int, batch: int) -> torch.Tensor:
     """n images (N, C, H, W) in [-1, 1] from ``model.sample(n)`` or a callable ``n -> images``."""
     fn = model.sample if hasattr(model, "sample") else model
