@@ -273,7 +273,8 @@ def compare_diffusion_training(preset: str, side: int, batch: int, mode: Mode, d
     def flops(build):
         def loss(model):
             x = torch.randn((batch, *shape))
-            return model(x, torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long)).float().pow(2).mean()
+            out = model(x, torch.randint(0, 1000, (batch,)), torch.zeros(batch, dtype=torch.long))
+            return out.float().pow(2).mean()
         return training_flops(build, loss)
 
     f_ours = flops(lambda: build_unet(cfg, channels, CLASSES))
@@ -381,7 +382,8 @@ def compare_sampling(preset: str, side: int, batch: int, steps: int, mode: Mode,
     with torch.device("meta"):
         meta = build_unet(cfg, channels, CLASSES)
         f_forward = count_flops(lambda: meta(torch.randn((batch, channels, side, side)),
-                                             torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)))
+                                             torch.zeros(batch, dtype=torch.long),
+                                             torch.zeros(batch, dtype=torch.long)))
     params = count_parameters(model)
     t_ours, t_base = paired_seconds([ours, base], device, 0, 1, repeats)
     return record(f"sample_ddim{steps}", mode.name, batch, "samples/s", "none (same UNet, same weights)",
@@ -413,7 +415,8 @@ def diffusers_autoencoder(model_cfg, width: int):
     levels = len(model_cfg.channel_mult)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=model_cfg.latent_channels,
                          block_out_channels=tuple(width * m for m in model_cfg.channel_mult),
-                         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
                          layers_per_block=model_cfg.num_res_blocks, norm_num_groups=groups,
                          mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False)
 

@@ -63,7 +63,8 @@ SCALES = {
                  search=(4096, 32768, 32), budget_s=330.0, hard_limit_s=430.0),
     "cpu": Scale("demo_tiny", 8, (8,), ("eager_fp32",), warmup=2, steps=8, rounds=3,
                  sample_batch=(4,), sample_repeats=3,
-                 ae_image=16, ae_base=16, embed_images=256, embed_image=16, search=(256, 1024, 16), budget_s=300.0, hard_limit_s=600.0,
+                 ae_image=16, ae_base=16, embed_images=256, embed_image=16, search=(256, 1024, 16),
+                 budget_s=300.0, hard_limit_s=600.0,
                  # one thread: on a busy shared machine two threads wait on each other (10x slower here)
                  threads=1),
 }

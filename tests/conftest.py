@@ -47,7 +47,8 @@ def tiny_ae() -> dict:
     return copy.deepcopy(TINY_AE)
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m ldmflow.cli ARGS`` in a subprocess (one torch thread), capturing its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "ldmflow.cli", *args], cwd=cwd, env=env, capture_output=True,

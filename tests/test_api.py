@@ -73,7 +73,8 @@ def test_every_stage_from_its_file(trained):
     assert isinstance(controlnet, ControlNetExperiment)
     net = build_model(controlnet, store, base=trained["diffusion"])
     rows = build_dataset(controlnet, store, split="val").__getitems__([0, 1])
-    loss = build_loss(controlnet, base=trained["diffusion"])(net, rows["latent"], rows["label"], control=rows["control"])
+    loss_fn = build_loss(controlnet, base=trained["diffusion"])
+    loss = loss_fn(net, rows["latent"], rows["label"], control=rows["control"])
     assert loss.item() > 0
     assert len(build_optimizer(net, controlnet).param_groups[0]["params"]) < len(list(net.parameters()))  # base frozen
 

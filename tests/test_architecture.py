@@ -155,7 +155,8 @@ def test_the_length_check_sees_a_planted_long_method_and_nested_function():
 def test_the_checker_sees_a_planted_violation(tmp_path):
     """The import walk finds a lazy import inside a function (so the layering test can fail)."""
     tree = ast.parse("def f():\n    from ldmflow.training.loop import fit\n")
-    assert imported("ldmflow.models.x", tree, {"ldmflow.training.loop", "ldmflow.models.x"}) == {"ldmflow.training.loop"}
+    assert imported("ldmflow.models.x", tree,
+                    {"ldmflow.training.loop", "ldmflow.models.x"}) == {"ldmflow.training.loop"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from ldmflow.models.autoencoder import AutoencoderLoss, build_autoencoder, dice_
 
 def make(variant="kl", downsample=4, **loss):
     cfg = load_config({"name": "t", "data": {"mask_classes": 4, "classes": ["a", "b", "c"]},
-                       "model": {"variant": variant, "downsample": downsample, "latent_channels": 3, "base_channels": 8},
+                       "model": {"variant": variant, "downsample": downsample, "latent_channels": 3,
+                                 "base_channels": 8},
                        "loss": loss})
     return cfg, build_autoencoder(cfg)
 
@@ -85,7 +86,8 @@ def test_background_pixels_tell_a_frame_from_object_edges():
     assert not keep[0, 4:11, 4:11].any() and keep[0, 3].all() and keep[0, :, 11:].all()  # 2 px around it dropped
     blurred = target.clone()
     blurred[..., 5:10, 5:10] = 0.4  # error only on and around the object: no frame
-    scores = lambda recon, keep=None: [psnr_of_mse(float(s / c)) for s, c in zip(*region_squared_errors(recon, target, keep=keep))]  # noqa: E731
+    scores = lambda recon, keep=None: [psnr_of_mse(float(s / c))  # noqa: E731
+                                       for s, c in zip(*region_squared_errors(recon, target, keep=keep))]
     ring, interior = scores(blurred)
     assert ring == 100.0 and interior < 40  # all pixels: the ring looks better than the interior
     assert scores(blurred, keep) == [100.0, 100.0]  # background: ring and interior alike

@@ -58,7 +58,8 @@ def test_prepare_caches_checks_and_splits(demo_manifest):
 
 def test_uncached_dataset_decodes_the_same_pixels(demo_manifest):
     cached = ImageDataset(prepare_data(demo_manifest, DataConfig(image_size=8, mask_classes=4)), "train")
-    streamed = ImageDataset(prepare_data(demo_manifest, DataConfig(image_size=8, mask_classes=4, cache_max_gb=0)), "train")
+    streamed = ImageDataset(prepare_data(demo_manifest, DataConfig(image_size=8, mask_classes=4, cache_max_gb=0)),
+                            "train")
     assert streamed.data.images is None
     a, b = cached.__getitems__([3, 5]), streamed.__getitems__([3, 5])
     assert all((a[k] == b[k]).all() for k in a)

@@ -47,7 +47,8 @@ def test_a_fine_tuned_run_starts_where_its_parent_ended(parent, demo_manifest, t
 
 def test_a_head_that_does_not_fit_needs_init_partial(parent, demo_manifest, tmp_path, caplog):
     wider = {"variant": "kl", "downsample": 4, "latent_channels": 8, "base_channels": 8}
-    with pytest.raises(ConfigError, match=r"do not fit this model: encoder\..*\(8, .*\) -> \(16, .*set 'init.partial: true'"):
+    with pytest.raises(ConfigError, match=r"do not fit this model: encoder\..*\(8, .*\) -> \(16, .*"
+                                          r"set 'init.partial: true'"):
         train_autoencoder(experiment("wide", 1, model=wider, init={"from": str(parent["checkpoint"])}),
                           demo_manifest, tmp_path / "w", progress=False)
     partial = {"from": str(parent["checkpoint"]), "partial": True}

@@ -43,7 +43,8 @@ def write(folder: Path, fmt: str) -> Path:
         p = digit(i)
         name = folder / f"{i:02d}"
         if fmt in ("png16", "tif16"):  # a 12-bit camera with a dark offset in a 16-bit file: 1000..4095
-            Image.fromarray((1000 + p * 3095).astype(np.uint16)).save(name.with_suffix(".png" if fmt == "png16" else ".tif"))
+            suffix = ".png" if fmt == "png16" else ".tif"
+            Image.fromarray((1000 + p * 3095).astype(np.uint16)).save(name.with_suffix(suffix))
         elif fmt == "tif16b":  # big-endian 16-bit
             raw = (1000 + p * 3095).astype(">u2")
             Image.frombytes("I;16B", (SIDE, SIDE), raw.tobytes()).save(name.with_suffix(".tif"))
@@ -116,7 +117,8 @@ def test_every_format_stays_different_through_decoding_and_embedding(fmt, tmp_pa
 
 def test_sixteen_bit_rules_and_write_back(tmp_path):
     data_dir = write(tmp_path / "png16", "png16")
-    by_depth = prepare_data(data_dir, DataConfig(image_size=16, intensity=IntensityConfig(mode="bit_depth", bit_depth=12)))
+    by_depth = prepare_data(data_dir, DataConfig(image_size=16,
+                                                 intensity=IntensityConfig(mode="bit_depth", bit_depth=12)))
     assert by_depth.value_range == [[0.0, 4095.0]]
     x = ImageDataset(by_depth, None).__getitems__(list(range(N)))["image"]
     # 1000..4095 of 0..4095: the dark offset stays (about -0.51), the top reaches 1
@@ -241,8 +243,9 @@ def test_samples_are_written_in_the_datas_own_values(tmp_path):
     assert img.mode == "I;16" and img.size == (16, 16) and values.min() >= 1000 and values.max() <= 4095
     with torch.no_grad():
         pixels = to_pixels(gray.decode(torch.from_numpy(latents))[0])  # (3, 16, 16, 1)
-    attrs = SamplesAttrs(checkpoint="c.pt", checkpoint_sha256="0", autoencoder_checkpoint="ae.pt", autoencoder_sha256="0",
-                         sampler="ddim", steps=1, eta=0.0, guidance=None, seed=0, classes=None, ldmflow_version="0")
+    attrs = SamplesAttrs(checkpoint="c.pt", checkpoint_sha256="0", autoencoder_checkpoint="ae.pt",
+                         autoencoder_sha256="0", sampler="ddim", steps=1, eta=0.0, guidance=None, seed=0,
+                         classes=None, ldmflow_version="0")
     save_samples(tmp_path / "gray", pixels, latents, np.full(3, -1), attrs)
     assert Image.open(tmp_path / "gray" / "sample_00000.png").mode == "L"  # grayscale is not tripled
 

@@ -124,7 +124,8 @@ def _rewrite(manifest, out, columns):
 def test_a_judge_has_only_the_heads_its_data_allow(demo, tmp_path, columns):
     model, record = train_judge(_rewrite(demo, tmp_path / "m.csv", columns), judge_config(epochs=1, width=4),
                                 image_size=16, threads=1)
-    assert (model.classifier is not None) == ("label" in columns) and (model.segmenter is not None) == ("mask" in columns)
+    assert ((model.classifier is not None) == ("label" in columns)
+            and (model.segmenter is not None) == ("mask" in columns))
     assert ("accuracy" in record["real_val"]) == ("label" in columns)
     assert ("miou" in record["real_val"]) == ("mask" in columns)
 

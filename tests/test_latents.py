@@ -319,6 +319,7 @@ def test_embed_command(runs, demo_manifest, tmp_path):
     assert bad.returncode == 2 and "key 'dtype' has value 'int8'; allowed: float16, float32" in bad.stderr
     missing = run_cli("embed", "--checkpoint", str(tmp_path / "no.pt"), "--data", str(demo_manifest), "--out",
                       str(out), check=False)
-    assert missing.returncode == 2 and "argument --checkpoint:" in missing.stderr and "no.pt' does not exist" in missing.stderr
+    assert (missing.returncode == 2 and "argument --checkpoint:" in missing.stderr
+            and "no.pt' does not exist" in missing.stderr)
     assert LatentStore(out).latents.dtype == np.float32  # the failed runs left the store alone
 

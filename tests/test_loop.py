@@ -152,7 +152,8 @@ def test_a_preempted_fit_resumes_to_bit_identical_weights_and_metrics(tmp_path, 
 
 def test_a_fit_killed_with_sigkill_resumes_to_bit_identical_weights_and_metrics(tmp_path, whole):
     code = (f"import sys; sys.path[:0] = [{str(REPO / 'src')!r}, {str(REPO)!r}]; from pathlib import Path; "
-            f"from tests.test_loop import LinearTask, fit_toy; fit_toy(Path({str(tmp_path)!r}), task=LinearTask(kill_at=19))")
+            "from tests.test_loop import LinearTask, fit_toy; "
+            f"fit_toy(Path({str(tmp_path)!r}), task=LinearTask(kill_at=19))")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

@@ -102,7 +102,8 @@ def planted_tensors(n_train=600, n_ref=200, per_kind=100, size=32, seed=1):
     src = torch.from_numpy(rng.choice(n_train, 3 * per_kind, replace=False))
     noise = torch.from_numpy(rng.normal(0, 0.1, (per_kind, 3, size, size))).float()
     moves = [(0, 1), (1, 0), (0, -1), (-1, 0)]
-    shifted = torch.stack([torch.roll(train[s], moves[i % 4], (1, 2)) for i, s in enumerate(src[2 * per_kind:].tolist())])
+    shifted = torch.stack([torch.roll(train[s], moves[i % 4], (1, 2))
+                           for i, s in enumerate(src[2 * per_kind:].tolist())])
     generated = torch.cat([train[src[:per_kind]], (train[src[per_kind:2 * per_kind]] + noise).clamp(-1, 1), shifted,
                            unseen])
     return train, ref, generated, np.repeat(PLANTED_KINDS, per_kind)

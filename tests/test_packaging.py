@@ -18,5 +18,6 @@ def test_conda_env_matches_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pip = dict(normalise(d) for d in project["dependencies"])
     env = yaml.safe_load((REPO / "envs" / "ldmflow.yaml").read_text())
-    conda = dict(normalise(d) for d in env["dependencies"] if isinstance(d, str) and not d.startswith(("python", "pip")))
+    conda = dict(normalise(d) for d in env["dependencies"]
+                 if isinstance(d, str) and not d.startswith(("python", "pip")))
     assert conda == pip

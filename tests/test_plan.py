@@ -19,8 +19,8 @@ def dry_run(root: Path, *args: str, path_prefix: str | None = None) -> subproces
     env = smk_env()
     if path_prefix:
         env["PATH"] = f"{path_prefix}:{env['PATH']}"
-    return subprocess.run([snakemake_bin(), *args, "-n"], cwd=root, env=env, capture_output=True, text=True, check=False,
-                          timeout=300)
+    return subprocess.run([snakemake_bin(), *args, "-n"], cwd=root, env=env, capture_output=True, text=True,
+                          check=False, timeout=300)
 
 
 def resources_of(proc: subprocess.CompletedProcess, rule: str) -> dict[str, str]:
@@ -86,7 +86,8 @@ def test_a_cluster_key_in_the_default_profile_stops_the_plan_naming_the_fix(tmp_
 
 
 # grid_experiment: one experiment file per grid combination (8 autoencoders, 12 UNets, 4 ControlNets)
-RESEARCH_256_PLAN = {"demo_data": 1, "grid_experiment": 24, "train_autoencoder": 8, "select_autoencoder": 1, "embed_latents": 1,
+RESEARCH_256_PLAN = {"demo_data": 1, "grid_experiment": 24, "train_autoencoder": 8, "select_autoencoder": 1,
+                     "embed_latents": 1,
                      "train_diffusion": 13, "sample_diffusion": 13, "train_controlnet": 4, "sample_controlnet": 4,
                      "controlnet_summary": 1, "evaluate_memorization": 17, "memorization_summary": 1,
                      "training_curves": 25, "train_judge": 1, "evaluate_samples": 13,

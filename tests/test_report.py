@@ -23,9 +23,11 @@ def test_gather_memorization_writes_one_row_per_experiment(tmp_path):
     on_disk = pd.read_csv(tmp_path / "s.csv")
     assert list(on_disk["experiment"]) == ["diffusion/a", "controlnet/b"]
     assert list(on_disk["memorized"]) == [0, 1] and on_disk["frechet_distance"].tolist() == [3.0, 2.0]
-    assert on_disk["similarity_p95"].tolist() == [0.8, 0.9] and on_disk["reference_similarity_p95"].tolist() == [0.85] * 2
+    assert (on_disk["similarity_p95"].tolist() == [0.8, 0.9]
+            and on_disk["reference_similarity_p95"].tolist() == [0.85] * 2)
     # the headline verdict: calibrated or not, its interval and its false flag rate on held-out images
-    assert on_disk["calibrated"].tolist() == [True, False] and on_disk["criterion"].tolist() == ["calibrated", "tiled_l2"]
+    assert (on_disk["calibrated"].tolist() == [True, False]
+            and on_disk["criterion"].tolist() == ["calibrated", "tiled_l2"])
     assert on_disk["memorized_ci_high"].tolist() == [0.3, 0.4]
     assert on_disk["reference_false_flag_rate"][0] == 0.01 and pd.isna(on_disk["reference_false_flag_rate"][1])
     assert (tmp_path / "s.png").stat().st_size > 1000 and len(table) == 2

@@ -199,6 +199,7 @@ def test_guided_unet_drives_a_sampler():
 
 def test_schedulers_and_samplers_never_import_models():
     models = ("ldmflow.models.unet", "ldmflow.models.autoencoder", "ldmflow.models.controlnet")
-    code = f"import sys, ldmflow.diffusion.samplers, ldmflow.diffusion.schedules; print(sorted(set(sys.modules) & set({models})))"
+    code = ("import sys, ldmflow.diffusion.samplers, ldmflow.diffusion.schedules; "
+            f"print(sorted(set(sys.modules) & set({models})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

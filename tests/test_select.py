@@ -77,6 +77,8 @@ def test_plan_time_warning_when_selection_and_checkpointing_metrics_differ(tmp_p
     paths = {}
     for name, metric in (("a", "val_loss"), ("b", "val_rgb")):
         paths[name] = tmp_path / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(TINY_AE | {"name": name, "train": {"early_stopping": {"metric": metric}}}))
+        experiment = TINY_AE | {"name": name, "train": {"early_stopping": {"metric": metric}}}
+        paths[name].write_text(yaml.safe_dump(experiment))
     messages = selection_warnings({k: str(v) for k, v in paths.items()}, {"metric": "val_rgb", "mode": "min"})
-    assert len(messages) == 1 and "a.yaml" in messages[0] and "kept by train.early_stopping.metric=val_loss" in messages[0]
+    assert (len(messages) == 1 and "a.yaml" in messages[0]
+            and "kept by train.early_stopping.metric=val_loss" in messages[0])

@@ -137,7 +137,8 @@ def test_every_control_signal_trains_and_samples(tmp_path, stage, signal_):
 
 def test_a_missing_control_column_stops_before_training(tmp_path, stage):
     cfg = experiment(control={"signal": "image"})  # the store's manifest (the demo's) has no control column
-    with pytest.raises(ControlError, match=r"needs a 'control' column in the manifest; found columns: image, mask, label"):
+    with pytest.raises(ControlError,
+                       match=r"needs a 'control' column in the manifest; found columns: image, mask, label"):
         train_controlnet(cfg, stage["store"], stage["base"], tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 

@@ -29,7 +29,8 @@ def _read_image(path: Path, size: int, what: str) -> Image.Image:
     return img
 
 
-def load_control(value: str | int, cfg: ControlNetExperiment, meta: ControlNetMeta) -> tuple[torch.Tensor, int | None, str]:
+def load_control(value: str | int, cfg: ControlNetExperiment,
+                 meta: ControlNetMeta) -> tuple[torch.Tensor, int | None, str]:
     """The control (1, K, H, W) from a store row index or an image file, the row's label (or None), and a
     description for the outputs' attributes."""
     signal, size, k = cfg.control.signal, meta.image_size, meta.control_channels
@@ -38,7 +39,8 @@ def load_control(value: str | int, cfg: ControlNetExperiment, meta: ControlNetMe
         store = LatentStore(meta.latents.latents)
         i = int(text)
         if i >= store.n:
-            raise ControlError(f"control index {i}: the latent store {store.path} has {store.n} rows (0..{store.n - 1})")
+            raise ControlError(f"control index {i}: the latent store {store.path} has {store.n} rows "
+                               f"(0..{store.n - 1})")
         if signal == "mask":
             raw = torch.from_numpy(store.masks[i:i + 1].astype(np.int64))
         elif signal == "edges":

@@ -117,7 +117,8 @@ def _checkpoint_state(path: Path) -> dict | None:
 
 
 def run_status(stage: str, name: str, run_dir: Path, log_file: Path, epochs: int, metric: str, mode: str,
-               incomplete: dict[Path, float], now: float | None = None, stale_after: float = STALE_AFTER_S) -> RunStatus:
+               incomplete: dict[Path, float], now: float | None = None,
+               stale_after: float = STALE_AFTER_S) -> RunStatus:
     """The state of one run from its folder, its log and Snakemake's markers (see the module docstring)."""
     now = time.time() if now is None else now
     paths = RunPaths(run_dir, name)
@@ -125,7 +126,8 @@ def run_status(stage: str, name: str, run_dir: Path, log_file: Path, epochs: int
     status = read_status(paths.status)
     history = read_metrics(paths.metrics)
     log_tail = last_line(log_file)
-    log_error = log_tail if log_tail and (" ERROR " in log_tail or log_tail.startswith(("Traceback", "Error"))) else None
+    log_error = (log_tail if log_tail and (" ERROR " in log_tail or log_tail.startswith(("Traceback", "Error")))
+                 else None)
     marked = incomplete.get(paths.metrics.resolve())  # when Snakemake started the job, if it has not finished
 
     if history:
@@ -207,7 +209,8 @@ def workflow_status(config: str | Path = "config/config.yaml", results: str | Pa
     for key, stage in EXPERIMENT_LISTS.items():
         for cfg in _experiments(wf.get(key) or [], stage, workdir):
             es = cfg.train.early_stopping
-            rows.append(run_status(stage, cfg.name, results / stage / cfg.name, workdir / "logs" / stage / f"{cfg.name}.log",
+            rows.append(run_status(stage, cfg.name, results / stage / cfg.name,
+                                   workdir / "logs" / stage / f"{cfg.name}.log",
                                    cfg.train.epochs, es.metric, es.mode, incomplete, now, stale_after))
     return rows
 
@@ -250,7 +253,8 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 def status_table(rows: list[RunStatus], now: float | None = None, title: str | None = None):

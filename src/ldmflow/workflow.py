@@ -155,7 +155,8 @@ def controlnet_bases(controlnets: Mapping[str, str | Experiment], diffusion: Map
         base = experiment.config.base
         if base not in diffusion:
             allowed = ", ".join(sorted(diffusion)) or "none (the config's 'diffusion' list is empty)"
-            given = "is null" if base is None else f"names {base!r}, which is not a diffusion experiment of the workflow"
+            given = ("is null" if base is None
+                     else f"names {base!r}, which is not a diffusion experiment of the workflow")
             raise ConfigError(f"{experiment.path}: key 'base' {given}; allowed: {allowed}")
         out[name] = base
     return out
@@ -290,7 +291,8 @@ def _profile_clash(default: str | Path, key: str, why: str) -> str:
     return (
         f"{default}: key {key!r} does not belong in the workflow profile: Snakemake reads it on its own, also "
         f"beside a cluster profile (--profile slurm), and its keys win ({why}). Give machine settings of this "
-        f"computer on the command line (--cores 8 --resources gpu=2 --set-threads train_autoencoder=8) or in a profile of its own "
+        f"computer on the command line (--cores 8 --resources gpu=2 --set-threads train_autoencoder=8) "
+        f"or in a profile of its own "
         f"that replaces this one (--workflow-profile profiles/NAME)."
     )
 

@@ -55,5 +55,6 @@ def add_commands(sub) -> None:
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS")
     p.add_argument("--json", action="store_true", help="print JSON (one object per experiment) for scripts")
 
-    p = add_command(sub, "schemas", cmd_schemas, "write the JSON schemas of the experiment files (for editors and docs)")
+    p = add_command(sub, "schemas", cmd_schemas,
+                    "write the JSON schemas of the experiment files (for editors and docs)")
     p.add_argument("--out", type=output_dir, default="config/schemas", help="output folder (default config/schemas)")

@@ -71,7 +71,8 @@ def add_select_ae(sub) -> None:
 
 
 def add_commands(sub) -> None:
-    add_train_command(sub, "train-ae", "autoencoder", "train one autoencoder experiment (resumes from RUN_DIR's latest)",
+    add_train_command(sub, "train-ae", "autoencoder",
+                      "train one autoencoder experiment (resumes from RUN_DIR's latest)",
                       {"--data": (existing_path, "manifest CSV or folder of images")})
     add_select_ae(sub)
     add_train_command(sub, "train-diffusion", "diffusion",

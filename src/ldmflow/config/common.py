@@ -96,7 +96,8 @@ class OptimConfig:
     warmup_steps: int = param(0, "Linear learning-rate warm-up, in optimizer steps.", minimum=0)
     schedule: Literal["constant", "cosine"] = param("constant", "Learning-rate decay after warm-up.")
     min_lr_ratio: float = param(0.1, "Cosine decay floor, as a fraction of lr.", minimum=0.0, maximum=1.0)
-    grad_clip: float | None = param(1.0, "Clip the global gradient norm to this value; null disables.", exclusiveMinimum=0.0)
+    grad_clip: float | None = param(1.0, "Clip the global gradient norm to this value; null disables.",
+                                    exclusiveMinimum=0.0)
     accumulate: int = param(1, "Micro-batches per optimizer step (gradient accumulation).", minimum=1)
 
 
@@ -162,6 +163,7 @@ class InitConfig:
 class Experiment:
     """What every stage's experiment file starts with: its name, its seed and where its weights start."""
 
-    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = param(dataclasses.MISSING, "Run name: names the outputs NAME_checkpoint_best.pt etc.",
+                      pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = param(42, "Seed of every random choice (initialisation, split, shuffling, noise).", minimum=0)
     init: InitConfig = param(InitConfig, "Fine-tuning: the checkpoint whose weights this experiment starts from.")

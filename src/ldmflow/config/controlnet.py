@@ -46,7 +46,9 @@ class ControlNetModelConfig:
 
 @dataclasses.dataclass
 class ControlSamplingConfig:
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = param("ddim", "Sampler for the epoch grid, control fidelity and `ldmflow sample`.")
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = param(
+        "ddim", "Sampler for the epoch grid, control fidelity and `ldmflow sample`.",
+    )
     steps: int = param(25, "Sampling steps.", minimum=1)
     eta: float = param(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like noise.", minimum=0.0, maximum=1.0)
     guidance: float = param(1.0, "Classifier-free guidance scale of the class label (1 disables).", minimum=0.0)
@@ -96,7 +98,8 @@ class ControlNetExperiment(Experiment):
         pattern=r"^[A-Za-z0-9_.-]+$",
     )
     control: ControlConfig = param(ControlConfig, "The control signal.")
-    data: DiffusionDataConfig = param(DiffusionDataConfig, "Latent batches and class balance (hflip flips the control too).")
+    data: DiffusionDataConfig = param(DiffusionDataConfig,
+                                      "Latent batches and class balance (hflip flips the control too).")
     model: ControlNetModelConfig = param(ControlNetModelConfig, "Fusion mode and control encoder.")
     sampling: ControlSamplingConfig = param(ControlSamplingConfig, "Sampler, guidance and conditioning scale.")
     evaluation: ControlEvaluationConfig = param(ControlEvaluationConfig, "Control fidelity measurement.")

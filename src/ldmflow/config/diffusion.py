@@ -37,7 +37,8 @@ UNET_PRESETS: dict[str, dict] = {
 
 @dataclasses.dataclass
 class UNetConfig:
-    preset: str | None = param(None, "Named architecture preset (ldmflow.config.diffusion.UNET_PRESETS); keys set here win.")
+    preset: str | None = param(None,
+                               "Named architecture preset (ldmflow.config.diffusion.UNET_PRESETS); keys set here win.")
     base_channels: int = param(64, "Channels of the first level; later levels multiply it.", minimum=8)
     channel_mult: list[int] = param([1, 2, 2], "Channel multiplier per level (the number of levels).", minItems=1)
     num_res_blocks: int = param(2, "ResNet blocks per level.", minimum=1)
@@ -67,8 +68,10 @@ class NoiseConfig:
     schedule: Literal["linear", "scaled_linear", "cosine"] = param(
         "scaled_linear", "Noise schedule: linear (DDPM), scaled_linear (latent diffusion), cosine (Nichol & Dhariwal).",
     )
-    beta_start: float | None = param(None, "First beta; null: 1e-4 (linear) or 0.00085 (scaled_linear).", exclusiveMinimum=0.0)
-    beta_end: float | None = param(None, "Last beta; null: 0.02 (linear) or 0.012 (scaled_linear).", exclusiveMinimum=0.0)
+    beta_start: float | None = param(None, "First beta; null: 1e-4 (linear) or 0.00085 (scaled_linear).",
+                                     exclusiveMinimum=0.0)
+    beta_end: float | None = param(None, "Last beta; null: 0.02 (linear) or 0.012 (scaled_linear).",
+                                   exclusiveMinimum=0.0)
     prediction: Literal["epsilon", "v"] = param("epsilon", "What the network predicts: the noise or v (Salimans & Ho).")
 
     def __post_init__(self):

@@ -13,7 +13,8 @@ written as a mapping instead of a file path::
 
 Each combination of the axes' values (their product, in the order written) is the base file with those keys
 set and a name of its own: the ``name`` template, or by default the base experiment's name followed by
-``__AXIS-VALUE`` per axis (AXIS the last part of a dotted key), e.g. ``unet_base__capacity-unet128__attention_levels-3``.
+``__AXIS-VALUE`` per axis (AXIS the last part of a dotted key), e.g.
+``unet_base__capacity-unet128__attention_levels-3``.
 Every combination is validated against the stage's schema when the workflow plans.
 """
 

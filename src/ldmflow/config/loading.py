@@ -42,7 +42,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: 
         try:
             value = load_yaml(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: override {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{source}: override {item!r}: the value is not YAML "
+                              f"({str(exc).splitlines()[0]})") from None
         set_dotted(data, key.strip(), value, source)
     return data
 
@@ -156,7 +157,8 @@ def resolved_config(cfg) -> dict:
 
 def schema_documents() -> dict[str, str]:
     """The JSON schema of each stage's experiment files, as written to ``config/schemas/<stage>.schema.json``,
-    and of the workflow config's memorization and judge options (``memorization.schema.json``, ``judge.schema.json``)."""
+    and of the workflow config's memorization and judge options (``memorization.schema.json``,
+    ``judge.schema.json``)."""
     import json
 
     from ldmflow.config.judge import JudgeConfig

@@ -108,7 +108,8 @@ def _describe_allowed(schema: dict) -> str:
         return "one of " + ", ".join(repr(v) for v in schema["enum"])
     if "anyOf" in schema:
         # range keys beside an anyOf (e.g. a number or a list of numbers) bound its numeric alternatives
-        bounds = {k: v for k, v in schema.items() if k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")}
+        range_keys = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+        bounds = {k: v for k, v in schema.items() if k in range_keys}
         return " or ".join(_describe_allowed({**bounds, **s} if s.get("type") in ("number", "integer") else s)
                            for s in schema["anyOf"])
     parts = [schema.get("type", "any value")]

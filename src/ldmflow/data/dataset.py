@@ -262,7 +262,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
-def build_dataset(config, manifest: str | Path, split: str | None = "train", threads: int | None = None) -> ImageDataset:
+def build_dataset(config, manifest: str | Path, split: str | None = "train",
+                  threads: int | None = None) -> ImageDataset:
     """The research module's notebook helper: an :class:`ImageDataset` for one split of a manifest."""
     data = prepare_data(manifest, config.data, config.seed, threads)
     return ImageDataset(data, split)

@@ -10,7 +10,8 @@ The store (a zarr v3 group) holds, for all N manifest rows in manifest order:
 
 Its attributes carry what made it (the autoencoder checkpoint's path, sha256 and resolved config, the
 manifest's sha256 and the data fingerprint), the images' ``channels`` and ``intensity`` (the per-channel raw
-range mapped to [-1, 1] and the files' bit depth), and ``scale_factor``: 1 / std of the train-split latents over the whole store, the
+range mapped to [-1, 1] and the files' bit depth), and ``scale_factor``: 1 / std of the train-split latents
+over the whole store, the
 scale-by-std of latent diffusion (Rombach et al. 2022) computed over all training data rather than one
 batch. Writing streams batch by batch, so memory stays flat as the dataset grows, and the store appears
 under its final name only when complete.

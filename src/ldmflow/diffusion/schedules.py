@@ -188,7 +188,9 @@ class DiffusionLoss:
     :func:`diffusion_loss` (what ``ldmflow.build_loss`` returns for a UNet or a ControlNet)."""
 
     def __init__(self, noise: NoiseConfig, min_snr_gamma: float | None = None):
-        self.schedule, self.prediction, self.min_snr_gamma = NoiseSchedule.from_config(noise), noise.prediction, min_snr_gamma
+        self.schedule = NoiseSchedule.from_config(noise)
+        self.prediction = noise.prediction
+        self.min_snr_gamma = min_snr_gamma
 
     def __call__(self, model, x0: torch.Tensor, labels: torch.Tensor | None = None, *,
                  generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:

@@ -79,7 +79,8 @@ SCORE = ("shift-tolerant tiled-L2 ratio: the smallest tiled-L2 distance between 
          "tiled-L2 distance to its n nearest; lower is closer")
 
 
-def verdict(tests: dict, ref_tests: dict | None, criterion: str, rate: float) -> tuple[dict, np.ndarray, np.ndarray | None]:
+def verdict(tests: dict, ref_tests: dict | None, criterion: str,
+            rate: float) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """The headline verdict and every component test with its reference false flag rate, from the per-image
     numbers of :func:`ldmflow.evaluation.search.neighbour_tests` (plus ``shift_ratio``) of the generated
     samples and of the reference. Returns (the summary's ``memorized``, ``tests`` and ``reference``
@@ -116,8 +117,7 @@ def verdict(tests: dict, ref_tests: dict | None, criterion: str, rate: float) ->
         components["calibrated"]["reference_false_flags"]["estimate"] = (
             "leave-one-out: each reference image against the threshold calibrated on the others")
     used = criterion if (criterion != "calibrated" or has_ref) else "tiled_l2"
-    headline = {**components[used], "criterion": used, "requested": criterion,
-                "calibrated": used == "calibrated"}
+    headline = {**components[used], "criterion": used, "requested": criterion, "calibrated": used == "calibrated"}
     headline["reference_false_flag_rate"] = headline.pop("reference_false_flags")
     if used == "calibrated":
         headline["threshold"] = calibration["threshold"]

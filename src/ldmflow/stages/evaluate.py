@@ -64,7 +64,8 @@ def train_judge_stage(latents: str | Path, out_dir: str | Path, options: JudgeCo
     out.mkdir(parents=True, exist_ok=True)
     model, record = train_judge(latents, cfg, device=get_device(device), threads=threads)
     save_judge(model, record, out / "judge.pt")
-    record = {"judge": str(out / "judge.pt"), "latents": JudgeMeta.of_judge(model)[0].latents, "config": to_dict(cfg), **record}
+    record = {"judge": str(out / "judge.pt"), "latents": JudgeMeta.of_judge(model)[0].latents, "config": to_dict(cfg),
+              **record}
     atomic_write_json(out / "judge.json", record)
     real = real_images(latents, threads, JudgeMeta.of_judge(model)[0].image_size)
     held = real.indices(record["held_out_split"])[:GRID_ROWS]
@@ -172,7 +173,8 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
     """Class fidelity, the two-sample test (real held-out vs generated) and feature-space FD / precision / recall
     of generated images (N, C, H, W) in [-1, 1], with the judge's validity figures; with the ``decoder`` that
     made the judge's latent store, the same judge on its reconstructions of real held-out images."""
-    real = real_images(JudgeMeta.of_judge(model)[0].latents, threads, JudgeMeta.of_judge(model)[0].image_size, max_per_split=MAX_REAL)
+    real = real_images(JudgeMeta.of_judge(model)[0].latents, threads, JudgeMeta.of_judge(model)[0].image_size,
+                       max_per_split=MAX_REAL)
     held = real.indices("val", "test")
     gen = judge_outputs(model, images)
     train_f = judge_outputs(model, real.images[real.indices("train")])["features"].numpy()

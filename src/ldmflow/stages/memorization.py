@@ -128,7 +128,8 @@ def check_formats(sets: dict[str, ImageSet | None], loader: Loader, cfg: Memoriz
         formats = {name: {(w, h, None): n for (w, h, _), n in f.items()} for name, f in formats.items()}
     if len(set().union(*formats.values())) <= 1:
         return
-    text = "; ".join(f"{name} " + ", ".join(f"{w}x{h}{'' if c is None else ' ' + c} ({n})" for (w, h, c), n in f.items())
+    text = "; ".join(f"{name} " + ", ".join(f"{w}x{h}{'' if c is None else ' ' + c} ({n})"
+                                            for (w, h, c), n in f.items())
                      for name, f in formats.items())
     if not cfg.resize:
         raise DataError(f"images of different sizes or channel counts ({text}); give samples and training images "

@@ -57,9 +57,9 @@ def _labels(n: int, fixed: int | None, row_labels: list[int | None], num_classes
                          for i, lab in enumerate(row_labels)], dtype=torch.long)
 
 
-def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: str | Path, *, scale: Scale | None = None,
-                      class_id: str | int | None = None, guidance: float | None = None, sampler: str | None = None,
-                      steps: int | None = None, seed: int = 42, device: str | None = None,
+def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: str | Path, *,
+                      scale: Scale | None = None, class_id: str | int | None = None, guidance: float | None = None,
+                      sampler: str | None = None, steps: int | None = None, seed: int = 42, device: str | None = None,
                       batch_size: int = 64, data_values: bool = False) -> dict:
     """Generate N samples into OUT: ``sample_NNNNN.png``, ``grid.png`` (each control beside its sample),
     ``samples.zarr``; same seed, same images.
@@ -89,8 +89,9 @@ def sample_controlnet(checkpoint: str | Path, control: str | int, n: int, out: s
     noise, gen = seeded_noise(n, meta.latents.latent_shape, seed=seed, device=dev)
     with progress_bar(sampling_steps(n, batch_size, sampling), f"sampling {n}", "step") as bar:
         z = generate(loaded.model, NoiseSchedule.from_config(base_cfg.diffusion).to(dev), noise, labels=labels,
-                     controls=controls, control_scale=scale, sampling=sampling, prediction=base_cfg.diffusion.prediction,
-                     generator=gen, batch_size=batch_size, callback=lambda _: bar.update())
+                     controls=controls, control_scale=scale, sampling=sampling,
+                     prediction=base_cfg.diffusion.prediction, generator=gen, batch_size=batch_size,
+                     callback=lambda _: bar.update())
     latents, pixels = decode_latents(decoder, z, meta.latents.scale_factor, batch_size=batch_size)
     previews = control_preview(cfg.control.signal, controls.cpu())  # (N, H, W, 3)
     save_png(previews[0], out / "control.png")

@@ -43,7 +43,8 @@ def init_checkpoint(init: InitConfig, results: Path = RESULTS) -> Path | None:
     return paths.best if init.checkpoint == "best" else paths.latest
 
 
-def initialise(model: nn.Module, init: InitConfig, checkpoint: str | Path | None = None, source: str = "<config>") -> dict:
+def initialise(model: nn.Module, init: InitConfig, checkpoint: str | Path | None = None,
+               source: str = "<config>") -> dict:
     """Load the parent's weights into ``model`` by the module's rule; returns the provenance a child's checkpoints
     record (``{}`` for a fresh run): the parent's path, sha256, stage, name and epoch, and the tensors kept fresh.
 

@@ -213,7 +213,8 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
     if world > 1:
         # the per-step signal flag and RNG gathers are host data: a gloo group keeps them off the GPU
         flag_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if tcfg.compile and device.type == "cuda":
         step_model = torch.compile(step_model, mode="reduce-overhead" if tcfg.cuda_graphs else None)
     return Run(task, fc, name, RunPaths(Path(out_dir), name), device, world, rank == 0, model, step_model, ema,
@@ -294,7 +295,8 @@ def forward_backward(run: Run, batch: dict, totals: EpochTotals, sync: bool) -> 
         run.scaler.scale(loss / ocfg.accumulate).backward()
     totals.loss_bad = totals.loss_bad | ~torch.isfinite(loss.detach())
     for k, v in {"loss": loss, **parts}.items():
-        totals.sums[k] = totals.sums.get(k, torch.zeros((), device=run.device, dtype=torch.float64)) + v.detach().double()
+        zero = torch.zeros((), device=run.device, dtype=torch.float64)
+        totals.sums[k] = totals.sums.get(k, zero) + v.detach().double()
     totals.n_seen += 1
 
 
