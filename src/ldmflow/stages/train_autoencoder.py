@@ -40,7 +40,7 @@ def resolve_data_fields(cfg: AutoencoderExperiment, data: PreparedData, source: 
 
 
 class AutoencoderTask:
-    """The autoencoder stage as a :class:`ldmflow.training.Task`."""
+    """The autoencoder stage as a :class:`ldmflow.training.loop.Task`."""
 
     def __init__(self, cfg: AutoencoderExperiment, model, val_set: ImageDataset):
         self.cfg, self.model = cfg, model
@@ -135,7 +135,7 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
     set_deterministic(cfg.seed)
     model = build_autoencoder(cfg)
     parent = initialise(model, cfg.init, init, source)
-    # NHWC convolutions: 1.27x faster training steps on a CPU for the demo's 32 px autoencoder
+    # NHWC convolutions train faster on CPU and GPU (benchmarks/autoencoder_step.py compares the two)
     # (benchmarks/autoencoder_step.py), and the layout tensor cores want on a GPU
     model = model.to(memory_format=torch.channels_last)
     log.info("%s: %d train / %d val images, %.2fM parameters", cfg.name, len(train_set), len(val_set),

@@ -49,7 +49,7 @@ FIDELITY_BATCH = 64  # samples per sampler call when measuring fidelity
 
 
 class ControlNetTask(DiffusionTask):
-    """ControlNet training as a :class:`ldmflow.training.Task`.
+    """ControlNet training as a :class:`ldmflow.training.loop.Task`.
 
     ``self.cfg`` is the base diffusion experiment (noise schedule, prediction, loss, label dropout: the
     inherited noising and validation loss use it unchanged); ``self.experiment`` the ControlNet one.
