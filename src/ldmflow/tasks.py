@@ -61,7 +61,7 @@ class DiffusionTask:
                                     self.cfg.loss.min_snr_gamma)
         return per_sample.mean(), {}
 
-    def evaluate(self, model, loader) -> dict[str, float]:
+    def validate(self, model, loader) -> dict[str, float]:
         gen = torch.Generator(device=self.device).manual_seed(VAL_SEED)
         sums = torch.zeros(QUARTILES, dtype=torch.float64)
         counts = torch.zeros(QUARTILES, dtype=torch.float64)

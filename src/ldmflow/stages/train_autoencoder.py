@@ -61,7 +61,7 @@ class AutoencoderTask:
         total, parts = self.criterion(out, batch, step)
         return total, parts
 
-    def evaluate(self, model, loader) -> dict[str, float]:
+    def validate(self, model, loader) -> dict[str, float]:
         sums: dict[str, float] = {}
         n_images = correct = 0
         psnr_sum = 0.0
