@@ -64,7 +64,7 @@ class LinearTask:
         mse = (model(batch["x"]).squeeze(1) - batch["y"]).pow(2).mean()
         return mse, {"abs_err": (model(batch["x"]).squeeze(1) - batch["y"]).abs().mean()}
 
-    def evaluate(self, model, loader) -> dict[str, float]:
+    def validate(self, model, loader) -> dict[str, float]:
         errors = torch.cat([model(b["x"]).squeeze(1) - b["y"] for b in loader])
         return {"val_loss": float(errors.pow(2).mean()), "val_distance": distance(model)}
 

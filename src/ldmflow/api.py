@@ -163,7 +163,7 @@ def build_loss(config, base: str | Path | DiffusionExperiment | None = None):
 
 def build_dataset(config, data: str | Path, split: str | None = "train", threads: int | None = None):
     """The training (or ``"val"``) split an experiment trains on, from ``data``: a manifest or image folder for
-    an autoencoder (an :class:`~ldmflow.data.manifest.ImageDataset` of dicts with ``image``, ``mask``,
+    an autoencoder (an :class:`~ldmflow.data.dataset.ImageDataset` of dicts with ``image``, ``mask``,
     ``label``), a latent store for a UNet (a :class:`~ldmflow.data.latent_store.LatentDataset`) or a ControlNet
     (with its ``control``). ``split=None``: every row.
 

@@ -203,6 +203,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def require_sha256(path: Path, expected: str, error: type[Exception], recorded: str, hint: str) -> Path:
+    """The one check of a file against the sha256 an artifact recorded for it: returns ``path``, or raises
+    ``error`` naming what recorded the digest (``recorded``), the file's own digest and what to do (``hint``)."""
+    got = file_sha256(path)
+    if got != expected:
+        raise error(f"{recorded} (sha256 {expected[:12]}...), but {path} has sha256 {got[:12]}...; {hint}")
+    return path
+
+
 def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     """An autoencoder checkpoint path from a ``.pt`` file or a ``selected.json``: (checkpoint, selected)."""
     path = Path(checkpoint)

@@ -3,8 +3,9 @@
 Each loader reads a checkpoint as untrusted input, checks the stage that wrote it, rebuilds the network
 from the resolved config the checkpoint carries (never from today's YAML), loads the inference (EMA)
 weights and returns a :class:`Loaded`: the model in eval mode, its typed config and its typed metadata
-(:mod:`ldmflow.metadata`). :func:`verified_autoencoder` is the one sha256 check between a model and the
-autoencoder it was trained with.
+(:mod:`ldmflow.metadata`). :func:`verified_autoencoder` and :func:`store_autoencoder` check the autoencoder
+a model was trained with, or a store was made by, with the one sha256 check
+(:func:`ldmflow.artifacts.require_sha256`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ldmflow.artifacts import file_sha256, inference_weights, load_checkpoint
+from ldmflow.artifacts import inference_weights, load_checkpoint, require_sha256
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.controlnet import ControlNetExperiment
 from ldmflow.config.diffusion import DiffusionExperiment
@@ -67,8 +68,9 @@ def verified_autoencoder(latents: LatentsInfo, device: str | torch.device = "cpu
     path = Path(path or latents.autoencoder_checkpoint)
     if not path.is_file():
         raise SamplingError(f"autoencoder checkpoint {path} (recorded at training time) is missing")
-    if file_sha256(path) != latents.autoencoder_sha256:
-        raise SamplingError(f"{path} is not the autoencoder the model was trained with (sha256 differs)")
+    require_sha256(path, latents.autoencoder_sha256, SamplingError,
+                   f"the model was trained with autoencoder {latents.autoencoder_checkpoint}",
+                   "give the autoencoder the model was trained with")
     return load_autoencoder(path, device)
 
 

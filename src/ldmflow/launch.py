@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ldmflow.cli import main, setup_logging
+from ldmflow.config.common import Stage
 from ldmflow.devices import claim_gpu
 from ldmflow.errors import EXIT_PREEMPTED, exit_code
-from ldmflow.stages import TrainingStage, trainer
+from ldmflow.stages import trainer
 from ldmflow.training.preemption import SignalFlag
 
 log = logging.getLogger("ldmflow")
@@ -52,7 +53,7 @@ def run_cli(argv: list[str], nproc: int = 1) -> None:
         raise SystemExit(code)
 
 
-def run_training(stage: TrainingStage, *, gpus: int, environ: Mapping[str, str], log_file: str | Path, threads: int,
+def run_training(stage: Stage, *, gpus: int, environ: Mapping[str, str], log_file: str | Path, threads: int,
                  **inputs: str | Path) -> None:
     """Train one experiment of ``stage`` from the rule's named inputs (``config``, ``out_dir``, and ``manifest``,
     ``latents`` or ``base`` as the stage's function takes them), on the job's ``gpus``.

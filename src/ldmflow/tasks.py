@@ -1,4 +1,4 @@
-"""The training tasks of the latent stages (:class:`ldmflow.training.Task`): what a loss, a validation pass
+"""The training tasks of the latent stages (:class:`ldmflow.training.loop.Task`): what a loss, a validation pass
 and an epoch's samples mean for a diffusion UNet on latents. The ControlNet task extends this one."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ VAL_SEED = 1234  # fixed noise and timesteps for the validation loss, so epochs 
 
 
 class DiffusionTask:
-    """Noise-prediction training on latents as a :class:`ldmflow.training.Task`."""
+    """Noise-prediction training on latents as a :class:`ldmflow.training.loop.Task`."""
 
     def __init__(self, cfg: DiffusionExperiment, model, store: LatentStore, num_classes: int | None, device):
         self.cfg, self.model, self.store, self.num_classes = cfg, model, store, num_classes
@@ -61,7 +61,7 @@ class DiffusionTask:
                                     self.cfg.loss.min_snr_gamma)
         return per_sample.mean(), {}
 
-    def evaluate(self, model, loader) -> dict[str, float]:
+    def validate(self, model, loader) -> dict[str, float]:
         gen = torch.Generator(device=self.device).manual_seed(VAL_SEED)
         sums = torch.zeros(QUARTILES, dtype=torch.float64)
         counts = torch.zeros(QUARTILES, dtype=torch.float64)

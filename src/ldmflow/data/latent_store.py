@@ -29,7 +29,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from ldmflow.artifacts import file_sha256, resolve_checkpoint
+from ldmflow.artifacts import require_sha256, resolve_checkpoint
 from ldmflow.data.manifest import SPLITS
 from ldmflow.errors import LatentError
 from ldmflow.metadata import STORE_FORMAT, LatentsInfo, StoreAttrs
@@ -159,13 +159,9 @@ class LatentStore:
         """Refuse a checkpoint (or selected.json) other than the autoencoder that made this store."""
         path, _ = resolve_checkpoint(checkpoint)
         made_by = self.info.autoencoder
-        sha = file_sha256(path)
-        if sha != made_by.sha256:
-            raise LatentError(
-                f"{self.path}: made by autoencoder {made_by.checkpoint} (sha256 {made_by.sha256[:12]}...), "
-                f"but {path} has sha256 {sha[:12]}...; decode with the autoencoder that made the store, or "
-                "re-embed with this one")
-        return path
+        return require_sha256(path, made_by.sha256, LatentError,
+                              f"{self.path}: made by autoencoder {made_by.checkpoint}",
+                              "decode with the autoencoder that made the store, or re-embed with this one")
 
 
 class LatentDataset(torch.utils.data.Dataset):

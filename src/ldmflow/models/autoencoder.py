@@ -145,7 +145,7 @@ class Autoencoder(nn.Module):
 
 def build_autoencoder(cfg: AutoencoderExperiment) -> Autoencoder:
     """An autoencoder for a resolved config (data.mask_classes, data.classes and data.channels filled from
-    the data; a config without channels, as written before they existed, means RGB)."""
+    the data; a config without ``data.channels`` means RGB)."""
     heads = cfg.loss
     mask_classes = cfg.data.mask_classes if heads.segmentation.enabled else None
     num_classes = len(cfg.data.classes) if (heads.classification.enabled and cfg.data.classes) else None

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-TrainingStage = Literal["autoencoder", "diffusion", "controlnet"]
-TRAINING_STAGES: tuple[str, ...] = ("autoencoder", "diffusion", "controlnet")
+from ldmflow.config.common import STAGE_NAMES, Stage
 
 
-def trainer(stage: TrainingStage):
+def trainer(stage: Stage):
     """The library function that trains one experiment of ``stage`` (imported on demand: each pulls in its
     models and data)."""
     if stage == "autoencoder":
@@ -18,5 +15,5 @@ def trainer(stage: TrainingStage):
     elif stage == "controlnet":
         from ldmflow.stages.train_controlnet import train_controlnet as fn
     else:
-        raise ValueError(f"stage {stage!r}; allowed: {', '.join(TRAINING_STAGES)}")
+        raise ValueError(f"stage {stage!r}; allowed: {', '.join(STAGE_NAMES)}")
     return fn

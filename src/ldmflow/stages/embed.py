@@ -100,8 +100,8 @@ def prefetch(load: Callable[[Sequence[int]], dict], batches: Iterable[Sequence[i
     """``load(batch)`` for each batch in order, decoded by a thread pool up to 2 x workers batches ahead.
 
     Threads, not DataLoader processes: PIL decodes and resizes with the GIL released, so threads overlap
-    decoding with encoding as well as processes do, and on a busy 2-core machine measured faster (no
-    worker start-up, no copies between processes); they also stay clear of fork with CUDA or zarr's I/O
+    decoding with encoding as well as processes do, without a worker's start-up or the copies between
+    processes; they also stay clear of fork with CUDA or zarr's I/O
     thread. The bounded look-ahead keeps memory flat.
     """
     with ThreadPoolExecutor(workers) as pool:

@@ -378,7 +378,7 @@ SUMMARY_COLUMNS = ["experiment", "judge_val_accuracy", "judge_val_miou", "class_
                    "decoder_ceiling_miou", "decoder_two_sample_accuracy"]
 
 
-def summary_row(name: str, scores: dict) -> dict:
+def scores_row(name: str, scores: dict) -> dict:
     """One experiment's pixel-space scores, flat, with the judge's real-val figures beside them."""
     cf, ts, feats = scores["class_fidelity"], scores["two_sample"], scores["features"]
     gen, held = feats.get("generated") or {}, feats.get("held_out") or {}
@@ -405,7 +405,7 @@ def evaluation_summary(score_files: list[str | Path], names: list[str], out_csv:
                        out_png: str | Path | None = None) -> list[dict]:
     """``summary.csv``: one row per experiment (``names``, e.g. 'diffusion/NAME') from its ``scores.json``; with
     ``out_png``, a plot of the scores with the judge's real-val accuracy and mIoU drawn as their ceilings."""
-    rows = [summary_row(name, json.loads(Path(p).read_text())) for name, p in zip(names, score_files)]
+    rows = [scores_row(name, json.loads(Path(p).read_text())) for name, p in zip(names, score_files)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
     writer.writeheader()

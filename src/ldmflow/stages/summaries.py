@@ -46,7 +46,7 @@ def _get(d: dict | None, *keys):
     return d
 
 
-def summary_row(name: str, summary: dict) -> dict:
+def memorization_row(name: str, summary: dict) -> dict:
     """One experiment's memorization verdict, its components and quality figures, flat. ``memorized`` is
     the headline verdict; ``calibrated`` says whether its threshold was calibrated on held-out images."""
     gen = _get(summary, "similarity_percentiles", "generated") or {}
@@ -88,7 +88,7 @@ def gather_memorization(summaries: list[str | Path], names: list[str], out_csv: 
     with its 95 % interval, uncalibrated verdicts marked, and similarity of generated vs held-out images)."""
     if len(summaries) != len(names):
         raise ValueError(f"{len(summaries)} summaries for {len(names)} names")
-    rows = [summary_row(name, json.loads(Path(path).read_text())) for name, path in zip(names, summaries)]
+    rows = [memorization_row(name, json.loads(Path(path).read_text())) for name, path in zip(names, summaries)]
     table = pd.DataFrame(rows)
     atomic_write_bytes(out_csv, table.to_csv(index=False, float_format="%.6g").encode())
 

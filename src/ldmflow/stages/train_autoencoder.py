@@ -40,7 +40,7 @@ def resolve_data_fields(cfg: AutoencoderExperiment, data: PreparedData, source: 
 
 
 class AutoencoderTask:
-    """The autoencoder stage as a :class:`ldmflow.training.Task`."""
+    """The autoencoder stage as a :class:`ldmflow.training.loop.Task`."""
 
     def __init__(self, cfg: AutoencoderExperiment, model, val_set: ImageDataset):
         self.cfg, self.model = cfg, model
@@ -61,7 +61,7 @@ class AutoencoderTask:
         total, parts = self.criterion(out, batch, step)
         return total, parts
 
-    def evaluate(self, model, loader) -> dict[str, float]:
+    def validate(self, model, loader) -> dict[str, float]:
         sums: dict[str, float] = {}
         n_images = correct = 0
         psnr_sum = 0.0
@@ -135,8 +135,8 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
     set_deterministic(cfg.seed)
     model = build_autoencoder(cfg)
     parent = initialise(model, cfg.init, init, source)
-    # NHWC convolutions: 1.27x faster training steps on a CPU for the demo's 32 px autoencoder
-    # (benchmarks/autoencoder_step.py), and the layout tensor cores want on a GPU
+    # NHWC convolutions: faster training steps on a CPU (benchmarks/autoencoder_step.py compares the two),
+    # and the layout tensor cores want on a GPU
     model = model.to(memory_format=torch.channels_last)
     log.info("%s: %d train / %d val images, %.2fM parameters", cfg.name, len(train_set), len(val_set),
              sum(p.numel() for p in model.parameters()) / 1e6)

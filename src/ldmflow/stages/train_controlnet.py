@@ -49,7 +49,7 @@ FIDELITY_BATCH = 64  # samples per sampler call when measuring fidelity
 
 
 class ControlNetTask(DiffusionTask):
-    """ControlNet training as a :class:`ldmflow.training.Task`.
+    """ControlNet training as a :class:`ldmflow.training.loop.Task`.
 
     ``self.cfg`` is the base diffusion experiment (noise schedule, prediction, loss, label dropout: the
     inherited noising and validation loss use it unchanged); ``self.experiment`` the ControlNet one.
@@ -136,8 +136,8 @@ class ControlNetTask(DiffusionTask):
         _, seg = self.sample_rows(model, rows, n, self._sampling(self.experiment.evaluation.steps), controlled)
         return {"rows": n, **segmentation_scores(seg, rows["mask"][:n], self.mask_classes)}
 
-    def evaluate(self, model, loader) -> dict[str, float]:
-        metrics = super().evaluate(model, loader)
+    def validate(self, model, loader) -> dict[str, float]:
+        metrics = super().validate(model, loader)
         if self.fidelity_available() is None:
             if self.base_scores is None:
                 self.base_scores = self.scores(self.base, controlled=False)

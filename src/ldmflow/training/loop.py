@@ -120,7 +120,7 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its named parts (detached or not) for one micro-batch already on the device."""
 
-    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader) -> dict[str, float]:
         """Validation metrics (``val_loss`` at least) of ``model`` (the EMA model when EMA is on)."""
 
     def write_samples(self, model: nn.Module, epoch: int, path: Path) -> None:
@@ -395,7 +395,7 @@ def epoch_row(run: Run, totals: EpochTotals) -> dict[str, Any]:
     eval_model = eval_model_of(run)
     eval_model.eval()
     with torch.no_grad(), autocast(run.device, run.fc.train.precision), isolated_rng(run.device):
-        row.update(run.task.evaluate(eval_model, run.val_loader))
+        row.update(run.task.validate(eval_model, run.val_loader))
     row["grad_norm"] = float(totals.grad_norm_sum) / max(1, run.micro_per_epoch // run.fc.optim.accumulate)
     row["lr"] = run.optimizer.param_groups[0]["lr"]
     row["samples_per_s"] = n_seen * run.fc.data.batch_size / max(seconds, 1e-9)
