@@ -223,7 +223,7 @@ class _DiffusionTask:
         out = model(self.schedule.add_noise(x0, noise, t), t, batch["label"])
         return diffusion_loss(out, x0, noise, t, self.schedule, "epsilon").mean(), {}
 
-    def evaluate(self, model, loader):
+    def validate(self, model, loader):
         if self.between_epochs is not None:
             with torch.enable_grad():  # fit evaluates under no_grad
                 self.between_epochs()
@@ -287,7 +287,7 @@ def compare_diffusion_training(preset: str, side: int, batch: int, mode: Mode, d
 
     def bare(model):
         model = copy.deepcopy(model).train()
-        opt = build_optimizer(model.parameters(), cfg.optim, device)
+        opt = build_optimizer(model, cfg)
         return _train_step(model, opt, schedule, batches, device, mode)
 
     t_ours, t_base = paired_seconds([bare(ours), bare(base)], device, warmup, steps, rounds)
@@ -301,7 +301,7 @@ def compare_diffusion_training(preset: str, side: int, batch: int, mode: Mode, d
     # `steps` steps, the first a warm-up, the best epoch counts; against the diffusers step with clipping
     # and diffusers' EMAModel, one round of `steps` steps after each epoch, the best round counts.
     model = copy.deepcopy(base).train()
-    opt = build_optimizer(model.parameters(), cfg.optim, device)
+    opt = build_optimizer(model, cfg)
     ema = EMAModel(model.parameters(), decay=cfg.train.ema.decay, use_ema_warmup=False)
     ema.to(device)
     base_step = _train_step(model, opt, schedule, batches, device, mode, clip=cfg.optim.grad_clip, ema=ema)
@@ -472,7 +472,7 @@ def compare_autoencoder_training(image_size: int, base_channels: int, batch: int
     batches = [_ae_batch(cfg, batch, device, seed=i) for i in range(2)]
 
     def closure(model, loss):
-        opt = build_optimizer(model.parameters(), cfg.optim, device)
+        opt = build_optimizer(model, cfg)
         step_model = mode.wrap(model)
         it = [0]
 
@@ -538,14 +538,14 @@ def plain_embed(model, manifest: Path, out: Path, batch_size: int, device: torch
 def compare_embedding(image_size: int, base_channels: int, n: int, batch: int, device: torch.device, *,
                       repeats: int, workdir: Path) -> dict:
     """images/s of ``embed_latents`` and of a plain PIL + encode + np.savez loop over the same manifest."""
+    from ldmflow.checkpoints import load_autoencoder
     from ldmflow.data.demo import write_demo_data
-    from ldmflow.models.autoencoder import load_autoencoder
     from ldmflow.stages.embed import embed_latents
 
     manifest = write_demo_data(workdir / "embed_data", n=n, size=image_size, seed=1)
     cfg = autoencoder_config(image_size, base_channels, batch)
     checkpoint = write_autoencoder_checkpoint(cfg, workdir / "ae.pt")
-    model, _ = load_autoencoder(checkpoint, device)
+    model = load_autoencoder(checkpoint, device).model
     runs = iter(range(10**6))
 
     def ours():
