@@ -237,6 +237,10 @@ def _type_name(node: dict) -> str:
         return " or ".join(_type_name(branch) for branch in node["anyOf"])
     if "enum" in node:
         return "string" if all(isinstance(v, str) for v in node["enum"]) else "value"
+    if "$ref" in node:
+        return node["$ref"].rsplit("/", 1)[-1]
+    if isinstance(node.get("type"), list):
+        return " or ".join(node["type"])
     if node.get("type") == "array":
         return f"list of {_type_name(node['items'])}" if "items" in node else "list"
     return node.get("type", "any")
