@@ -9,7 +9,7 @@ CORES ?= 2
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-figures test test-fast dag lint clean slurm-up slurm-down
+.PHONY: setup demo demo-figures test test-fast dag lint docs clean slurm-up slurm-down
 
 setup: $(VENV)/.installed
 
@@ -53,5 +53,10 @@ lint: setup
 	$(BIN)/snakefmt --check Snakefile rules/
 	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
 
+# The docs site (mkdocs-material) into site/; --strict: a broken link, a missing page or anchor fails the build.
+# Its configuration reference comes from `ldmflow schemas` (config/schemas/*.schema.md, kept current by a test).
+docs: setup
+	PATH=$(abspath $(BIN)):$$PATH mkdocs build --strict
+
 clean:
-	rm -rf results logs .snakemake dag.svg
+	rm -rf results logs .snakemake dag.svg site

@@ -9,7 +9,7 @@ import yaml
 
 from ldmflow.cli.arguments import _apply_sets
 from ldmflow.config.autoencoder import AutoencoderExperiment, AutoencoderModelConfig
-from ldmflow.config.loading import STAGES, load_config, schema_documents
+from ldmflow.config.loading import STAGES, load_config, schema_documents, schema_tables
 from ldmflow.config.schema import to_dict
 from ldmflow.config.yamlio import load_yaml
 from ldmflow.errors import ConfigError
@@ -87,6 +87,25 @@ def test_committed_schemas_match_the_dataclasses():
         path = REPO / "config" / "schemas" / name
         assert path.read_text() == text, f"{path} is stale: run `ldmflow schemas`"
     assert set(STAGES) <= {n.split(".")[0] for n in schema_documents()}
+
+
+def test_committed_schema_tables_are_what_ldmflow_schemas_writes_and_list_every_key():
+    import json
+
+    for name, text in schema_tables().items():
+        path = REPO / "config" / "schemas" / name
+        assert path.read_text() == text, f"{path} is stale: run `ldmflow schemas`"
+    table = schema_tables()["diffusion.schema.md"]
+    assert "| `optim.lr` | number | `0.0001` | > 0 | Peak learning rate of AdamW. |" in table
+    assert "| `diffusion.schedule` | string | `\"scaled_linear\"` | `linear`, `scaled_linear`, `cosine` |" in table
+    for name, text in schema_documents().items():  # every key of the JSON schema has its row
+        rows = schema_tables()[name.removesuffix(".json") + ".md"]
+        stack = [("", json.loads(text))]
+        while stack:
+            prefix, node = stack.pop()
+            for key, sub in node.get("properties", {}).items():
+                assert f"| `{prefix}{key}` |" in rows, (name, prefix + key)
+                stack.append((f"{prefix}{key}.", sub))
 
 
 STAGE_DIRS = {"autoencoders": "autoencoder", "diffusion": "diffusion", "controlnet": "controlnet"}

@@ -39,11 +39,12 @@ def cmd_status(args) -> None:
 
 
 def cmd_schemas(args) -> None:
-    from ldmflow.config.loading import schema_documents
+    from ldmflow.config.loading import schema_documents, schema_tables
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in schema_documents().items():
+    # the JSON for editors and validation, the Markdown tables beside it for the docs' configuration reference
+    for name, text in {**schema_documents(), **schema_tables()}.items():
         (out / name).write_text(text)
         print(out / name)
 
@@ -56,5 +57,5 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (one object per experiment) for scripts")
 
     p = add_command(sub, "schemas", cmd_schemas,
-                    "write the JSON schemas of the experiment files (for editors and docs)")
+                    "write the JSON schemas of the experiment files (for editors), and their Markdown tables (docs)")
     p.add_argument("--out", type=output_dir, default="config/schemas", help="output folder (default config/schemas)")
