@@ -180,3 +180,23 @@ def test_diffusers_ddim_on_the_exported_folder_samples_what_ldmflow_sample_sampl
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
     assert np.abs(x.numpy() / info.meta.latents.scale_factor - expected).max() < 1e-3
+
+
+def test_the_workflow_rule_exports_the_best_checkpoint_with_its_audit(tmp_path):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("export_shim", REPO / "workflow_scripts/export.py")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"memorized": 0}))
+    out = tmp_path / "results/export/diffusion/exp"
+    checkpoint = diffusion_checkpoint(tmp_path / "d.pt", EXACT_MODEL, 3)
+    shim.main(SimpleNamespace(log=[str(tmp_path / "export.log")], input=SimpleNamespace(memorization=str(summary)),
+                              params=SimpleNamespace(checkpoint=checkpoint), output=SimpleNamespace(folder=str(out))))
+    assert json.loads((out / "ldmflow.json").read_text())["memorization"]["memorized"] == 0
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "scheduler/scheduler_config.json").is_file()
