@@ -200,3 +200,17 @@ def test_the_workflow_rule_exports_the_best_checkpoint_with_its_audit(tmp_path):
     assert json.loads((out / "ldmflow.json").read_text())["memorization"]["memorized"] == 0
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "scheduler/scheduler_config.json").is_file()
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_earlier_export(tmp_path):
+    from ldmflow.errors import SamplingError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    ckpt = diffusion_checkpoint(tmp_path / "d.pt", EXACT_MODEL, None)
+    with pytest.raises(SamplingError, match="a folder with other files in it"):
+        export_checkpoint(ckpt, tmp_path / "mine")
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
+    export_checkpoint(ckpt, tmp_path / "out")
+    export_checkpoint(ckpt, tmp_path / "out")  # an earlier export is replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left

@@ -134,5 +134,10 @@ def memorization_figures(summary: str | Path | None) -> dict | None:
     """The headline figures of a memorization ``summary.json`` (None without one)."""
     if summary is None:
         return None
-    data: dict[str, Any] = json.loads(Path(summary).read_text())
+    try:
+        data: Any = json.loads(Path(summary).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{summary}: not a readable memorization summary.json ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{summary}: not a memorization summary.json (a JSON object is expected)")
     return {"summary": str(summary), **{k: data[k] for k in MEMORIZATION_FIGURES if k in data}}

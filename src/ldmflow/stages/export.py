@@ -19,7 +19,7 @@ from ldmflow.artifacts import atomic_write_bytes, atomic_write_json, file_sha256
 from ldmflow.checkpoints import Loaded, checkpoint_stage, load_autoencoder, load_controlnet, load_diffusion
 from ldmflow.config.schema import to_dict
 from ldmflow.errors import SamplingError
-from ldmflow.exporting.bundle import DIFFUSERS, OURS, ExportInfo, memorization_figures, save_weights
+from ldmflow.exporting.bundle import DIFFUSERS, INFO_FILE, OURS, ExportInfo, memorization_figures, save_weights
 from ldmflow.exporting.card import model_card
 from ldmflow.exporting.diffusers_unet import diffusers_mismatch, scheduler_config, to_diffusers, unet_config
 
@@ -32,11 +32,11 @@ AUTOENCODER_REFUSED = ("ldmflow's autoencoder has segmentation and classificatio
                        "count follows the width; diffusers' AutoencoderKL has neither")
 
 
-def _facts(checkpoint: Path, loaded: Loaded, memorization: str | Path | None) -> dict:
+def _facts(checkpoint: Path, loaded: Loaded, memorization: dict | None) -> dict:
     """The ExportInfo fields every stage shares."""
     return {"name": loaded.config.name, "config": to_dict(loaded.config), "meta": loaded.meta.to_dict(),
             "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
-            "memorization": memorization_figures(memorization), "ldmflow_version": __version__}
+            "memorization": memorization, "ldmflow_version": __version__}
 
 
 def _latent_facts(loaded: Loaded) -> dict:
@@ -45,7 +45,7 @@ def _latent_facts(loaded: Loaded) -> dict:
             "data_fingerprint_sha256": latents.data_fingerprint_sha256}
 
 
-def _export_autoencoder(checkpoint: Path, out: Path, memorization: str | Path | None = None,
+def _export_autoencoder(checkpoint: Path, out: Path, memorization: dict | None = None,
                         scale_factor: float | None = None) -> ExportInfo:
     loaded = load_autoencoder(checkpoint)
     save_weights(loaded.model.state_dict(), out / OURS, "autoencoder")
@@ -54,7 +54,7 @@ def _export_autoencoder(checkpoint: Path, out: Path, memorization: str | Path | 
                       **_facts(checkpoint, loaded, memorization))
 
 
-def _export_diffusion(checkpoint: Path, out: Path, memorization: str | Path | None) -> ExportInfo:
+def _export_diffusion(checkpoint: Path, out: Path, memorization: dict | None) -> ExportInfo:
     loaded = load_diffusion(checkpoint)
     model, cfg = loaded.model, loaded.config
     atomic_write_json(out / "scheduler" / "scheduler_config.json",
@@ -73,7 +73,7 @@ def _export_diffusion(checkpoint: Path, out: Path, memorization: str | Path | No
     return ExportInfo(stage="diffusion", **where, **_latent_facts(loaded), **_facts(checkpoint, loaded, memorization))
 
 
-def _export_controlnet(checkpoint: Path, out: Path, memorization: str | Path | None) -> ExportInfo:
+def _export_controlnet(checkpoint: Path, out: Path, memorization: dict | None) -> ExportInfo:
     loaded = load_controlnet(checkpoint)
     save_weights(loaded.model.state_dict(), out / OURS, "controlnet")
     return ExportInfo(stage="controlnet", weights=OURS, weight_names="ldmflow", diffusers_refused=CONTROLNET_REFUSED,
@@ -121,15 +121,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, memorization: 
     if stage not in exporters:
         raise SamplingError(f"{checkpoint}: a {stage} checkpoint; `ldmflow export` takes an autoencoder, diffusion "
                             "or ControlNet checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
+        raise SamplingError(f"--out {out}: a folder with other files in it, which an export would replace; give a "
+                            "new folder (or an earlier export's)")
+    figures = memorization_figures(memorization)  # an unreadable summary stops the export before any work
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    info = exporters[stage](checkpoint, tmp, memorization)
-    if stage != "autoencoder":
-        info = _bundle_autoencoder(info, tmp, autoencoder, out)
-    write_folder(info, tmp, out)
+    try:
+        info = exporters[stage](checkpoint, tmp, figures)
+        if stage != "autoencoder":
+            info = _bundle_autoencoder(info, tmp, autoencoder, out)
+        write_folder(info, tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_dir(tmp, out)
     log.info("exported %s (%s) to %s: %s", checkpoint, stage, out, info.diffusers or "ldmflow safetensors")
     return info
