@@ -32,6 +32,7 @@ include: "rules/memorization.smk"
 include: "rules/evaluation.smk"
 include: "rules/report.smk"
 include: "rules/phases.smk"
+include: "rules/export.smk"
 
 
 rule all:

@@ -136,6 +136,7 @@ COMMANDS: dict[str, tuple[dict[str, str], list[str]]] = {
     "memorization": ({"--train": "manifest", "--samples": "samples", "--out": "@out", "--device": "cpu",
                       "--set": "quality=false"}, ["--reference"]),
     "schemas": ({"--out": "@out"}, []),
+    "export": ({"--checkpoint": "cond", "--out": "@out"}, ["--memorization", "--autoencoder", "--set"]),
 }
 SET_KEYS = ["n", "size", "seed", "steps", "guidance", "control", "scale", "batch_size", "class_id", "metric", "mode",
             "dtype", "k", "alpha", "image_size", "feature", "resize", "train.epochs", "data.image_size", "optim.lr",
@@ -150,7 +151,7 @@ def complete_outputs(command: str, out: Path) -> list[Path]:
         return [out] if command == "select-ae" else []
     names = {"demo-data": ["manifest.csv"], "sample": ["samples.zarr", "grid.png"],
              "sample:controlnet": ["samples.zarr", "grid.png"], "memorization": ["summary.json"],
-             "embed": ["zarr.json"]}.get(command, [])
+             "embed": ["zarr.json"], "export": ["ldmflow.json"]}.get(command, [])
     found = [out / n for n in names if (out / n).exists()]
     return found + (list(out.glob("checkpoints/*_checkpoint_best.pt")) if command.startswith("train") else [])
 

@@ -255,6 +255,20 @@ def test_snakemake_timestamp_in_the_store_is_ignored_quietly(stores, tmp_path):
         LatentDataset(store, "train", max_gb=0).__getitems__([0])
 
 
+def test_evaluation_opens_a_workflow_store_without_a_zarr_warning(stores, tmp_path):
+    # sample, evaluate and memorization read the store as an image set; zarr warns on any member listing
+    from ldmflow.evaluation.image_sets import open_image_set
+
+    store = tmp_path / "l.zarr"
+    shutil.copytree(stores["kl"], store)
+    (store / ".snakemake_timestamp").touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images = open_image_set(store)
+        LatentStore(store)
+    assert len(images) == LatentStore(store).n and images.split is not None
+
+
 @pytest.mark.parametrize("kl_latents", ["mean", "sample"])
 @pytest.mark.parametrize("split", ["train", "val", None])
 def test_latent_dataset_in_memory_and_streamed_give_identical_batches(stores, kl_latents, split):

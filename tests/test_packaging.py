@@ -21,3 +21,11 @@ def test_conda_env_matches_pyproject():
     conda = dict(normalise(d) for d in env["dependencies"]
                  if isinstance(d, str) and not d.startswith(("python", "pip")))
     assert conda == pip
+
+
+def test_torch_floor_excludes_releases_whose_weights_only_load_can_run_code():
+    # GHSA-53q9-r3pm-6pq6 (fixed in 2.6.0) and GHSA-63cw-57p8-fm3p (fixed in 2.10.0): checkpoints are shared
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floor = dict(normalise(d) for d in project["dependencies"])["torch"]
+    major, minor = (int(x) for x in re.match(r">=(\d+)\.(\d+)", floor).groups())
+    assert (major, minor) >= (2, 10)

@@ -190,3 +190,16 @@ def build_dataset(config, data: str | Path, split: str | None = "train", threads
 
     return control_dataset(config, store, split, stored_controls(config, store, store.info.image_size))
 
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
+    """A model exported by ``ldmflow export`` (a diffusion UNet, an autoencoder or a ControlNet), rebuilt from
+    the folder alone: a :class:`~ldmflow.checkpoints.Loaded` with ``model`` (eval mode, no gradients),
+    ``config`` (the resolved training config) and ``meta`` (its typed metadata, :mod:`ldmflow.metadata`).
+
+    The weights are safetensors (no code runs on loading); a diffusion UNet exported for diffusers is read
+    back from diffusers' parameter names. A diffusion or ControlNet export holds its autoencoder in
+    ``FOLDER/autoencoder``: ``load_pretrained(folder / "autoencoder")``.
+    """
+    from ldmflow.exporting.bundle import load_pretrained as load
+
+    return load(folder, device)

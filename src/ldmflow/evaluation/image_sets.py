@@ -113,7 +113,9 @@ def open_image_set(path: str | Path) -> ImageSet:
 def _open_store(path: Path) -> ImageSet:
     group = _open_zarr(path)
     attrs = dict(group.attrs)
-    arrays = set(group.array_keys())
+    # named lookups, not a listing: a listing warns about the .snakemake_timestamp file that Snakemake
+    # leaves in a directory() output (zarr cannot read it as a node)
+    arrays = {name for name in ("latents", "paths", "split") if name in group}
     if "latents" not in arrays:
         raise DataError(f"{path}: a zarr group without a 'latents' array; expected an ldmflow latent store "
                         f"(format {STORE_FORMAT}) or samples store")

@@ -1,0 +1,1 @@
+"""Exporting models others can load: diffusers folders, safetensors, model cards."""
