@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,7 @@ def take_run_lock(paths: RunPaths) -> dict:
     systems, where flock may not be) holding this process's host, pid and start time. A stale lock is taken
     over with a warning; a live holder is a :class:`RunLockedError` naming it."""
     me = {"host": socket.gethostname(), "pid": os.getpid(),
-          "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+          "since": datetime.now(UTC).isoformat(timespec="seconds")}
     for _ in range(5):
         try:
             paths.out_dir.mkdir(parents=True, exist_ok=True)
