@@ -178,3 +178,15 @@ def test_a_real_full_tmpfs_is_one_line_and_the_run_resumes_after_it_grows(tmp_pa
         assert load_checkpoint(small / "run/checkpoints/tiny_checkpoint_latest.pt")["epoch"] == 2
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_any_os_error_of_the_machine_is_one_line_naming_the_path_and_the_errno(tmp_path, monkeypatch, capsys):
+    import ldmflow.data.demo
+
+    def lost(out, **_kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle", str(out))
+
+    monkeypatch.setattr(ldmflow.data.demo, "write_demo_data", lost)
+    assert main(["demo-data", "--out", str(tmp_path / "d")]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert len(printed) == 1 and printed[0].endswith(f"{tmp_path / 'd'}: ESTALE: Stale file handle")

@@ -69,6 +69,14 @@ EXIT_PREEMPTED = 143
 EXIT_TRAINING_ERROR = 1
 
 
+def describe(exc: BaseException) -> str:
+    """The one line a user sees: the message, or for a machine's OSError the path, the errno's name and why."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{errno_name(exc.errno)}: {exc.strerror}"
+    return str(exc)
+
+
 def exit_code(exc: BaseException) -> int | None:
     """The exit code for an error a user can cause or a scheduler can send; None for a bug (show a traceback)."""
     if isinstance(exc, USER_ERRORS):
