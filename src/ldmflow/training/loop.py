@@ -447,7 +447,8 @@ def end_epoch(run: Run, row: dict[str, Any]) -> None:
 def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str, *,
         device: torch.device | None = None, workers: int = 0, sample_weights: torch.Tensor | None = None,
         progress: bool | None = None) -> dict:
-    """Train ``task.model`` until ``train.epochs`` or early stopping; resume from the latest checkpoint.
+    """Train ``task.model`` until ``train.epochs`` or early stopping; resume from the latest checkpoint. The run
+    is this process's while it trains (:func:`ldmflow.artifacts.run_lock`: a second process is refused).
 
     Returns the final state summary: ``{"epoch", "best": {...}, "history": [...], "resumed_from"}``.
     """
