@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
+import io
 import itertools
 import logging
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -452,3 +455,90 @@ def test_non_finite_samples_stop_before_anything_is_written(tiny, tmp_path, caps
     code, printed = run(capsys, ["sample", "--checkpoint", broken, "--out", tmp_path / "s", "--n", "2"])
     assert code == 2 and "sampling produced non-finite latents" in printed and "Traceback" not in printed
     assert not list((tmp_path / "s").glob("*.png")) and not (tmp_path / "s" / "samples.zarr").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Image files and file-system faults, generated
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
+IMAGE_FORMATS = ["PNG", "TIFF", "JPEG", "BMP", "GIF", "WEBP"]
+
+
+@st.composite
+def image_files(draw) -> bytes:
+    """An image file of a drawn format, mode and size, then maybe truncated, corrupted or given a huge header."""
+    from hypothesis import assume
+
+    mode, fmt = draw(st.sampled_from(IMAGE_MODES)), draw(st.sampled_from(IMAGE_FORMATS))
+    w, h = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    pixels = np.random.default_rng(draw(st.integers(0, 9))).integers(0, 256, (h, w, 4), dtype=np.uint8)
+    img = Image.fromarray(pixels, "RGBA").convert(mode) if mode not in ("I;16", "I", "F") else \
+        Image.fromarray(pixels[..., 0].astype(np.int32) * 200).convert(mode)
+    buf = io.BytesIO()
+    try:
+        img.save(buf, fmt)
+    except (OSError, ValueError, KeyError):
+        assume(False)  # this format cannot hold this mode
+    data = bytearray(buf.getvalue())
+    fault = draw(st.sampled_from(["none", "truncate", "flip", "huge"]))
+    if fault == "truncate":
+        data = data[:draw(st.integers(0, max(0, len(data) - 1)))]
+    elif fault == "flip" and data:
+        for _ in range(draw(st.integers(1, 8))):
+            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+    elif fault == "huge" and fmt == "PNG":
+        data[16:24] = struct.pack(">II", draw(st.sampled_from([0, 7, 65535])), 65535)  # the IHDR's width, height
+    return bytes(data)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(content=image_files(), as_mask=st.booleans(), skip=st.booleans())
+def test_fuzzed_image_files_are_read_or_refused_with_a_data_error(images, content, as_mask, skip):
+    path = images / "fuzzed.img"
+    path.write_bytes(content)
+    rows = [["image", "mask"], ["img0.png", "img0.png"], ["img1.png", "img1.png"],
+            ["img2.png" if as_mask else "fuzzed.img", "fuzzed.img" if as_mask else "img2.png"]]
+    for i in range(3):
+        Image.new("L", (8, 8), i).save(images / f"mask{i}.png")
+    manifest = images / "fuzz.csv"
+    with manifest.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    try:
+        data = prepare_data(manifest, DataConfig(image_size=8, skip_bad_rows=skip, mask_values=list(range(256))),
+                            threads=1)
+    except DataError as exc:
+        assert str(exc).startswith(str(manifest)), exc
+        return
+    assert len(data.paths) in (2, 3)
+
+
+FS_CALLS = ["mkdir", "open", "fsync", "replace"]
+FS_ERRNOS = [errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.ESTALE, errno.EACCES, errno.ENOENT]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=st.sampled_from(FS_CALLS), number=st.sampled_from(FS_ERRNOS), size=st.integers(0, 4096))
+def test_fuzzed_file_system_faults_in_an_atomic_write_are_one_named_error_and_lose_nothing(tmp_path, call, number,
+                                                                                           size):
+    import builtins
+    import os
+    from unittest import mock
+
+    from ldmflow.artifacts import atomic_write_bytes
+    from ldmflow.errors import exit_code
+
+    folder = tmp_path / f"{call}{number}{size}"
+    target = folder / "sub" / "file.bin"
+    atomic_write_bytes(target, b"previous")
+
+    def fail(*_args, **_kwargs):
+        raise OSError(number, os.strerror(number))
+
+    where = {"mkdir": (Path, "mkdir"), "open": (builtins, "open"), "fsync": (os, "fsync"), "replace": (os, "replace")}
+    with mock.patch.object(*where[call], fail), pytest.raises(Exception) as info:
+        atomic_write_bytes(target, b"x" * size)
+    assert exit_code(info.value) == 2 and str(target) in str(info.value) and errno.errorcode[number] in str(info.value)
+    assert target.read_bytes() == b"previous" and os.listdir(target.parent) == ["file.bin"]

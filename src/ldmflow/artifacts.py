@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldmflow.errors import ConfigError, TrainingError
+from ldmflow.errors import ConfigError, RunLockedError, StorageError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +62,25 @@ def process_alive(pid: int) -> bool:
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Move a finished store to its final name, replacing an older store only once the new one is whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
+    """Move a finished store to its final name, replacing an older store only once the new one is whole.
+
+    A failed move (a lost or read-only file system) is a :class:`StorageError`; the older store is put back
+    when it was already moved aside, and the temporary store is removed."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    moved = False
+    try:
+        if out.exists():
+            os.replace(out, old)
+            moved = True
         os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            if moved and not out.exists():
+                os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(out, exc) from None
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 CHECKPOINT_FORMAT = "ldmflow-checkpoint-v1"
@@ -73,13 +89,18 @@ CHECKPOINT_FORMAT = "ldmflow-checkpoint-v1"
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only or vanished folder: the old file stays, the temporary goes
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageError(path, exc) from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -160,6 +181,11 @@ class RunPaths:
         return self.out_dir / f"{self.name}_status.json"
 
     @property
+    def lock(self) -> Path:
+        """The run's lock file: which process (host, pid, since when) owns the run (see :func:`run_lock`)."""
+        return self.out_dir / f"{self.name}.lock"
+
+    @property
     def tensorboard(self) -> Path:
         return self.out_dir / "tensorboard"
 
@@ -229,3 +255,107 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path | None]:
     if not Path(chosen).is_file():
         raise FileNotFoundError(f"{path}: key 'checkpoint' names {chosen}, which does not exist")
     return Path(chosen), path
+
+
+# A lock written by another host cannot be checked by pid: it is stale when neither it nor the run's status file
+# (rewritten at every log point and epoch end while the run lives) has changed for this long.
+LOCK_STALE_AFTER_S = 3600.0
+LOCK_UNREADABLE_AFTER_S = 60.0  # a lock file without its JSON (its writer died between create and write)
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def lock_stale_reason(holder: dict, paths: RunPaths, now: float) -> str | None:
+    """Why a held lock may be taken over, or None while its holder may still run: a holder on this host by
+    its pid (gone, or this very process), one on another host by how long the run gave no sign of life."""
+    host, pid = holder.get("host"), holder.get("pid")
+    if not isinstance(pid, int):
+        age = _age(paths.lock, now)
+        return f"an unreadable lock {age:.0f} s old" if age > LOCK_UNREADABLE_AFTER_S else None
+    if host == socket.gethostname():
+        if pid == os.getpid() or not process_alive(pid):
+            return f"process {pid} on this host is gone"
+        return None
+    quiet = min(_age(paths.lock, now), _age(paths.status, now))
+    if quiet > LOCK_STALE_AFTER_S:
+        return f"no sign of life from {host} for {quiet / 60:.0f} min"
+    return None
+
+
+def _describe_holder(holder: dict, paths: RunPaths) -> str:
+    if not holder:
+        return f"{paths.out_dir}: run {paths.name} is being taken by another process ({paths.lock})"
+    return (f"{paths.out_dir}: run {paths.name} is held by pid {holder.get('pid')} on {holder.get('host')} since "
+            f"{holder.get('since')} ({paths.lock}); wait for it to end or stop it (a lock left by a process that is "
+            f"gone is taken over: on its host at once, from another host after {LOCK_STALE_AFTER_S / 60:.0f} min "
+            "without a status update)")
+
+
+def _remove_stale(lock: Path, holder: dict) -> None:
+    """Remove a stale lock unless another process took it over meanwhile (rename first: one remover wins)."""
+    aside = lock.with_name(f".{lock.name}.stale{os.getpid()}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != holder:  # a fresh lock of another taker: give it back
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)
+    aside.unlink(missing_ok=True)
+
+
+def take_run_lock(paths: RunPaths) -> dict:
+    """Own a run folder's run: create ``paths.lock`` with O_CREAT|O_EXCL (atomic on NFS and other shared file
+    systems, where flock may not be) holding this process's host, pid and start time. A stale lock is taken
+    over with a warning; a live holder is a :class:`RunLockedError` naming it."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    for _ in range(5):
+        try:
+            paths.out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(paths.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(paths.lock)
+            reason = lock_stale_reason(holder, paths, time.time())
+            if reason is None:
+                raise RunLockedError(_describe_holder(holder, paths)) from None
+            log.warning("%s: taking over the lock of pid %s on %s since %s: %s", paths.lock, holder.get("pid"),
+                        holder.get("host"), holder.get("since"), reason)
+            _remove_stale(paths.lock, holder)
+            continue
+        except OSError as exc:
+            raise StorageError(paths.lock, exc) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me) + "\n")
+        return me
+    raise RunLockedError(_describe_holder(_read_lock(paths.lock), paths))
+
+
+def release_run_lock(paths: RunPaths, me: dict) -> None:
+    """Remove the run's lock when it is still this process's (never a lock another process took over)."""
+    if _read_lock(paths.lock) == me:
+        with contextlib.suppress(OSError):
+            paths.lock.unlink()
+
+
+@contextlib.contextmanager
+def run_lock(paths: RunPaths) -> Iterator[dict]:
+    """Hold the run's lock for the block: released on a normal end, an error and a preemption alike."""
+    me = take_run_lock(paths)
+    try:
+        yield me
+    finally:
+        release_run_lock(paths, me)

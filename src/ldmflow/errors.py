@@ -4,6 +4,8 @@ The command line turns each into one line on stderr and an exit code (see :mod:`
 
 from __future__ import annotations
 
+import errno
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file, the key and what is allowed."""
@@ -29,6 +31,25 @@ class DataError(ValueError):
     """A manifest row or file is invalid; the message names the manifest row and the file."""
 
 
+class StorageError(RuntimeError):
+    """A write failed on the machine's side (full disk, read-only or vanished folder, lost file system); names the
+    path and the errno. The temporary file is removed and the file it was to replace is left as it was."""
+
+    def __init__(self, path, exc: OSError):
+        self.path, self.errno = str(path), exc.errno
+        super().__init__(f"{path}: cannot write ({errno_name(exc.errno)}: {exc.strerror or exc}); the file it was "
+                         "to replace, if any, is intact")
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder's lock; names the holder (host, pid, since when)."""
+
+
+def errno_name(number: int | None) -> str:
+    """'ENOSPC' for 28, 'errno N' for a number the platform does not name."""
+    return errno.errorcode.get(number, f"errno {number}") if number is not None else "no errno"
+
+
 class LatentError(DataError):
     """A latent store is incomplete, inconsistent, or was made by another autoencoder; names the path."""
 
@@ -41,11 +62,19 @@ class ControlError(DataError):
 # written), 143 (128 + SIGTERM) for a run that saved a checkpoint on a scheduler's signal (SIGINT, SIGTERM,
 # SIGUSR1 or SIGUSR2: one code for all four) and can be resumed, 1 for a run that cannot go on. README "When
 # something is wrong" lists them.
-USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, FileNotFoundError, FileExistsError,
-               PermissionError, IsADirectoryError, NotADirectoryError)
+# OSError covers the rest of what a machine can do to a path (ENOSPC, EROFS, EIO, ESTALE on a lost NFS mount).
+USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, StorageError, RunLockedError, OSError)
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143
 EXIT_TRAINING_ERROR = 1
+
+
+def describe(exc: BaseException) -> str:
+    """The one line a user sees: the message, or for a machine's OSError the path, the errno's name and why."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{errno_name(exc.errno)}: {exc.strerror}"
+    return str(exc)
 
 
 def exit_code(exc: BaseException) -> int | None:

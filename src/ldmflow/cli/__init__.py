@@ -76,7 +76,7 @@ def debug_requested(args: argparse.Namespace, environ) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code (see ``ldmflow.errors``: 0 done, 2 user error, 143 preempted,
     1 training cannot go on). A bug (any other exception) propagates with its traceback."""
-    from ldmflow.errors import Preempted, exit_code
+    from ldmflow.errors import Preempted, describe, exit_code
     from ldmflow.training.distributed import init_from_env, shutdown
 
     try:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(exc)
         if code is None:
             raise
-        (log.warning if isinstance(exc, Preempted) else log.error)("%s", exc, exc_info=debug)
+        (log.warning if isinstance(exc, Preempted) else log.error)("%s", describe(exc), exc_info=debug)
         return code
     finally:
         shutdown()

@@ -58,6 +58,21 @@ class DataConfig:
         None, "Number of segmentation classes (mask ids 0..K-1); null infers max id + 1 from the masks.",
         minimum=2,
     )
+    mask_values: dict[str, int] | list[int] | None = param(
+        None, "How raw mask values map to class ids: a mapping such as {0: 0, 255: 1}, or the raw values in class "
+        "order such as [0, 128, 255]. null: values are class ids, except masks holding only 0 and one other value "
+        "k (0/255 from an image editor), which are read as binary (k -> 1); inferring more than 32 classes is an "
+        "error naming the values found.",
+    )
+    mask_palette: dict[str, int] | list[list[int]] | None = param(
+        None, "Colour-coded RGB masks: a mapping such as {'#ff0000': 1, '#00ff00': 2} (colour -> class id), or "
+        "the [r, g, b] colours in class order. null: an RGB mask is an error (unless R = G = B).",
+    )
+    max_upscale: float | None = param(
+        None, "The largest upscaling of an image (image_size / its short side) allowed; an image needing more is "
+        "an error naming its row (or is skipped with skip_bad_rows). null: allowed, and images upscaled more than "
+        "x2 are reported once per dataset (how many, the smallest size).", minimum=1.0,
+    )
     classes: list[str] | None = param(
         None, "Class names; integer labels index into this list. null infers the sorted unique labels.",
     )

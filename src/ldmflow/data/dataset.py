@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,8 +19,10 @@ from ldmflow.config.common import DataConfig
 from ldmflow.data.images import (
     PERCENTILE_PIXELS,
     PERCENTILE_TOTAL,
+    MaskRule,
     infer_channels,
     load_row,
+    mask_rule,
     probe_image,
     resolve_value_range,
     to_unit_range,
@@ -35,6 +38,9 @@ from ldmflow.data.manifest import (
 from ldmflow.errors import DataError
 
 log = logging.getLogger(__name__)
+
+MAX_INFERRED_MASK_CLASSES = 32  # more inferred classes are an encoding (0..255 grays), not a segmentation
+REPORTED_UPSCALE = 2.0  # upscaling beyond this is reported once per dataset (data.max_upscale makes it an error)
 
 
 @dataclass
@@ -56,6 +62,8 @@ class PreparedData:
     value_range: list[list[float]] | None = None  # per channel [low, high] raw values -> [-1, 1]; None: 8-bit
     source_bits: int = 8
     fingerprint: str | None = None  # sha256 of the manifest, its rows and its files' sizes and mtimes
+    mask_rule: MaskRule | None = None  # data.mask_values / data.mask_palette, checked
+    mask_lut: np.ndarray | None = None  # (256,) uint8: stored mask value -> class id (binary 0/k masks)
 
     @property
     def has_masks(self) -> bool:
@@ -85,7 +93,20 @@ class _DecodePlan:
     known_mask_classes: int | None  # from the config or dataset.yaml; None: inferred from the masks
     cache: bool  # keep the decoded pixels (they fit in data.cache_max_gb)
     step: int  # every step-th pixel of a high-bit-depth image feeds the intensity percentiles
-    probes: list  # probe_image of each row: None or (channels, bits)
+    probes: list  # probe_image of each row: None or (channels, bits, short side)
+    mask_rule: MaskRule | None
+    max_upscale: float | None  # data.max_upscale: a row needing more is a DataError
+
+
+class _Row(NamedTuple):
+    """What the check of one row keeps."""
+
+    image: np.ndarray | None  # (H, W, C), when cached
+    mask: np.ndarray | None  # (H, W) class ids, when cached
+    mask_values: np.ndarray | None  # the mask's distinct values
+    pixels: np.ndarray | None  # sampled pixels of a deep image, for the intensity percentiles
+    bits: int
+    short_side: int | None
 
 
 def _decode_plan(frame, cfg: DataConfig, meta: dict, threads: int) -> _DecodePlan:
@@ -97,26 +118,35 @@ def _decode_plan(frame, cfg: DataConfig, meta: dict, threads: int) -> _DecodePla
     channels = cfg.channels or infer_channels(probes)
     deep = any(p is not None and p[1] > 8 for p in probes)
     bytes_per_row = size * size * (channels * (4 if deep else 1) + (1 if has_masks else 0))
+    rule = mask_rule(cfg) if has_masks else None
     return _DecodePlan(
         source=frame.attrs["source"], size=size, channels=channels, has_masks=has_masks,
-        known_mask_classes=cfg.mask_classes or (meta.get("mask_classes") if has_masks else None),
+        known_mask_classes=cfg.mask_classes or (meta.get("mask_classes") if has_masks else None)
+        or (rule.classes if rule else None),
         cache=len(frame) * bytes_per_row <= cfg.cache_max_gb * 2**30,
         step=max(1, size * size // max(16, min(PERCENTILE_PIXELS, PERCENTILE_TOTAL // max(len(frame), 1)))),
-        probes=probes,
+        probes=probes, mask_rule=rule, max_upscale=cfg.max_upscale,
     )
 
 
-def _check_row(frame, plan: _DecodePlan, skip_bad_rows: bool, i: int):
-    """Decode row ``i``: (image or None, mask or its largest value or None, sampled pixels or None, bit depth),
-    or the row's DataError when bad rows are skipped."""
-    rec = frame.iloc[i]
+def _check_upscale(rec, plan: _DecodePlan, short: int | None) -> None:
+    if short and plan.max_upscale is not None and plan.size / short > plan.max_upscale:
+        raise DataError(f"{plan.source}: row {rec['row']}: image {rec['image']} has a short side of {short} px: "
+                        f"x{plan.size / short:.3g} to data.image_size {plan.size}, beyond data.max_upscale "
+                        f"{plan.max_upscale:g}")
+
+
+def _check_row(frame, plan: _DecodePlan, skip_bad_rows: bool, i: int) -> _Row | DataError:
+    """Decode and check row ``i``, or return the row's DataError when bad rows are skipped."""
+    rec, probe = frame.iloc[i], plan.probes[i]
     try:
+        _check_upscale(rec, plan, probe[2] if probe else None)
         img, mask = load_row(rec["image"], rec["mask"] if plan.has_masks else None, plan.size,
-                             plan.known_mask_classes, plan.source, int(rec["row"]), plan.channels)
+                             plan.known_mask_classes, plan.source, int(rec["row"]), plan.channels, plan.mask_rule)
         pixels = img.reshape(-1, plan.channels)[::plan.step] if img.dtype != np.uint8 else None
-        kept = (img, mask) if plan.cache else (None, None if mask is None else mask.max())
-        probe = plan.probes[i]
-        return (*kept, pixels, probe[1] if probe else (8 if img.dtype == np.uint8 else 32))
+        return _Row(img if plan.cache else None, mask if plan.cache else None,
+                    None if mask is None else np.unique(mask), pixels,
+                    probe[1] if probe else (8 if img.dtype == np.uint8 else 32), probe[2] if probe else None)
     except DataError as exc:
         if not skip_bad_rows:
             raise
@@ -149,13 +179,36 @@ def _check_one_bit_depth(frame, depths: list[int], source: str) -> None:
                         "needs one bit depth (convert the files)")
 
 
-def _mask_classes(plan: _DecodePlan, results: list) -> int | None:
-    """The configured number of mask classes, else one more than the largest mask value (at least 2)."""
-    mask_classes = plan.known_mask_classes
-    if plan.has_masks and mask_classes is None:
-        mask_classes = max(2, 1 + max(int(m.max()) if plan.cache else int(m) for _, m, _, _ in results))
-        log.info("data.mask_classes not set: %d classes inferred from the masks", mask_classes)
-    return mask_classes
+def _mask_classes(plan: _DecodePlan, results: list[_Row]) -> tuple[int | None, np.ndarray | None]:
+    """The configured number of mask classes, else one inferred from the values found: 0 and one k is a
+    binary mask (k -> 1, the returned lookup table), else the largest value + 1 (at least 2, at most 32)."""
+    if not plan.has_masks or plan.known_mask_classes is not None:
+        return plan.known_mask_classes, None
+    found = np.unique(np.concatenate([r.mask_values for r in results]))
+    top = int(found.max())
+    if len(found) == 2 and found[0] == 0 and top > 1:
+        lut = np.arange(256, dtype=np.uint8)
+        lut[top] = 1
+        log.info("data.mask_classes not set: the masks hold only the values 0 and %d: read as binary masks "
+                 "(0 background, %d -> class 1); set data.mask_values for another reading", top, top)
+        return 2, lut
+    if top + 1 > MAX_INFERRED_MASK_CLASSES:
+        shown = ", ".join(map(str, found[:12].tolist())) + (f" and {len(found) - 12} more" if len(found) > 12 else "")
+        raise DataError(f"{plan.source}: the masks hold the values {shown} ({len(found)} distinct): read as ids "
+                        f"they make {top + 1} classes, more than {MAX_INFERRED_MASK_CLASSES} are not inferred; set "
+                        f"data.mask_values to the raw values in class order (e.g. [{', '.join(map(str, found[:3]))}]) "
+                        "or data.mask_classes")
+    log.info("data.mask_classes not set: %d classes inferred from the masks", max(2, top + 1))
+    return max(2, top + 1), None
+
+
+def _report_upscale(results: list[_Row], size: int) -> None:
+    """One warning per dataset for images upscaled beyond x2: how many, and the smallest."""
+    small = [r.short_side for r in results if r.short_side and size / r.short_side > REPORTED_UPSCALE]
+    if small:
+        log.warning("%d of %d image(s) are upscaled more than x%g to data.image_size %d (the smallest has a short "
+                    "side of %d px, x%.3g); set data.max_upscale to refuse them", len(small), len(results),
+                    REPORTED_UPSCALE, size, min(small), size / min(small))
 
 
 def _resolve_split(frame, cfg: DataConfig, seed: int, source: str) -> np.ndarray:
@@ -185,15 +238,17 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(partial(_check_row, frame, plan, cfg.skip_bad_rows), range(len(frame))))
     frame, results, skipped = _drop_bad_rows(frame, results, source)
-    depths = [r[3] for r in results]
+    depths = [r.bits for r in results]
     _check_one_bit_depth(frame, depths, source)
-    mask_classes = _mask_classes(plan, results)
+    mask_classes, mask_lut = _mask_classes(plan, results)
+    if cfg.max_upscale is None:
+        _report_upscale(results, plan.size)
     labels = classes = None
     if "label" in frame.columns:
         labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
                                          frame["row"])
     split = _resolve_split(frame, cfg, seed, source)
-    train_pixels = [r[2] for r, s in zip(results, split) if s == "train" and r[2] is not None]
+    train_pixels = [r.pixels for r, s in zip(results, split) if s == "train" and r.pixels is not None]
     data = PreparedData(
         source=source,
         image_size=plan.size,
@@ -207,12 +262,13 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
         channels=plan.channels,
         value_range=resolve_value_range(cfg, max(depths), plan.channels, train_pixels, source),
         source_bits=cfg.intensity.source_bits or max(depths),
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, mask_rule=plan.mask_rule, mask_lut=mask_lut,
     )
     if plan.cache:
-        data.images = np.stack([img for img, _, _, _ in results])
+        data.images = np.stack([r.image for r in results])
         if plan.has_masks:
-            data.masks = np.stack([m for _, m, _, _ in results])
+            masks = np.stack([r.mask for r in results])
+            data.masks = masks if mask_lut is None else mask_lut[masks]
     return data
 
 
@@ -238,11 +294,13 @@ class ImageDataset(torch.utils.data.Dataset):
             return d.images[rows], (d.masks[rows] if d.masks is not None else None)
         pairs = [
             load_row(d.paths[r], d.mask_paths[r] if d.has_masks else None, d.image_size, d.mask_classes, d.source,
-                     r + 1, d.channels)
+                     r + 1, d.channels, d.mask_rule)
             for r in rows
         ]
         imgs = np.stack([p[0] for p in pairs])
         masks = np.stack([p[1] for p in pairs]) if d.has_masks else None
+        if masks is not None and d.mask_lut is not None:
+            masks = d.mask_lut[masks]
         return imgs, masks
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:

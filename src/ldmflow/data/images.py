@@ -4,13 +4,16 @@ resizing, and the intensity rule that maps deep data to [-1, 1] and back."""
 from __future__ import annotations
 
 import logging
+import re
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldmflow.config.common import DataConfig
-from ldmflow.errors import DataError
+from ldmflow.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,27 @@ PERCENTILE_PIXELS = 4096  # pixels per train image (per channel) that the percen
 PERCENTILE_TOTAL = 2**24  # ... and in all (fewer per image on large datasets: memory stays bounded)
 
 
+# Pillow's own decompression-bomb limit: a file whose header promises more pixels is refused before decoding.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 2**28
+
+
+# Pillow's decoders raise any of these for a corrupt, truncated or hostile file (not only OSError).
+DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError,
+                  MemoryError, struct.error, Image.DecompressionBombError)
+
+
+LOSSY_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "JPEG2000": "JPEG 2000"}
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How mask pixels become class ids: raw values (data.mask_values) or RGB colours (data.mask_palette)."""
+
+    values: dict[int, int] | None = None  # raw value -> class id
+    palette: dict[int, int] | None = None  # 0xRRGGBB -> class id
+    classes: int | None = None  # class count of the mapping: its largest id + 1
+
+
 def resize_center_crop(img: Image.Image, size: int, resample: int) -> Image.Image:
     """Resize the short side to ``size`` and centre-crop to a ``size`` x ``size`` square."""
     w, h = img.size
@@ -43,14 +67,26 @@ def resize_center_crop(img: Image.Image, size: int, resample: int) -> Image.Imag
 def _open(path: str, what: str, source: str, row: int) -> Image.Image:
     if not path:
         raise DataError(f"{source}: row {row}: empty {what} path")
+
+    def too_large(pixels: int) -> DataError:
+        return DataError(f"{source}: row {row}: {what} {path} is too large to decode safely ({pixels} pixels, the "
+                         f"limit is {MAX_PIXELS}); downscale or tile it, or set data.skip_bad_rows")
+
     try:
         img = Image.open(path)
+        if img.size[0] * img.size[1] > MAX_PIXELS:
+            raise too_large(img.size[0] * img.size[1])
         img.load()
         return img
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow refuses twice its limit in Image.open itself
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise too_large(int(pixels[1]) if pixels else MAX_PIXELS * 2) from None
     except FileNotFoundError:
         raise DataError(f"{source}: row {row}: {what} file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{source}: row {row}: cannot read {what} {path}: {exc}") from None
+    except DECODER_ERRORS as exc:
+        raise DataError(f"{source}: row {row}: cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
 
 
 def source_bits(img: Image.Image) -> int:
@@ -60,15 +96,15 @@ def source_bits(img: Image.Image) -> int:
     return 32 if img.mode in ("I", "F") else 8
 
 
-def probe_image(path: str) -> tuple[int, int] | None:
-    """(channels, bits) from a file's header alone, without decoding; None when it cannot be opened
-    (decoding reports why, with the row)."""
+def probe_image(path: str) -> tuple[int, int, int] | None:
+    """(channels, bits, short side) from a file's header alone, without decoding; None when it cannot be
+    opened (decoding reports why, with the row)."""
     try:
         with Image.open(path) as img:
             pages = getattr(img, "n_frames", 1)
             channels = pages if pages > 1 else (1 if img.mode in ONE_CHANNEL_MODES else 3)
-            return channels, source_bits(img)
-    except (OSError, SyntaxError, ValueError):
+            return channels, source_bits(img), min(img.size)
+    except DECODER_ERRORS:
         return None
 
 
@@ -142,35 +178,142 @@ def resize_planes(arr: np.ndarray, size: int) -> np.ndarray:
     return np.clip(out, arr.min(axis=(0, 1)), arr.max(axis=(0, 1)))
 
 
+def _colour(text, key: str) -> int:
+    """'#rrggbb' or [r, g, b] -> 0xRRGGBB."""
+    if isinstance(text, str) and len(text) == 7 and text.startswith("#"):
+        try:
+            return int(text[1:], 16)
+        except ValueError:
+            pass
+    elif isinstance(text, list) and len(text) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in text):
+        return text[0] << 16 | text[1] << 8 | text[2]
+    raise ConfigError(f"key '{key}' has the colour {text!r}; allowed: '#rrggbb' or [r, g, b] with 0..255")
+
+
+def _class_map(spec, key: str, parse) -> dict[int, int]:
+    """A mapping {raw: id} or a list of raws in class order -> {parsed raw: class id}, checked."""
+    pairs = spec.items() if isinstance(spec, dict) else ((raw, i) for i, raw in enumerate(spec))
+    out: dict[int, int] = {}
+    for raw, cid in pairs:
+        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+            raise ConfigError(f"key '{key}' maps {raw!r} to {cid!r}; allowed: class ids 0, 1, 2, ...")
+        out[parse(raw)] = cid
+    if not out:
+        raise ConfigError(f"key '{key}' is empty; give at least the background's value")
+    return out
+
+
+def _raw_value(raw) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"key 'data.mask_values' has the raw value {raw!r}; allowed: integers 0, 1, 2, ...")
+    return value
+
+
+def mask_rule(cfg: DataConfig) -> MaskRule | None:
+    """The checked data.mask_values / data.mask_palette; None when neither is set."""
+    if cfg.mask_values is not None and cfg.mask_palette is not None:
+        raise ConfigError("keys 'data.mask_values' and 'data.mask_palette' are both set; set one (values for "
+                          "single-channel masks, a palette for colour-coded RGB masks)")
+    if cfg.mask_values is not None:
+        values = _class_map(cfg.mask_values, "data.mask_values", _raw_value)
+        return MaskRule(values=values, classes=max(values.values()) + 1)
+    if cfg.mask_palette is not None:
+        palette = _class_map(cfg.mask_palette, "data.mask_palette", lambda c: _colour(c, "data.mask_palette"))
+        return MaskRule(palette=palette, classes=max(palette.values()) + 1)
+    return None
+
+
+def lossy_format(img: Image.Image, path: str) -> str | None:
+    """The name of a lossy format the file is stored in (JPEG, lossy WebP), else None."""
+    if img.format in LOSSY_FORMATS:
+        return LOSSY_FORMATS[img.format]
+    if img.format == "WEBP":
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        # RIFF header, then the first chunk: 'VP8 ' is lossy, 'VP8L' lossless, 'VP8X' (extended) holds one
+        if head[12:16] == b"VP8 " or (head[12:16] == b"VP8X" and b"VP8L" not in head):
+            return "lossy WebP"
+    return None
+
+
+def _lookup(arr: np.ndarray, table: dict[int, int], what: str, key: str, where: str, fmt=str) -> np.ndarray:
+    """Map every value of ``arr`` through ``table``; a value it lacks is an error naming a few."""
+    found, inverse = np.unique(arr, return_inverse=True)
+    unknown = [int(v) for v in found if int(v) not in table]
+    if unknown:
+        shown = ", ".join(fmt(v) for v in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        raise DataError(f"{where} has {what} {shown}, which {key} does not map to a class")
+    return np.array([table[int(v)] for v in found], dtype=np.int64)[inverse].reshape(arr.shape)
+
+
+def _mask_ids(m: Image.Image, rule: MaskRule | None, mask_classes: int | None, where: str) -> np.ndarray:
+    """A mask image's class ids (H, W): through the rule, or as stored (0/k read as 0/1 when 2 classes)."""
+    if m.mode in ("RGB", "RGBA", "P") and rule is not None and rule.palette is not None:
+        rgb = np.asarray(m.convert("RGB")).astype(np.int64)  # (H, W, 3)
+        return _lookup(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2], rule.palette, "the colour(s)",
+                       "data.mask_palette", where, fmt=lambda v: f"#{v:06x}")
+    if m.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(m)
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataError(f"{where} is a colour-coded {m.mode} mask; give each colour's class id in "
+                            "data.mask_palette (e.g. {'#000000': 0, '#ff0000': 1}), or save single-channel masks")
+        m = Image.fromarray(rgb[..., 0], "L")  # gray saved as RGB
+    if m.mode not in MASK_MODES:
+        raise DataError(f"{where} has mode {m.mode}; a mask must be single-channel (or RGB with data.mask_palette)")
+    arr = np.asarray(m).astype(np.int64)
+    if rule is not None and rule.values is not None:
+        return _lookup(arr, rule.values, "the value(s)", "data.mask_values", where)
+    top = int(arr.max()) if arr.size else 0
+    if mask_classes == 2 and top > 1 and set(np.unique(arr).tolist()) <= {0, top}:
+        return (arr > 0).astype(np.int64)  # a binary mask saved as 0/k
+    if top > 255 or (mask_classes is not None and top >= mask_classes):
+        limit = mask_classes if mask_classes is not None else 256
+        raise DataError(f"{where} has class id {top}; allowed ids 0..{limit - 1} (data.mask_classes; "
+                        "data.mask_values maps other encodings)")
+    return arr
+
+
+def load_mask(path: str, image: tuple[str, tuple[int, int]], size: int, mask_classes: int | None, rule: MaskRule | None,
+              source: str, row: int) -> np.ndarray:
+    """Decode and check one mask of ``image`` (its path and size): its class ids, resized (nearest) like the
+    image, (size, size) uint8."""
+    image_path, image_size = image
+    m = _open(path, "mask", source, row)
+    where = f"{source}: row {row}: mask {path}"
+    lossy = lossy_format(m, path)
+    if lossy:
+        raise DataError(f"{where} is a {lossy} file: lossy compression adds noise at every class boundary, which "
+                        "reads as class ids nobody drew; save masks losslessly (PNG, TIFF)")
+    if m.size != image_size:
+        raise DataError(f"{where} is {m.size[0]}x{m.size[1]} but its image {image_path} is "
+                        f"{image_size[0]}x{image_size[1]}")
+    ids = _mask_ids(m, rule, mask_classes, where)
+    if ids.size and int(ids.max()) > 255:
+        raise DataError(f"{where} has class id {int(ids.max())}; at most 256 classes (ids 0..255)")
+    return np.asarray(resize_center_crop(Image.fromarray(ids.astype(np.uint8), mode="L"), size,
+                                         Image.Resampling.NEAREST))
+
+
 def load_row(
     image_path: str, mask_path: str | None, size: int, mask_classes: int | None, source: str, row: int,
-    channels: int | None = 3,
+    channels: int | None = 3, mask_rule: MaskRule | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode, check and preprocess one manifest row: (H, W, C) image (uint8 for 8-bit files, float32 raw
-    values for deeper ones; see :func:`decode_image`), (H, W) uint8 mask."""
+    values for deeper ones; see :func:`decode_image`), (H, W) uint8 mask of class ids (see :func:`load_mask`)."""
     img = _open(image_path, "image", source, row)
-    raw_size = img.size
-    image = resize_planes(decode_image(img, channels, image_path, "image", source, row), size)
+    try:
+        image = resize_planes(decode_image(img, channels, image_path, "image", source, row), size)
+    except DataError:
+        raise
+    except DECODER_ERRORS as exc:  # a multi-page file decodes its later pages only now
+        raise DataError(f"{source}: row {row}: cannot read image {image_path}: {type(exc).__name__}: {exc}") from None
     mask = None
     if mask_path is not None:
-        m = _open(mask_path, "mask", source, row)
-        if m.mode not in MASK_MODES:
-            raise DataError(f"{source}: row {row}: mask {mask_path} has mode {m.mode}; a mask must be single-channel")
-        if m.size != raw_size:
-            raise DataError(
-                f"{source}: row {row}: mask {mask_path} is {m.size[0]}x{m.size[1]} but its image "
-                f"{image_path} is {raw_size[0]}x{raw_size[1]}"
-            )
-        arr = np.asarray(m)
-        top = int(arr.max()) if arr.size else 0
-        if top > 255 or (mask_classes is not None and top >= mask_classes):
-            limit = mask_classes if mask_classes is not None else 256
-            raise DataError(
-                f"{source}: row {row}: mask {mask_path} has class id {top}; allowed ids 0..{limit - 1} "
-                "(data.mask_classes)"
-            )
-        m = Image.fromarray(arr.astype(np.uint8), mode="L")
-        mask = np.asarray(resize_center_crop(m, size, Image.Resampling.NEAREST))
+        mask = load_mask(mask_path, (image_path, img.size), size, mask_classes, mask_rule, source, row)
     return image, mask
 
 

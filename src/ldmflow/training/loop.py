@@ -30,6 +30,7 @@ from ldmflow.artifacts import (
     RunPaths,
     atomic_write_bytes,
     load_checkpoint,
+    run_lock,
     save_checkpoint,
     set_aside_run,
 )
@@ -446,10 +447,19 @@ def end_epoch(run: Run, row: dict[str, Any]) -> None:
 def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str, *,
         device: torch.device | None = None, workers: int = 0, sample_weights: torch.Tensor | None = None,
         progress: bool | None = None) -> dict:
-    """Train ``task.model`` until ``train.epochs`` or early stopping; resume from the latest checkpoint.
+    """Train ``task.model`` until ``train.epochs`` or early stopping; resume from the latest checkpoint. The run
+    is this process's while it trains (:func:`ldmflow.artifacts.run_lock`: a second process is refused).
 
     Returns the final state summary: ``{"epoch", "best": {...}, "history": [...], "resumed_from"}``.
     """
+    # one process owns a run folder's run; under DDP rank 0 holds the lock for every rank
+    owner = not dist.is_initialized() or dist.get_rank() == 0
+    with run_lock(RunPaths(Path(out_dir), name)) if owner else contextlib.nullcontext():
+        return _fit(task, train_set, val_set, fc, out_dir, name, device, workers, sample_weights, progress)
+
+
+def _fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str, device: torch.device | None,
+         workers: int, sample_weights: torch.Tensor | None, progress: bool | None) -> dict:
     run = start_run(task, train_set, val_set, fc, out_dir, name, device, workers, sample_weights)
     resumed_from = resume(run)
     state = run.state
