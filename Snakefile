@@ -30,6 +30,7 @@ include: "rules/latents.smk"
 include: "rules/controlnet.smk"
 include: "rules/memorization.smk"
 include: "rules/evaluation.smk"
+include: "rules/utility.smk"
 include: "rules/report.smk"
 include: "rules/phases.smk"
 
