@@ -103,7 +103,8 @@ def utility_plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.8), squeeze=False)
     real = next(c for c in report["conditions"] if c["train_on"] == "real")
     for ax, m in zip(axes[0], metrics):
-        ax.axhline(real[m]["mean"], color="black", lw=1, label=f"real only ({real['n_train']} images)")
+        ax.axhline(real[m]["mean"], color="black", lw=1,
+                   label=f"real only ({real['n_train']} images): {real[m]['mean']:.2f}")
         if real[m]["ci95"]:
             ax.axhspan(*real[m]["ci95"], color="black", alpha=0.1)
         for kind, colour, shift in (("synthetic", "tab:orange", 0.97), ("real+synthetic", "tab:blue", 1.03)):
@@ -117,7 +118,9 @@ def utility_plot(report: dict, path: Path) -> None:
                         label=kind.replace("+", " + ") + (" only" if kind == "synthetic" else ""))
         ratios = sorted({c["ratio"] for c in report["conditions"] if c["train_on"] != "real"})
         ax.set_xscale("log")
-        ax.set_xticks(ratios or [1.0], [f"{r:g}:1" for r in ratios or [1.0]])
+        ratios = ratios or [1.0]
+        ax.set_xlim(min(ratios) / 1.6, max(ratios) * 1.6)
+        ax.set_xticks(ratios, [f"{r:g}:1" for r in ratios])
         ax.minorticks_off()
         ax.set_xlabel("synthetic : real-train images")
         ax.set_ylabel(f"real {report['held_out_split']} {'accuracy' if m == 'accuracy' else 'mIoU'}")
