@@ -121,3 +121,20 @@ def test_bad_utility_options_name_the_key():
     with pytest.raises(ConfigError, match="utility"):
         utility_options({"utility": {"seed": [1, 2, 3]}})
     assert utility_config().seeds == [0, 1, 2]
+
+
+def test_the_cli_measures_utility_and_names_a_class_the_real_data_lacks(real, tmp_path, capsys):
+    from ldmflow.cli import main
+
+    synthetic = synthetic_manifest(real, tmp_path / "manifest.csv", False)
+    tiny = ["--set", "ratios=[1, 10]", "--set", "epochs=1", "--set", "bootstrap=100", "--set",
+            "judge={width: 4, levels: 2}", "--threads", "1"]
+    assert main(["utility", "--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "u"),
+                 *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic only / real only at 1:1: accuracy" in printed and "ratio 10:1 skipped" in printed
+    assert (tmp_path / "u/utility.png").is_file()
+    synthetic.write_text(synthetic.read_text().replace("side3", "hexagon"))
+    assert main(["utility", "--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "v"),
+                 *tiny]) == 2
+    assert "hexagon" in capsys.readouterr().err and not (tmp_path / "v/utility.json").exists()
