@@ -1,5 +1,7 @@
 """Evaluation in pixel space by the judge (:mod:`ldmflow.evaluation.judge`): train it on real images, then score
-generated samples with it, each score next to the judge's own real-val accuracy and mIoU.
+generated samples with it, each score next to the judge's own real-val accuracy and mIoU. The judge is an
+ensemble (``judge.members``): a score's sample interval is its first member's; ``judges`` beside it gives the
+median and range (min..max) across members, and a target counts as met only at the range's low end.
 
 - :func:`train_judge_stage`: ``judge.pt``, ``judge.json`` (real-val figures, training curve) and ``judge_val.png``.
 - :func:`evaluate_samples`: class fidelity, a two-sample test and Fréchet distance / precision / recall of a samples
