@@ -270,8 +270,8 @@ def evaluate_samples(judge: str | Path, samples: str | Path, out_dir: str | Path
 
 def _log_scores(source: str, scores: dict) -> None:
     cf, ts = scores["class_fidelity"], scores["two_sample"]
-    log.info("%s: class fidelity %s, two-sample accuracy %s, FD %s (judge real-val accuracy %s, mIoU %s)", source,
-             _fmt(cf.get("accuracy")), _fmt(ts.get("accuracy")),
+    log.info("%s: class fidelity %s (judges %s), two-sample accuracy %s, FD %s (judge real-val accuracy %s, mIoU %s)",
+             source, _fmt(cf.get("accuracy")), _range(cf.get("judges")), _fmt(ts.get("accuracy")),
              _fmt((scores["features"].get("generated") or {}).get("fd")),
              _fmt(scores["judge"]["real_val_accuracy"]), _fmt(scores["judge"]["real_val_miou"]))
 
