@@ -44,6 +44,7 @@ def runs(tmp_path_factory, demo_manifest) -> dict:
 def test_the_judge_stage_writes_its_checkpoint_record_and_val_grid(runs):
     record = json.loads((runs["root"] / "judge/judge.json").read_text())
     assert record["real_val"] == runs["record"]["real_val"] and len(record["curve"]) == JUDGE["epochs"]
+    assert [m["seed"] for m in record["members"]] == [42, 43, 44] and record["ensemble"]["miou"]["n"] == 3
     assert {"accuracy", "miou", "per_class_accuracy", "per_class_iou"} <= record["real_val"].keys()
     assert record["heads"] == {"class": True, "segmentation": True} and record["held_out_split"] == "val"
     width, height = Image.open(runs["root"] / "judge/judge_val.png").size
@@ -57,6 +58,10 @@ def test_diffusion_samples_are_scored_next_to_the_judges_own_figures(runs, tmp_p
     cf = scores["class_fidelity"]
     assert cf["available"] and cf["n"] == 6 and 0 <= cf["accuracy"] <= 1  # the classes cycle: 2 of each
     assert sum(map(sum, cf["confusion"]["counts"])) == 6
+    judges = cf["judges"]  # every judge of the ensemble: the median and the range beside the sample interval
+    assert judges["n"] == 3 and judges["min"] <= judges["median"] <= judges["max"]
+    assert cf["accuracy"] in judges["members"]  # the first judge's reading, whose sample interval is reported
+    assert scores["judge"]["members"]["accuracy"]["n"] == 3
     assert scores["features"]["generated"]["fd"] >= 0 and "precision" in scores["features"]["generated"]
     assert scores["two_sample"]["n_generated"] == 6 and (tmp_path / "grid.png").is_file()
     ceiling = scores["decoder_reference"]  # the judge on the autoencoder's reconstructions of real val images
@@ -79,6 +84,10 @@ def test_a_controlnet_and_its_base_are_scored_under_the_same_noise(runs, tmp_pat
     for side in ("controlled", "uncontrolled_base"):
         assert 0 <= ctl[side]["miou"] <= 1 and len(ctl[side]["per_class_iou"]) == 4
     assert ctl["gain"] == pytest.approx(ctl["controlled"]["miou"] - ctl["uncontrolled_base"]["miou"])
+    for side in ("controlled", "uncontrolled_base", "gain"):
+        judges = ctl["judges"][side]
+        assert judges["n"] == 3 and judges["min"] <= judges["median"] <= judges["max"]
+    assert ctl["judges"]["controlled"]["members"][0] == pytest.approx(ctl["controlled"]["miou"])
     assert scores["n"] == 4 and scores["class_fidelity"]["available"]
     # rows: controlled | mask | judge | base | judge: 4 rows of 16 px tiles with 2 px padding, upscaled 4x
     width, height = Image.open(tmp_path / "grid.png").size
@@ -93,6 +102,8 @@ def test_a_controlnet_and_its_base_are_scored_under_the_same_noise(runs, tmp_pat
     assert row["control_miou"] == pytest.approx(ctl["controlled"]["miou"], abs=1e-4)
     assert row["base_miou"] == pytest.approx(ctl["uncontrolled_base"]["miou"], abs=1e-4)
     assert row["judge_val_miou"] == pytest.approx(ctl["real_val_miou"], abs=1e-4)
+    assert row["control_miou_judges_min"] == pytest.approx(ctl["judges"]["controlled"]["min"], abs=1e-4)
+    assert row["control_miou_judges"].count("..") == 1  # 'median (min..max)'
 
 
 def test_the_cli_trains_a_judge_and_evaluates_samples(runs, tmp_path):

@@ -10,14 +10,25 @@ import pytest
 import torch
 from PIL import Image
 
+from ldmflow.artifacts import load_checkpoint, save_checkpoint
 from ldmflow.checkpoints import load_judge
 from ldmflow.config.judge import AugmentConfig, judge_config
 from ldmflow.errors import ConfigError
-from ldmflow.evaluation.judge import augment, judge_outputs, read_images, save_judge, train_judge, validity
+from ldmflow.evaluation.judge import (
+    augment,
+    judge_outputs,
+    meets,
+    members,
+    read_images,
+    save_judge,
+    spread,
+    train_judge,
+    validity,
+)
 from ldmflow.evaluation.two_sample import two_sample_test, wilson_interval
 from ldmflow.stages.evaluate import class_fidelity
 
-FAST = {"epochs": 30, "eval_every": 30}  # the demo recipe, half its epochs
+FAST = {"epochs": 30, "eval_every": 30, "members": 1}  # the demo recipe, half its epochs, one judge
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +111,43 @@ def test_same_seed_same_judge_and_the_checkpoint_rebuilds_it(demo, tmp_path):
     assert c.validity["real_val"] == rec["real_val"] and c.info["classes"] == ["circle", "square", "triangle"]
     # a larger image is resized to the judge's size, its segmentation returned at the image's own size
     assert judge_outputs(c, torch.zeros(2, 3, 32, 32))["seg"].shape == (2, 32, 32)
+
+
+def test_the_ensemble_trains_one_judge_per_seed_and_its_checkpoint_rebuilds_every_member(demo, tmp_path):
+    cfg = judge_config(epochs=1, width=4, levels=2, members=3)
+    model, record = train_judge(demo, cfg, image_size=16, threads=1)
+    judges = members(model)
+    assert len(judges) == 3 and judges[0] is model and [m["seed"] for m in record["members"]] == [42, 43, 44]
+    assert not torch.equal(judges[0].stem[0].weight, judges[1].stem[0].weight)  # seeds differ, so do the judges
+    accuracy = record["ensemble"]["accuracy"]
+    assert accuracy["min"] <= accuracy["median"] <= accuracy["max"] and len(accuracy["members"]) == 3
+    save_judge(model, record, tmp_path / "judge.pt")
+    loaded = load_judge(tmp_path / "judge.pt")
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert loaded.config.members == 3 and len(members(loaded.model)) == 3
+    for trained, rebuilt, r in zip(judges, members(loaded.model), record["members"]):
+        assert torch.equal(judge_outputs(trained, x)["probs"], judge_outputs(rebuilt, x)["probs"])
+        assert rebuilt.validity["real_val"] == r["real_val"]
+
+
+def test_a_judge_file_from_before_ensembles_loads_as_a_one_judge_ensemble(demo, tmp_path):
+    model, record = train_judge(demo, judge_config(epochs=1, width=4, levels=2, members=1), image_size=16, threads=1)
+    save_judge(model, record, tmp_path / "judge.pt")
+    state = load_checkpoint(tmp_path / "judge.pt")
+    del state["members"]  # what a judge.pt of the previous release holds
+    state["config"].pop("members")
+    save_checkpoint(state, tmp_path / "old.pt")
+    old = load_judge(tmp_path / "old.pt")
+    assert members(old.model) == [old.model] and old.config.members == 1
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(judge_outputs(model, x)["probs"], judge_outputs(old.model, x)["probs"])
+
+
+def test_an_ensemble_score_meets_a_target_only_when_its_weakest_judge_does():
+    scores = spread([0.95, 0.80, 0.90, None])
+    assert scores["median"] == 0.90 and (scores["min"], scores["max"]) == (0.80, 0.95) and scores["n"] == 3
+    assert meets(scores, 0.80) and not meets(scores, 0.85)  # the median (0.90) alone would pass 0.85
+    assert spread([None]) is None and not meets(None, 0.0)
 
 
 def test_augmentation_moves_image_and_mask_together():

@@ -10,6 +10,7 @@ a model was trained with, or a store was made by, with the one sha256 check
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,9 @@ def load_controlnet(checkpoint: str | Path, device: str | torch.device = "cpu") 
 
 
 def load_judge(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
-    """A judge from ``judge.pt`` alone; ``model.info`` holds its data facts and config, ``model.validity`` its
-    real-val figures (``meta``: :class:`JudgeMeta`)."""
+    """A judge ensemble from ``judge.pt`` alone: ``model`` is its first member, ``model.members`` every member
+    (a file from before ensembles: a one-judge ensemble). Each member's ``info`` holds its data facts and config,
+    ``validity`` its real-val figures (``meta``: :class:`JudgeMeta`)."""
     from ldmflow.evaluation.judge import _flip_dims
     from ldmflow.models.judge import Judge
 
@@ -121,12 +123,19 @@ def load_judge(checkpoint: str | Path, device: str | torch.device = "cpu") -> Lo
                             "`ldmflow judge train`)")
     cfg = from_dict(JudgeConfig, state["config"])
     meta = JudgeMeta.from_dict(state["extra"], str(checkpoint))
-    model = Judge(meta.channels, meta.num_classes, meta.mask_classes, cfg.width, cfg.levels,
-                  image_size=meta.image_size, flips=_flip_dims(cfg.augment))
-    model.load_state_dict(state["model"])
-    model.info = meta.info(state["config"])
-    model.validity = state["validity"]
-    return Loaded(model.to(device).eval().requires_grad_(False), cfg, meta)
+    weights = [(state["model"], state["validity"]["real_val"])]
+    weights += [(m["model"], m["real_val"]) for m in state.get("members", [])]
+    members = []
+    for sd, real_val in weights:
+        model = Judge(meta.channels, meta.num_classes, meta.mask_classes, cfg.width, cfg.levels,
+                      image_size=meta.image_size, flips=_flip_dims(cfg.augment))
+        model.load_state_dict(sd)
+        model.info = meta.info(state["config"])
+        model.validity = {**state["validity"], "real_val": real_val}
+        members.append(model.to(device).eval().requires_grad_(False))
+    for model in members:
+        model.members = members
+    return Loaded(members[0], dataclasses.replace(cfg, members=len(members)), meta)
 
 
 def checkpoint_stage(checkpoint: str | Path) -> str | None:

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldmflow.cli import data, evaluate, export, info, sample, train
+from ldmflow.cli import data, evaluate, export, info, sample, train, utility
 from ldmflow.cli.arguments import (
     device_name,
     existing_file,
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_embed(sub)
     evaluate.add_commands(sub)
     export.add_commands(sub)
+    utility.add_commands(sub)
     info.add_commands(sub)
     for p in sub.choices.values():  # --set KEY=VALUE of a plain command is checked like its option --KEY
         p.set_defaults(set_types={a.dest: a for a in p._actions if a.type is not None or a.choices is not None})

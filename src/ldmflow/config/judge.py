@@ -1,5 +1,6 @@
-"""The judge's options (workflow config section ``judge``): how the pixel-space evaluation network trains on the
-real train split, and how it scores samples."""
+"""The judge's options (workflow config section ``judge``): how the pixel-space evaluation networks train on the
+real train split, and how they score samples; and the options of the utility of a synthetic set (section
+``utility``), measured by training networks of the judge's kind on it."""
 
 from __future__ import annotations
 
@@ -37,8 +38,11 @@ class JudgeConfig:
     seg_weight: float = param(2.0, "Weight of the segmentation loss against the class loss.", minimum=0.0)
     balance: bool = param(True, "Weight the class loss by inverse class frequency, so a rare class is learnt too.")
     augment: AugmentConfig = param(AugmentConfig, "Augmentation of the training images.")
-    seed: int = param(42, "Seed of initialisation, batches and augmentation (same seed, same judge on CPU).",
-                      minimum=0)
+    seed: int = param(42, "Seed of initialisation, batches and augmentation of the first member (same seed, same "
+                      "judge on CPU); member i trains with seed + i.", minimum=0)
+    members: int = param(3, "Judges in the ensemble, each trained alike from its own seed: every score is reported "
+                         "as the median and the range (min..max) across them, so a score no single judge decides.",
+                         minimum=1)
     eval_every: int = param(5, "Epochs between the real-val figures of judge.json's training curve.", minimum=1)
     folds: int = param(5, "Folds of the cross-validated two-sample classifier (real held-out vs generated).",
                        minimum=2)
@@ -46,6 +50,36 @@ class JudgeConfig:
     controlnet_n: int | None = param(
         None, "Paired samples (ControlNet and its uncontrolled base, same noise) per ControlNet evaluation, on the "
         "val-split masks in turn; null: sampling.n.", minimum=1)
+
+
+@dataclass
+class UtilityConfig:
+    """How the utility of a synthetic set is measured (train on synthetic, test on real; Ravuri & Vinyals 2019):
+    networks of the judge's architecture and recipe trained on real train, on synthetic only and on both."""
+
+    seeds: list[int] = param([0, 1, 2], "Seeds of the downstream models: each training set is trained once per "
+                             "seed (at least 3, so the intervals cover the training's own spread).", minItems=3)
+    ratios: list[float] = param([1.0, 3.0, 10.0], "Synthetic : real-train image ratios to train at; a ratio the "
+                                "synthetic set is too small for is reported as skipped.", minItems=1,
+                                items={"type": "number", "exclusiveMinimum": 0})
+    epochs: int = param(12, "Epochs of the real-only model; a larger training set gets proportionally fewer, so "
+                        "every model takes about the same number of optimizer steps.", minimum=1)
+    bootstrap: int = param(2000, "Bootstrap draws (real val images x seeds) of the intervals.", minimum=100)
+
+
+def utility_config(config: UtilityConfig | dict | None = None, **options: Any) -> UtilityConfig:
+    """Validate options (a mapping and/or keywords) into a :class:`UtilityConfig`; errors name the key."""
+    data = to_dict(config) if isinstance(config, UtilityConfig) else dict(config or {})
+    data.update(options)
+    validate(data, UtilityConfig, "utility options")
+    return from_dict(UtilityConfig, data)
+
+
+def utility_options(config: dict) -> dict:
+    """The workflow config's ``utility`` section, validated now, so that a typo stops ``snakemake -n``."""
+    options = config.get("utility") or {}
+    validate(options, UtilityConfig, "workflow config, section 'utility'")
+    return options
 
 
 def judge_config(config: JudgeConfig | dict | None = None, **options: Any) -> JudgeConfig:

@@ -10,6 +10,7 @@ it trains: its real-val figures say how far its scores can be trusted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -313,19 +314,15 @@ def _judge_info(source: str | Path, real: RealImages, num_classes: int | None, c
             "image_size": int(real.images.shape[-1]), "value_range": real.value_range, "config": to_dict(cfg)}
 
 
-def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: str | torch.device = "cpu",
-                threads: int = 4, image_size: int = 32) -> tuple[Judge, dict]:
-    """Train a judge on the real train split of a latent store's images (or a manifest's, at ``image_size``) and
-    check it on the val split (the test split when there is no val split). Returns the model (eval mode) and
-    its record: real-val figures, the training curve, the counts. Same seed, same judge (on CPU)."""
-    cfg = cfg or JudgeConfig()
-    start = time.monotonic()
-    real = real_images(latents, threads, image_size)
-    train, held, held_split = _held_out(real, latents)
+def fit_judge(real: RealImages, train: np.ndarray, held: np.ndarray, cfg: JudgeConfig,
+              device: str | torch.device = "cpu") -> tuple[Judge, list[dict]]:
+    """One judge of ``cfg``'s recipe and seed trained on rows ``train`` of ``real`` (its heads: the labels and
+    masks ``real`` has), checked on rows ``held`` every ``eval_every`` epochs. Returns the model (eval mode)
+    and its training curve. Same seed, same judge (on CPU)."""
     num_classes = len(real.classes) if real.labels is not None else None
     set_deterministic(cfg.seed)
-    model = Judge(real.images.shape[1], num_classes, real.mask_classes, cfg.width, cfg.levels,
-                  image_size=real.images.shape[-1], flips=_flip_dims(cfg.augment)).to(device)
+    model = Judge(real.images.shape[1], num_classes, real.mask_classes if real.masks is not None else None,
+                  cfg.width, cfg.levels, image_size=real.images.shape[-1], flips=_flip_dims(cfg.augment)).to(device)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
@@ -338,17 +335,73 @@ def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: 
             v = _validity_on(model, real, held)
             curve.append({"epoch": epoch, "train_loss": loss, "val_accuracy": v.get("accuracy"),
                           "val_miou": v.get("miou")})
-            log.info("judge epoch %d/%d: train loss %.4f, real-val accuracy %s, mIoU %s", epoch, cfg.epochs, loss,
-                     _fmt(v.get("accuracy")), _fmt(v.get("miou")))
-    model.eval()
+            log.info("judge (seed %d) epoch %d/%d: train loss %.4f, real-val accuracy %s, mIoU %s", cfg.seed, epoch,
+                     cfg.epochs, loss, _fmt(v.get("accuracy")), _fmt(v.get("miou")))
+    return model.eval(), curve
+
+
+def train_judge(latents: str | Path, cfg: JudgeConfig | None = None, *, device: str | torch.device = "cpu",
+                threads: int = 4, image_size: int = 32) -> tuple[Judge, dict]:
+    """Train the judge ensemble (``cfg.members`` judges, seeds ``cfg.seed``, ``cfg.seed + 1``, ...) on the real
+    train split of a latent store's images (or a manifest's, at ``image_size``) and check each on the val split
+    (the test split when there is no val split). Returns the first member, holding the whole ensemble in
+    ``model.members``, and its record: real-val figures of the first member and of every member, the training
+    curve, the counts. Same seed, same judges (on CPU)."""
+    cfg = cfg or JudgeConfig()
+    start = time.monotonic()
+    real = real_images(latents, threads, image_size)
+    train, held, held_split = _held_out(real, latents)
+    members, curves = [], []
+    for i in range(cfg.members):
+        model, curve = fit_judge(real, train, held, dataclasses.replace(cfg, seed=cfg.seed + i), device)
+        members.append(model)
+        curves.append(curve)
+    model = members[0]
+    counts = {s: int((real.split == s).sum()) for s in ("train", "val", "test")}
+    per_member = [{"seed": cfg.seed + i, "real_val": _validity_on(m, real, held)} for i, m in enumerate(members)]
     record = {
-        "real_val": _validity_on(model, real, held), "real_train": _validity_on(model, real, train),
-        "held_out_split": held_split, "counts": {s: int((real.split == s).sum()) for s in ("train", "val", "test")},
-        "curve": curve, "seconds": time.monotonic() - start,
-        "heads": {"class": num_classes is not None, "segmentation": real.mask_classes is not None},
+        "real_val": per_member[0]["real_val"], "real_train": _validity_on(model, real, train),
+        "held_out_split": held_split, "counts": counts, "curve": curves[0], "seconds": time.monotonic() - start,
+        "heads": {"class": model.classifier is not None, "segmentation": model.segmenter is not None},
+        "members": per_member, "ensemble": {key: spread([m["real_val"].get(key) for m in per_member])
+                                            for key in ("accuracy", "miou")},
     }
-    model.info = _judge_info(latents, real, num_classes, cfg)
+    for m, r in zip(members, per_member):
+        m.info = _judge_info(latents, real, len(real.classes) if real.labels is not None else None, cfg)
+        m.validity = {"real_val": r["real_val"], "held_out_split": held_split, "counts": counts}
+        m.members = members
     return model, record
+
+
+# --------------------------------------------------------------------------------------------------
+# The ensemble
+# --------------------------------------------------------------------------------------------------
+
+
+def members(model: Judge) -> list[Judge]:
+    """The judges of the ensemble ``model`` heads (trained or loaded; a single old judge: itself alone)."""
+    return list(getattr(model, "members", None) or [model])
+
+
+def spread(values: list[float | None]) -> dict | None:
+    """One score as every judge of the ensemble gives it: the median, the range (``min``..``max``) and each
+    member's value. A target counts as met only at ``min`` (:func:`meets`). None when no judge gives it."""
+    known = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not known:
+        return None
+    return {"median": float(np.median(known)), "min": min(known), "max": max(known), "members": known,
+            "n": len(known)}
+
+
+def meets(scores: dict | None, target: float) -> bool:
+    """Whether an ensemble's score (a :func:`spread`) meets ``target``: at the range's low end, so every judge
+    agrees that it does."""
+    return scores is not None and scores["min"] >= target
+
+
+def ensemble_score(model: Judge, score) -> dict | None:
+    """``score(judge) -> float | None`` for every judge of the ensemble, as a :func:`spread`."""
+    return spread([score(m) for m in members(model)])
 
 
 def _fmt(value: float | None) -> str:
@@ -361,11 +414,16 @@ def _fmt(value: float | None) -> str:
 
 
 def save_judge(model: Judge, record: dict, path: str | Path) -> None:
-    """Write ``judge.pt`` atomically: the weights, the config and data facts that rebuild it (read back by
-    :func:`ldmflow.checkpoints.load_judge`), its real-val figures."""
+    """Write ``judge.pt`` atomically: the first member's weights, config and data facts (read back by
+    :func:`ldmflow.checkpoints.load_judge`, which reads a file without further members as a one-judge
+    ensemble), its real-val figures, and each further member's seed, weights and real-val figures."""
     meta, config = JudgeMeta.of_judge(model)
+    weights = [{k: v.cpu() for k, v in m.state_dict().items()} for m in members(model)]
+    per_member = record.get("members") or [{"seed": config["seed"], "real_val": record["real_val"]}]
     state = {"format": CHECKPOINT_FORMAT, "stage": "judge", "name": "judge", "config": config,
-             "extra": meta.to_dict(), "model": {k: v.cpu() for k, v in model.state_dict().items()},
+             "extra": meta.to_dict(), "model": weights[0],
              "validity": {k: record[k] for k in ("real_val", "held_out_split", "counts")},
+             "members": [{"seed": r["seed"], "model": w, "real_val": r["real_val"]}
+                         for r, w in zip(per_member[1:], weights[1:])],
              "ldmflow_version": __version__}
     save_checkpoint(state, path)

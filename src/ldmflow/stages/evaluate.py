@@ -1,5 +1,7 @@
 """Evaluation in pixel space by the judge (:mod:`ldmflow.evaluation.judge`): train it on real images, then score
-generated samples with it, each score next to the judge's own real-val accuracy and mIoU.
+generated samples with it, each score next to the judge's own real-val accuracy and mIoU. The judge is an
+ensemble (``judge.members``): a score's sample interval is its first member's; ``judges`` beside it gives the
+median and range (min..max) across members, and a target counts as met only at the range's low end.
 
 - :func:`train_judge_stage`: ``judge.pt``, ``judge.json`` (real-val figures, training curve) and ``judge_val.png``.
 - :func:`evaluate_samples`: class fidelity, a two-sample test and Fréchet distance / precision / recall of a samples
@@ -30,6 +32,7 @@ from ldmflow.devices import get_device
 from ldmflow.errors import DataError
 from ldmflow.evaluation.judge import (
     Judge,
+    ensemble_score,
     judge_outputs,
     read_images,
     real_images,
@@ -72,8 +75,9 @@ def train_judge_stage(latents: str | Path, out_dir: str | Path, options: JudgeCo
     _write_grid(out / "judge_val.png", model, real.images[held], None if real.labels is None else real.labels[held],
                 None if real.masks is None else real.masks[held])
     v = record["real_val"]
-    log.info("judge: real-val accuracy %s, mIoU %s (%d %s images) in %.1f s", _fmt(v.get("accuracy")),
-             _fmt(v.get("miou")), v["n"], record["held_out_split"], record["seconds"])
+    log.info("judge: real-val accuracy %s, mIoU %s (%d %s images; %d members, accuracy %s, mIoU %s) in %.1f s",
+             _fmt(v.get("accuracy")), _fmt(v.get("miou")), v["n"], record["held_out_split"], len(record["members"]),
+             _range(record["ensemble"]["accuracy"]), _range(record["ensemble"]["miou"]), record["seconds"])
     return record
 
 
@@ -81,12 +85,19 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _range(scores: dict | None) -> str | None:
+    """An ensemble's score as 'median (min..max)'."""
+    return None if scores is None else f"{scores['median']:.3f} ({scores['min']:.3f}..{scores['max']:.3f})"
+
+
 def judge_validity(model: Judge) -> dict:
     """What the judge reaches on real held-out images: reported next to every score it gives."""
     v = model.validity["real_val"]
     return {"real_val_accuracy": v.get("accuracy"), "real_val_accuracy_ci95": v.get("accuracy_ci95"),
             "real_val_balanced_accuracy": v.get("balanced_accuracy"), "real_val_miou": v.get("miou"),
-            "real_val_images": v["n"], "held_out_split": model.validity["held_out_split"]}
+            "real_val_images": v["n"], "held_out_split": model.validity["held_out_split"],
+            "members": {key: ensemble_score(model, lambda m, key=key: m.validity["real_val"].get(key))
+                        for key in ("accuracy", "miou")}}
 
 
 def _frame(tiles: np.ndarray, ok: torch.Tensor | None) -> np.ndarray:
@@ -182,8 +193,12 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
     gen_f = gen["features"].numpy()
     reference = (decoder_reference(model, real, held, held_f, decoder, folds) if decoder is not None else
                  {"available": False, "reason": "the samples' autoencoder is unknown or not the store's"})
+    fidelity = class_fidelity(model, gen["probs"], labels, unlabelled)
+    if fidelity["available"]:  # the sample interval is the first judge's; the range is the judges'
+        fidelity["judges"] = ensemble_score(model, lambda m: class_fidelity(
+            m, gen["probs"] if m is model else judge_outputs(m, images)["probs"], labels)["accuracy"])
     return {"judge": judge_validity(model), "n_generated": len(images), "decoder_reference": reference,
-            "class_fidelity": class_fidelity(model, gen["probs"], labels, unlabelled),
+            "class_fidelity": fidelity,
             "two_sample": {**two_sample_test(held_f, gen_f, folds=folds), "real": "val and test splits"},
             "features": {**feature_scores(train_f, held_f, gen_f, pr_k),
                          "space": "the judge's pooled encoder features",
@@ -255,8 +270,8 @@ def evaluate_samples(judge: str | Path, samples: str | Path, out_dir: str | Path
 
 def _log_scores(source: str, scores: dict) -> None:
     cf, ts = scores["class_fidelity"], scores["two_sample"]
-    log.info("%s: class fidelity %s, two-sample accuracy %s, FD %s (judge real-val accuracy %s, mIoU %s)", source,
-             _fmt(cf.get("accuracy")), _fmt(ts.get("accuracy")),
+    log.info("%s: class fidelity %s (judges %s), two-sample accuracy %s, FD %s (judge real-val accuracy %s, mIoU %s)",
+             source, _fmt(cf.get("accuracy")), _range(cf.get("judges")), _fmt(ts.get("accuracy")),
              _fmt((scores["features"].get("generated") or {}).get("fd")),
              _fmt(scores["judge"]["real_val_accuracy"]), _fmt(scores["judge"]["real_val_miou"]))
 
@@ -356,14 +371,21 @@ def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor 
     if signal != "mask" or masks is None:
         return {"available": False, "reason": f"not available: the control signal is {signal}, not a mask"}
     k = JudgeMeta.of_judge(model)[0].mask_classes
+
+    def miou(judge: Judge, images: torch.Tensor) -> float:
+        return segmentation_scores(judge_outputs(judge, images)["seg"], masks, k)["miou"]
+
     out = {"available": True, "measure": "mIoU of the judge's segmentation of the decoded image against the "
            "control mask (pixel space)", **judge_validity(model),
-           "controlled": segmentation_scores(judge_outputs(model, controlled)["seg"], masks, k)}
+           "controlled": segmentation_scores(judge_outputs(model, controlled)["seg"], masks, k),
+           "judges": {"controlled": ensemble_score(model, lambda m: miou(m, controlled))}}
     if base is None:
         out["uncontrolled_base"] = {"available": False, "reason": f"base checkpoint {base_path} missing or changed"}
         return out
     out["uncontrolled_base"] = segmentation_scores(judge_outputs(model, base)["seg"], masks, k)
     out["gain"] = out["controlled"]["miou"] - out["uncontrolled_base"]["miou"]
+    out["judges"]["uncontrolled_base"] = ensemble_score(model, lambda m: miou(m, base))
+    out["judges"]["gain"] = ensemble_score(model, lambda m: miou(m, controlled) - miou(m, base))
     return out
 
 
@@ -372,8 +394,9 @@ def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor 
 # --------------------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = ["experiment", "judge_val_accuracy", "judge_val_miou", "class_fidelity", "class_fidelity_ci95",
-                   "class_fidelity_chance",
-                   "control_miou", "base_miou", "two_sample_accuracy", "two_sample_ci95", "two_sample_n",
+                   "class_fidelity_chance", "class_fidelity_judges", "class_fidelity_judges_min",
+                   "control_miou", "control_miou_judges", "control_miou_judges_min", "base_miou",
+                   "two_sample_accuracy", "two_sample_ci95", "two_sample_n",
                    "fd", "fd_real_held_out", "precision", "recall", "n_generated", "decoder_ceiling_accuracy",
                    "decoder_ceiling_miou", "decoder_two_sample_accuracy"]
 
@@ -392,8 +415,12 @@ def scores_row(name: str, scores: dict) -> dict:
     return {"experiment": name, "judge_val_accuracy": scores["judge"]["real_val_accuracy"],
             "judge_val_miou": scores["judge"]["real_val_miou"],
             "class_fidelity": cf.get("accuracy", cf.get("reason")), "class_fidelity_ci95": ci(cf.get("accuracy_ci95")),
-            "class_fidelity_chance": cf.get("chance"),
-            "control_miou": (ctl.get("controlled") or {}).get("miou"), "base_miou": base.get("miou"),
+            "class_fidelity_chance": cf.get("chance"), "class_fidelity_judges": _range(cf.get("judges")),
+            "class_fidelity_judges_min": (cf.get("judges") or {}).get("min"),
+            "control_miou": (ctl.get("controlled") or {}).get("miou"),
+            "control_miou_judges": _range((ctl.get("judges") or {}).get("controlled")),
+            "control_miou_judges_min": ((ctl.get("judges") or {}).get("controlled") or {}).get("min"),
+            "base_miou": base.get("miou"),
             "two_sample_accuracy": ts.get("accuracy"), "two_sample_ci95": ci(ts.get("accuracy_ci95")),
             "two_sample_n": ts.get("n_per_set"), "fd": gen.get("fd"), "fd_real_held_out": held.get("fd"),
             "precision": gen.get("precision"), "recall": gen.get("recall"), "n_generated": scores["n_generated"],
