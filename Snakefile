@@ -30,6 +30,7 @@ include: "rules/latents.smk"
 include: "rules/controlnet.smk"
 include: "rules/memorization.smk"
 include: "rules/evaluation.smk"
+include: "rules/synthetic.smk"
 include: "rules/report.smk"
 include: "rules/phases.smk"
 
@@ -38,3 +39,4 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+        synthetic_outputs(),

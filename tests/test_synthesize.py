@@ -125,7 +125,8 @@ def test_a_diffusion_set_is_written_in_the_inputs_format_and_trains_an_autoencod
     assert frame["label"].value_counts().to_dict() == record["counts"]
     assert (frame["split"] == "val").sum() >= 1 and (frame["split"] == "train").sum() >= 10
     first = Image.open(out / frame["image"][0])
-    assert first.mode == "RGB" and first.size == (16, 16) and frame["image"][0].startswith(f"images/{frame['label'][0]}/")
+    assert first.mode == "RGB" and first.size == (16, 16)
+    assert frame["image"][0].startswith(f"images/{frame['label'][0]}/")
     assert record["checkpoint_sha256"] and record["sampler"] == "ddim" and record["steps"] == 5
     assert json.loads((out / "dataset.json").read_text())["synthesis"]["seed"] == 5 and (out / "grid.png").is_file()
     again = synthesize(runs["diffusion"], tmp_path / "again", {"model": "diffusion/tinyd", "n": 12, "seed": 5})
@@ -212,3 +213,14 @@ def test_an_audit_of_other_images_is_refused(runs, tmp_path):
     evaluate_memorization(runs["store"], tmp_path / "b" / "manifest.csv", tmp_path / "b" / "audit")
     with pytest.raises(ReleaseError, match="audit exactly the images"):
         release(synthetic, tmp_path / "b" / "audit", tmp_path / "release")
+
+
+def test_the_workflow_plans_the_synthetic_sets_of_its_own_experiments_only(capsys):
+    from ldmflow.workflow import synthetic_sets
+
+    workflow = {"diffusion": {"d": "d.yaml"}, "controlnet": {}}
+    sets = synthetic_sets([{"model": "diffusion/d", "n": 8}, {"model": "controlnet/gone"}], workflow)
+    assert list(sets) == ["d"] and sets["d"]["n"] == 8 and sets["d"]["classes"] == "balanced"
+    assert "left out the synthetic set gone" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="two sets named 'd'"):
+        synthetic_sets([{"model": "diffusion/d"}, {"model": "diffusion/d", "seed": 1}], workflow)
