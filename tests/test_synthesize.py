@@ -224,3 +224,19 @@ def test_the_workflow_plans_the_synthetic_sets_of_its_own_experiments_only(capsy
     assert "left out the synthetic set gone" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="two sets named 'd'"):
         synthetic_sets([{"model": "diffusion/d"}, {"model": "diffusion/d", "seed": 1}], workflow)
+
+
+def test_the_cli_synthesizes_a_controlnet_set_and_releases_it_through_the_audit(runs, tmp_path, capsys):
+    from ldmflow.cli import main
+
+    out, published = tmp_path / "set", tmp_path / "release"
+    code = main(["synthesize", "--checkpoint", str(runs["controlnet"]), "--out", str(out), "--n", "12",
+                 "--classes", "train", "--augment", "hflip", "--release", str(published), "--device", "cpu",
+                 "--set", "quality=false"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "wrote 12 synthetic images of controlnet/tinyc" in printed and "released" in printed
+    card = json.loads((published / "card.json").read_text())
+    assert card["audit"]["audited"] == 12 and card["controls"]["augment"] == ["hflip"]
+    kept = pd.read_csv(published / "manifest.csv", dtype=str)
+    assert all((published / p).is_file() for p in [*kept["image"], *kept["mask"]])
+    assert main(["synthesize", "--checkpoint", str(runs["controlnet"]), "--out", str(out), "--classes", "a=x"]) == 2
