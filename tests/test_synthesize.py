@@ -199,7 +199,7 @@ def test_the_release_withholds_a_planted_exact_copy_of_a_training_image(runs, tm
 def test_a_set_of_copies_stops_the_release_publishing_nothing(runs, tmp_path):
     synthetic = tmp_path / "synthetic/tinyd"
     synthesize(runs["diffusion"], synthetic, {"model": "diffusion/tinyd", "n": 8, "seed": 1})
-    _plant_copies(synthetic, runs["store"], 6)
+    _plant_copies(synthetic, runs["store"], 8)
     evaluate_memorization(runs["store"], synthetic / "manifest.csv", synthetic / "audit")
     with pytest.raises(ReleaseError, match="nothing published"):
         release(synthetic, synthetic / "audit", tmp_path / "release/tinyd")
@@ -240,3 +240,45 @@ def test_the_cli_synthesizes_a_controlnet_set_and_releases_it_through_the_audit(
     kept = pd.read_csv(published / "manifest.csv", dtype=str)
     assert all((published / p).is_file() for p in [*kept["image"], *kept["mask"]])
     assert main(["synthesize", "--checkpoint", str(runs["controlnet"]), "--out", str(out), "--classes", "a=x"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The real rules
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_snakemake_release_publishes_a_set_only_through_its_audit_and_the_set_trains_the_workflow(tmp_path):
+    """Each set is synthesized and audited; it is published with its card when the audit passes, and otherwise
+    the release stops with the error that names it, publishing nothing (the tiny 2-epoch models' blurred
+    samples sit closer to the 20 training images than the 4 held-out ones: either outcome is possible)."""
+    import yaml
+
+    from .test_workflow import planned_jobs, smk, tiny_workflow
+
+    root = tiny_workflow(tmp_path / "project")
+    config = yaml.safe_load((root / "config/config.yaml").read_text())
+    config["diffusion"] = config["diffusion"][:1]
+    config["controlnets"] = [p for p in config["controlnets"] if "concat" in p]
+    config["synthetic"] = [{**entry, "n": 8} for entry in config["synthetic"]]
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+    plan = planned_jobs(smk(root, "-n", "release"))
+    assert plan["synthesize"] == 2 and plan["audit_synthetic"] == 2 and plan["release_synthetic"] == 2
+    run = smk(root, "release", "--keep-going", check=False)
+    for name, columns in (("demo_unet_tiny", ["image", "label", "split"]),
+                          ("demo_controlnet_concat", ["image", "mask", "label", "split"])):
+        synthetic = pd.read_csv(root / f"results/synthetic/{name}/manifest.csv", dtype=str)
+        assert list(synthetic.columns) == columns and len(synthetic) == 8
+        audit = json.loads((root / f"results/synthetic/{name}/audit/summary.json").read_text())
+        assert audit["counts"]["generated"] == 8 and audit["memorized"]["calibrated"]
+        card = root / f"results/release/{name}/card.json"
+        if card.is_file():
+            assert json.loads(card.read_text())["audit"]["passed"]
+            assert (root / f"results/release/{name}/DATASET_CARD.md").is_file()
+        else:
+            assert f"release of {name} stopped, nothing published" in run.stdout + run.stderr
+            assert not any((root / f"results/release/{name}").glob("**/*.png"))
+    # the synthetic folder is the workflow's data: it plans (the mask ControlNet's set is left out, no masks)
+    config["data"]["manifest"] = "results/synthetic/demo_unet_tiny/manifest.csv"
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+    assert planned_jobs(smk(root, "-n", "results/autoencoder/selected.json"))["train_autoencoder"] == 2

@@ -249,7 +249,9 @@ def synthesize(checkpoint: str | Path, out_dir: str | Path, options: SyntheticCo
     loaded = _load(checkpoint, cfg, dev)
     meta = loaded.meta
     store = LatentStore(meta.latents.latents)
-    classes = meta.latents.classes if meta.num_classes or store.classes else None
+    # a diffusion model's labels are the classes it was asked for (none when unconditional); a ControlNet's are
+    # the classes of the rows its control masks come from
+    classes = (meta.latents.classes if meta.num_classes else None) if cfg.stage == "diffusion" else store.classes
     counts = class_counts(cfg, classes, store.labels[store.indices("train")])
     controls = None
     if cfg.stage == "controlnet":
