@@ -137,6 +137,30 @@ def test_a_diffusion_set_is_written_in_the_inputs_format_and_trains_an_autoencod
     assert (tmp_path / "ae/checkpoints/tiny_checkpoint_best.pt").is_file()
 
 
+def test_a_set_of_sixteen_bit_data_is_written_as_sixteen_bit_pngs_and_reads_back(tmp_path):
+    """Unconditional diffusion on 12-bit camera data in 16-bit files: the set is 16-bit PNGs in the data's range,
+    without labels, and the data reader reads it back as 16-bit."""
+    from ldmflow.config.common import DataConfig
+    from ldmflow.data.dataset import prepare_data
+    from ldmflow.stages.embed import embed_latents
+
+    from .test_image_formats import write
+
+    data = write(tmp_path / "png16", "png16")
+    train_autoencoder({**TINY_AE, "data": {"image_size": 16, "batch_size": 4, "val_fraction": 0.25},
+                       "train": {"epochs": 1}}, data, tmp_path / "ae", progress=False)
+    store = embed_latents(tmp_path / "ae/checkpoints/tiny_checkpoint_best.pt", data, tmp_path / "l.zarr", threads=1)
+    train_diffusion({**TINY_DIFFUSION, "data": {"batch_size": 4}, "train": {**TINY_DIFFUSION["train"], "epochs": 1}},
+                    store, tmp_path / "d")
+    record = synthesize(tmp_path / "d/checkpoints/tinyd_checkpoint_best.pt", tmp_path / "set",
+                        {"model": "diffusion/tinyd", "n": 4})
+    frame = pd.read_csv(tmp_path / "set/manifest.csv", dtype=str)
+    assert list(frame.columns) == ["image", "split"] and record["counts"] == {"(none)": 4}
+    img = Image.open(tmp_path / "set" / frame["image"][0])
+    assert img.mode == "I;16" and 900 <= np.asarray(img).min() and np.asarray(img).max() <= 4200
+    assert prepare_data(tmp_path / "set/manifest.csv", DataConfig(image_size=16)).source_bits == 16
+
+
 def test_a_controlnet_set_writes_the_control_masks_it_was_given(runs, tmp_path):
     out = tmp_path / "tinyc"
     record = synthesize(runs["controlnet"], out, {"model": "controlnet/tinyc", "n": 8, "classes": "train",
