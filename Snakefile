@@ -31,6 +31,7 @@ include: "rules/controlnet.smk"
 include: "rules/memorization.smk"
 include: "rules/evaluation.smk"
 include: "rules/utility.smk"
+include: "rules/synthetic.smk"
 include: "rules/report.smk"
 include: "rules/phases.smk"
 include: "rules/export.smk"
@@ -40,3 +41,4 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+        synthetic_outputs(),

@@ -18,6 +18,7 @@ from ldmflow.workflow import (
     check_default_profile,
     memorization_options,
     phase_members,
+    synthetic_sets,
 )
 
 check_config_files(workflow.overwrite_configfiles)
@@ -46,6 +47,8 @@ PHASES = phase_members(
     config["phases"], WORKFLOW, {**WORKFLOW, "controlnet": DECLARED_CONTROLNETS}
 )
 MEMORIZATION = memorization_options(config)
+# name -> entry of the config's synthetic sets (rules/synthetic.smk), each checked against the experiments
+SYNTHETIC = synthetic_sets(config.get("synthetic"), WORKFLOW)
 JUDGE = judge_options(config)
 
 
@@ -230,3 +233,27 @@ def best_checkpoint_of_metrics(wildcards, input):
 def run_dirs_of_metrics(wildcards, input):
     """The run folders of the metrics files a rule takes as input."""
     return [str(Path(p).parent) for p in input.metrics]
+
+
+def synthetic_metrics(wildcards):
+    """The metrics CSV of the run a synthetic set is sampled from (it stands for the run)."""
+    model = SYNTHETIC[wildcards.name]["model"]
+    stage, _, name = model.partition("/")
+    return metrics_file(stage, name)
+
+
+def synthetic_options(wildcards):
+    return SYNTHETIC[wildcards.name]
+
+
+def synthetic_outputs():
+    """What `snakemake all` builds of the synthetic sets: each set and its audit."""
+    return [
+        *expand("results/synthetic/{name}/manifest.csv", name=SYNTHETIC),
+        *expand("results/synthetic/{name}/audit/summary.json", name=SYNTHETIC),
+    ]
+
+
+def parent_of_input(wildcards, input):
+    """The folders of a rule's inputs, by name (a synthetic set, its audit)."""
+    return {key: str(Path(value).parent) for key, value in input.items()}

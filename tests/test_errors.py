@@ -138,6 +138,8 @@ COMMANDS: dict[str, tuple[dict[str, str], list[str]]] = {
                           ["--class", "--guidance", "--scale", "--seed", "--batch-size", "--set"]),
     "memorization": ({"--train": "manifest", "--samples": "samples", "--out": "@out", "--device": "cpu",
                       "--set": "quality=false"}, ["--reference"]),
+    "synthesize": ({"--checkpoint": "cond", "--out": "@out", "--n": "2", "--device": "cpu"},
+                   ["--classes", "--augment", "--seed", "--batch-size", "--set"]),
     "schemas": ({"--out": "@out"}, []),
     "export": ({"--checkpoint": "cond", "--out": "@out"}, ["--memorization", "--autoencoder", "--set"]),
 }
@@ -154,7 +156,7 @@ def complete_outputs(command: str, out: Path) -> list[Path]:
         return [out] if command == "select-ae" else []
     names = {"demo-data": ["manifest.csv"], "sample": ["samples.zarr", "grid.png"],
              "sample:controlnet": ["samples.zarr", "grid.png"], "memorization": ["summary.json"],
-             "embed": ["zarr.json"], "export": ["ldmflow.json"]}.get(command, [])
+             "embed": ["zarr.json"], "export": ["ldmflow.json"], "synthesize": ["manifest.csv"]}.get(command, [])
     found = [out / n for n in names if (out / n).exists()]
     return found + (list(out.glob("checkpoints/*_checkpoint_best.pt")) if command.startswith("train") else [])
 

@@ -324,3 +324,24 @@ def gpus_per_local_job() -> int:
     profiles do): one on a machine with an NVIDIA GPU, none on a CPU machine, where only --cores limits how
     many jobs run at once."""
     return 1 if shutil.which("nvidia-smi") else 0
+
+
+def synthetic_sets(entries: list | None, workflow: Mapping[str, Mapping]) -> dict[str, dict]:
+    """The workflow config's ``synthetic`` list as name -> its entry (every key, defaults filled in), each checked
+    now. A set whose model is not an experiment of this workflow (a preset's other experiments, a mask ControlNet
+    on data without masks) is left out, with a note on stderr naming it; two sets may not share a name."""
+    from dataclasses import asdict
+
+    from ldmflow.config.synthetic import synthetic_config
+
+    sets: dict[str, dict] = {}
+    for entry in entries or []:
+        cfg = synthetic_config(entry)
+        if cfg.experiment not in workflow.get(cfg.stage, {}):
+            print(f"note: left out the synthetic set {cfg.name}: {cfg.model} is not an experiment of this workflow",
+                  file=sys.stderr)
+            continue
+        if cfg.name in sets:
+            raise ConfigError(f"config: key 'synthetic': two sets named {cfg.name!r}; give one a 'name'")
+        sets[cfg.name] = asdict(cfg)
+    return sets

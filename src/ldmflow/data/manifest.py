@@ -166,7 +166,8 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
 def dataset_metadata(source: str | Path) -> dict:
     """The optional ``dataset.json`` beside a manifest (or inside an image folder): ``classes`` (names in id
     order) and ``mask_classes``, used when the data config leaves them null (the demo writes one, so its
-    class list does not depend on which classes a small sample happens to contain)."""
+    class list does not depend on which classes a small sample happens to contain). ``synthesis`` (what made
+    a synthetic set, :mod:`ldmflow.stages.synthesize`) is provenance, not read here."""
     source = Path(source)
     path = (source if source.is_dir() else source.parent) / "dataset.json"
     if not path.is_file():
@@ -175,10 +176,11 @@ def dataset_metadata(source: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from None
-    unknown = set(meta) - {"classes", "mask_classes"} if isinstance(meta, dict) else {"(not an object)"}
+    unknown = set(meta) - {"classes", "mask_classes", "synthesis"} if isinstance(meta, dict) else {"(not an object)"}
     if unknown:
-        raise DataError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: classes, mask_classes")
-    return meta
+        raise DataError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: classes, mask_classes, "
+                        "synthesis")
+    return {k: v for k, v in meta.items() if k != "synthesis"}
 
 
 def _resolve_path(root: Path, text: str, source: Path, row: int) -> str:

@@ -83,7 +83,8 @@ def real_images(source: str | Path, threads: int = 4, image_size: int = 32, max_
     """Every row of a latent store (``*.zarr``: its split, labels and masks, the workflow's case) or of a manifest
     (split as the training stages split it, at ``image_size``) as the judge sees it: the image file decoded at
     the data's size and channels, scaled by the data's intensity range. ``max_per_split``: of a store, a
-    seeded draw of at most that many rows of each split is read (scores need no more; memory stays bounded)."""
+    seeded draw of at most that many rows of each split, stratified by class, is read (scores need no more;
+    memory stays bounded)."""
     source = Path(source)
     if not (source / "zarr.json").is_file():
         from ldmflow.config.common import DataConfig
@@ -99,9 +100,12 @@ def real_images(source: str | Path, threads: int = 4, image_size: int = 32, max_
     split = store.split
     rows = np.arange(store.n)
     if max_per_split is not None:
-        rng = np.random.default_rng(seed)
-        rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(split == s))[:max_per_split]
-                                       for s in np.unique(split)]))
+        from ldmflow.data.draws import stratified_rows
+
+        each = [np.flatnonzero(split == s) for s in np.unique(split)]
+        labels = store.labels
+        rows = np.sort(np.concatenate([idx[stratified_rows(labels[idx], min(max_per_split, len(idx)), seed)]
+                                       for idx in each]))
     paths = store.paths
     images = read_images([paths[i] for i in rows], store.info.image_size, store.info.channels,
                          value_range, str(store.path), threads)

@@ -27,6 +27,7 @@ from ldmflow.artifacts import atomic_write_bytes, atomic_write_json, file_sha256
 from ldmflow.checkpoints import load_controlnet, load_diffusion, load_judge, verified_autoencoder
 from ldmflow.config.judge import JudgeConfig, judge_config
 from ldmflow.config.schema import to_dict
+from ldmflow.data.draws import stratified_rows
 from ldmflow.data.images import to_unit_range
 from ldmflow.devices import get_device
 from ldmflow.errors import DataError
@@ -71,7 +72,9 @@ def train_judge_stage(latents: str | Path, out_dir: str | Path, options: JudgeCo
               **record}
     atomic_write_json(out / "judge.json", record)
     real = real_images(latents, threads, JudgeMeta.of_judge(model)[0].image_size)
-    held = real.indices(record["held_out_split"])[:GRID_ROWS]
+    held = real.indices(record["held_out_split"])
+    held = held[stratified_rows(None if real.labels is None else real.labels[held].numpy(), min(GRID_ROWS, len(held)),
+                                0, length=len(held))]
     _write_grid(out / "judge_val.png", model, real.images[held], None if real.labels is None else real.labels[held],
                 None if real.masks is None else real.masks[held])
     v = record["real_val"]
@@ -318,6 +321,15 @@ def evaluate_controlnet(checkpoint: str | Path, judge: str | Path, out_dir: str 
     return scores
 
 
+def drawn_rows(store, split: str, n: int, seed: int) -> np.ndarray:
+    """N rows of one split of a latent store, drawn seeded and stratified by class (never its first N rows: a
+    class-sorted manifest puts one or two classes there)."""
+    rows = store.indices(split)
+    if not len(rows):
+        raise DataError(f"{store.path}: no {split} rows to draw from")
+    return rows[stratified_rows(store.labels[rows], n, seed)]
+
+
 @dataclass
 class ControlNetDraws:
     """A ControlNet's samples under the val split's controls and its base model's from the same noise and labels:
@@ -333,17 +345,19 @@ class ControlNetDraws:
 
     @classmethod
     def of(cls, loaded, n: int, seed: int, dev, batch_size: int) -> ControlNetDraws:
-        from ldmflow.control_inputs import load_controls
+        from ldmflow.control_inputs import load_control
         from ldmflow.data.latent_store import LatentStore
         from ldmflow.diffusion.generate import decode_latents, generate, seeded_noise
         from ldmflow.diffusion.schedules import NoiseSchedule
 
         ncfg, meta, base_cfg = loaded.config, loaded.meta, loaded.base_config
-        controls, row_labels, described = load_controls("val", n, ncfg, meta)
         store = LatentStore(meta.latents.latents)
-        rows = store.indices("val")
-        picks = np.array([int(rows[i % len(rows)]) for i in range(n)])
-        masks = torch.from_numpy(store.masks[:][picks].astype(np.int64)) if store.masks is not None else None
+        picks = drawn_rows(store, "val", n, seed)
+        made = [load_control(str(i), ncfg, meta) for i in picks]
+        controls, row_labels = torch.cat([c for c, _, _ in made]), [lab for _, lab, _ in made]
+        described = f"{store.path} split val: {n} rows drawn seeded ({seed}) and stratified by class"
+        masks = (torch.from_numpy(np.stack([store.masks[int(i)] for i in picks]).astype(np.int64))
+                 if store.masks is not None else None)
         k = meta.num_classes
         labels = torch.tensor([lab if lab is not None else i % k for i, lab in enumerate(row_labels)]) if k else None
         decoder = verified_autoencoder(meta.latents, dev).model

@@ -92,11 +92,16 @@ class ControlNetTask(DiffusionTask):
         return None
 
     def fixed_rows(self) -> dict:
-        """The first validation rows (fidelity and grid), on the device: control, mask, label, latent."""
+        """Validation rows drawn seeded and stratified by class (fidelity and grid), on the device: control, mask,
+        label, latent."""
         if self._fixed is None:
+            from ldmflow.data.draws import stratified_rows
+
             n = min(len(self.val_set), max(self.experiment.evaluation.fidelity_samples,
                                            self.experiment.sampling.grid_rows))
-            batch = self.val_set.__getitems__(list(range(n)))
+            labels = None if self.val_set.labels is None else self.val_set.labels.numpy()
+            picks = stratified_rows(labels, n, self.experiment.seed, length=len(self.val_set))
+            batch = self.val_set.__getitems__(picks.tolist())
             self._fixed = {k: v.to(self.device) for k, v in batch.items()}
         return self._fixed
 
