@@ -205,7 +205,12 @@ def test_the_release_withholds_a_planted_exact_copy_of_a_training_image(runs, tm
     synthetic = tmp_path / "synthetic/tinyd"
     synthesize(runs["diffusion"], synthetic, {"model": "diffusion/tinyd", "n": 16, "seed": 1})
     planted = _plant_copies(synthetic, runs["store"], 1)
-    (synthetic / "utility.json").write_text(json.dumps({"ratio": 0.5}))
+    utility = {"counts": {"real_train": 20, "real_held_out": 4, "synthetic": 16}, "seeds": [0, 1, 2],
+               "interval": "bootstrap", "metrics": ["accuracy"], "skipped": [],
+               "synthetic_only_over_real_only": [{"ratio": 0.5, "accuracy": {"value": 0.9, "ci95": [0.8, 1.0]}}],
+               "real_plus_synthetic_gain": [{"ratio": 0.5, "accuracy": {"value": 0.01, "ci95": [-0.02, 0.04],
+                                                                        "reads": "no measurable gain"}}]}
+    (synthetic / "utility.json").write_text(json.dumps(utility))
     evaluate_memorization(runs["store"], synthetic / "manifest.csv", synthetic / "audit")
     card = release(synthetic, synthetic / "audit", tmp_path / "release/tinyd", utility=synthetic / "utility.json")
     out = tmp_path / "release/tinyd"
@@ -214,10 +219,12 @@ def test_the_release_withholds_a_planted_exact_copy_of_a_training_image(runs, tm
     kept = pd.read_csv(out / "manifest.csv", dtype=str)
     assert planted[0] not in set(kept["image"]) and not (out / planted[0]).exists()
     assert len(kept) + len(withheld) == 16 and all((out / p).is_file() for p in kept["image"])
-    assert card["counts"]["withheld"] == len(withheld) and card["utility"] == {"ratio": 0.5}
+    assert card["counts"]["withheld"] == len(withheld) and card["utility"] == utility
     assert card["models"]["checkpoint_sha256"] and card["source_data"]["fingerprint"]
     text = (out / "DATASET_CARD.md").read_text()
-    assert "Memorization audit" in text and "passed" in text and "ratio: 0.5" in text
+    assert "Memorization audit" in text and "passed" in text
+    assert "synthetic only / real only, synthetic : real 0.5: accuracy 0.900 [0.800, 1.000]" in text
+    assert "accuracy 0.010 [-0.020, 0.040] (no measurable gain)" in text
 
 
 def test_a_set_of_copies_stops_the_release_publishing_nothing(runs, tmp_path):
