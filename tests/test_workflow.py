@@ -72,6 +72,7 @@ def make_tiny(root: Path) -> Path:
         exp["train"].update(epochs=2, sample_every=1)
         (root / path).write_text(yaml.safe_dump(exp))
     config["sampling"] = {"n": 6, "seed": 1}
+    config["synthetic"] = [{**entry, "n": 8} for entry in config.get("synthetic", [])]
     config["memorization"] = {"image_size": 16, "tiles": 2, "n": 5}
     config["judge"] = {"epochs": 2, "width": 4, "eval_every": 1, "folds": 2}
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
@@ -163,7 +164,8 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 FULL_PLAN = {"all": 1, "demo_data": 1, "train_autoencoder": 2, "select_autoencoder": 1, "embed_latents": 1,
              "train_diffusion": 2, "sample_diffusion": 2, "evaluate_memorization": 5, "memorization_summary": 1,
              "train_controlnet": 3, "sample_controlnet": 3, "controlnet_summary": 1, "training_curves": 7,
-             "train_judge": 1, "evaluate_samples": 2, "evaluate_controlnet": 3, "evaluation_summary": 1}
+             "train_judge": 1, "evaluate_samples": 2, "evaluate_controlnet": 3, "evaluation_summary": 1,
+             "synthesize": 2, "audit_synthetic": 2}
 
 
 def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
@@ -218,6 +220,10 @@ def test_workflow_plans_runs_and_reruns_only_what_changed(tmp_path):
     scores = pd.read_csv(root / "results/evaluation/summary.csv")
     assert sorted(scores["experiment"]) == sorted(evaluated) and scores["judge_val_miou"].notna().all()
     assert scores["base_miou"].notna().sum() == 3  # each ControlNet beside its uncontrolled base
+    for name in ("demo_unet_tiny", "demo_controlnet_concat"):  # the synthetic sets, each audited
+        assert len(pd.read_csv(root / f"results/synthetic/{name}/manifest.csv")) == 8
+        audit = json.loads((root / f"results/synthetic/{name}/audit/summary.json").read_text())
+        assert audit["counts"]["generated"] == 8
     assert "Nothing to be done" in (smk(root, "-n").stdout + smk(root, "-n").stderr)
 
     smk(root, "--report", "report.html")
