@@ -128,7 +128,7 @@ def utility_plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=7, loc="lower right")
     skipped = ", ".join(f"{s['ratio']:g}:1" for s in report["skipped"])
     fig.suptitle("Train on synthetic, test on real (95% intervals: bootstrap over images x seeds)"
-                 + (f"; skipped (too few synthetic images): {skipped}" if skipped else ""), fontsize=8)
+                 + (f"\nskipped (too few synthetic images): {skipped}" if skipped else ""), fontsize=8)
     fig.tight_layout()
     atomic_write_figure(fig, path, dpi=110)
     plt.close(fig)
