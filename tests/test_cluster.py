@@ -81,7 +81,8 @@ def edit_site_profile(root: Path, partition: str) -> Path:
 
 
 GPU_RULES = ("train_autoencoder", "embed_latents", "train_diffusion", "sample_diffusion", "evaluate_memorization",
-             "train_controlnet", "sample_controlnet", "train_judge", "evaluate_samples", "evaluate_controlnet")
+             "train_controlnet", "sample_controlnet", "train_judge", "evaluate_samples", "evaluate_controlnet",
+             "synthesize", "audit_synthetic")
 
 
 def rule_of(comment: str) -> str:
@@ -152,6 +153,7 @@ def one_of_each_later_stage(root: Path) -> None:
     base = yaml.safe_load((root / config["diffusion"][0]).read_text())["name"]
     config["controlnets"] = [p for p in config["controlnets"]
                              if yaml.safe_load((root / p).read_text())["base"] == base][:1]
+    config["synthetic"] = [e for e in config.get("synthetic", []) if e["model"] == f"diffusion/{base}"]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -196,7 +198,7 @@ def test_slurm_profile_runs_gpu_rules_through_sbatch_and_a_cancelled_job_retries
     assert Counter(map(rule_of, rules)) == {"train_autoencoder": 3, "embed_latents": 1, "train_diffusion": 1,
                                             "sample_diffusion": 1, "train_controlnet": 1, "sample_controlnet": 1,
                                             "evaluate_memorization": 2, "train_judge": 1, "evaluate_samples": 1,
-                                            "evaluate_controlnet": 1}, rules
+                                            "evaluate_controlnet": 1, "synthesize": 1, "audit_synthetic": 1}, rules
     assert sorted(r for r in rules if rule_of(r) == "train_autoencoder") == sorted(
         [f"rule_train_autoencoder_wildcards_{name}"] * 2 + [f"rule_train_autoencoder_wildcards_{other}"])
     for call in calls:  # the GPU request of profiles/slurm, and the loopback site's partition
