@@ -24,7 +24,7 @@ from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.config.judge import JudgeConfig
 from ldmflow.config.schema import from_dict
 from ldmflow.errors import SamplingError, TrainingError
-from ldmflow.metadata import AutoencoderMeta, ControlNetMeta, DiffusionMeta, JudgeMeta, LatentsInfo
+from ldmflow.metadata import AutoencoderMeta, ControlNetMeta, DiffusionMeta, JudgeMeta, LatentsInfo, MetadataError
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,42 @@ def _ready(model: torch.nn.Module, state: dict, device) -> torch.nn.Module:
     return model.to(device).eval().requires_grad_(False)
 
 
+def build_network(stage: str, config: dict, extra: dict | None, source: str) -> Loaded:
+    """The fresh network (weights not loaded) an artifact's resolved config and metadata describe, with its typed
+    config and metadata: what both a checkpoint and an exported folder rebuild from (``source`` names it)."""
+    if stage == "autoencoder":
+        from ldmflow.models.autoencoder import build_autoencoder
+
+        cfg = from_dict(AutoencoderExperiment, config)
+        return Loaded(build_autoencoder(cfg), cfg, AutoencoderMeta.from_dict(extra, source))
+    from ldmflow.models.unet import build_unet
+
+    if stage == "diffusion":
+        cfg = from_dict(DiffusionExperiment, config)
+        meta = DiffusionMeta.from_dict(extra, source)
+        return Loaded(build_unet(cfg, meta.latents.latent_channels, meta.num_classes), cfg, meta)
+    if stage == "controlnet":
+        from ldmflow.models.controlnet import build_controlnet
+
+        cfg = from_dict(ControlNetExperiment, config)
+        meta = ControlNetMeta.from_dict(extra, source)
+        base_cfg = from_dict(DiffusionExperiment, meta.base_config)
+        base = build_unet(base_cfg, meta.latents.latent_channels, meta.num_classes)
+        return Loaded(build_controlnet(cfg.model, base, meta.control_channels, meta.downsample), cfg, meta, base_cfg)
+    raise MetadataError(f"{source}: unknown stage {stage!r}; allowed: autoencoder, diffusion, controlnet")
+
+
+def _load(checkpoint: str | Path, stage: str, device, called: str, error: type[Exception] = SamplingError) -> Loaded:
+    """A checkpoint of ``stage`` rebuilt from what it carries, with its inference (EMA) weights, in eval mode."""
+    state = _state(checkpoint, stage, device, called, error)
+    loaded = build_network(stage, state["config"], state.get("extra"), str(checkpoint))
+    _ready(loaded.model, state, device)
+    return loaded
+
+
 def load_autoencoder(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """An autoencoder from its checkpoint alone (``config``: its :class:`AutoencoderExperiment`)."""
-    from ldmflow.models.autoencoder import build_autoencoder
-
-    state = _state(checkpoint, "autoencoder", device, "an autoencoder", ValueError)
-    cfg = from_dict(AutoencoderExperiment, state["config"])
-    meta = AutoencoderMeta.from_dict(state.get("extra"), str(checkpoint))
-    return Loaded(_ready(build_autoencoder(cfg), state, device), cfg, meta)
+    return _load(checkpoint, "autoencoder", device, "an autoencoder", ValueError)
 
 
 def verified_autoencoder(latents: LatentsInfo, device: str | torch.device = "cpu",
@@ -87,27 +115,13 @@ def store_autoencoder(store, device: str | torch.device | None = None,
 
 def load_diffusion(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """A diffusion UNet with its inference (EMA) weights (``meta``: :class:`DiffusionMeta`)."""
-    from ldmflow.models.unet import build_unet
-
-    state = _state(checkpoint, "diffusion", device, "a diffusion")
-    cfg = from_dict(DiffusionExperiment, state["config"])
-    meta = DiffusionMeta.from_dict(state["extra"], str(checkpoint))
-    return Loaded(_ready(build_unet(cfg, meta.latents.latent_channels, meta.num_classes), state, device), cfg, meta)
+    return _load(checkpoint, "diffusion", device, "a diffusion")
 
 
 def load_controlnet(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """A controlled UNet from its checkpoint alone: the base UNet's config and weights are inside
     (``meta``: :class:`ControlNetMeta`, ``base_config``: the base experiment)."""
-    from ldmflow.models.controlnet import build_controlnet
-    from ldmflow.models.unet import build_unet
-
-    state = _state(checkpoint, "controlnet", device, "a ControlNet")
-    cfg = from_dict(ControlNetExperiment, state["config"])
-    meta = ControlNetMeta.from_dict(state["extra"], str(checkpoint))
-    base_cfg = from_dict(DiffusionExperiment, meta.base_config)
-    base = build_unet(base_cfg, meta.latents.latent_channels, meta.num_classes)
-    model = build_controlnet(cfg.model, base, meta.control_channels, meta.downsample)
-    return Loaded(_ready(model, state, device), cfg, meta, base_cfg)
+    return _load(checkpoint, "controlnet", device, "a ControlNet")
 
 
 def load_judge(checkpoint: str | Path, device: str | torch.device = "cpu") -> Loaded:

@@ -22,13 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldmflow.artifacts import atomic_write_json
-from ldmflow.checkpoints import Loaded
-from ldmflow.config.autoencoder import AutoencoderExperiment
-from ldmflow.config.controlnet import ControlNetExperiment
-from ldmflow.config.diffusion import DiffusionExperiment
-from ldmflow.config.schema import from_dict
+from ldmflow.checkpoints import Loaded, build_network
 from ldmflow.errors import DataError
-from ldmflow.metadata import AutoencoderMeta, ControlNetMeta, DiffusionMeta
 
 EXPORT_FORMAT = "ldmflow-export-v1"
 EXPORT_VERSION = 1
@@ -90,26 +85,7 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path, stage: str) -> No
 
 def build_model(info: ExportInfo) -> Loaded:
     """The freshly built network of an exported folder, with its typed config and metadata (weights not loaded)."""
-    if info.stage == "autoencoder":
-        from ldmflow.models.autoencoder import build_autoencoder
-
-        cfg = from_dict(AutoencoderExperiment, info.config)
-        return Loaded(build_autoencoder(cfg), cfg, AutoencoderMeta.from_dict(info.meta, INFO_FILE))
-    from ldmflow.models.unet import build_unet
-
-    if info.stage == "diffusion":
-        cfg = from_dict(DiffusionExperiment, info.config)
-        meta = DiffusionMeta.from_dict(info.meta, INFO_FILE)
-        return Loaded(build_unet(cfg, meta.latents.latent_channels, meta.num_classes), cfg, meta)
-    if info.stage == "controlnet":
-        from ldmflow.models.controlnet import build_controlnet
-
-        cfg = from_dict(ControlNetExperiment, info.config)
-        meta = ControlNetMeta.from_dict(info.meta, INFO_FILE)
-        base_cfg = from_dict(DiffusionExperiment, meta.base_config)
-        base = build_unet(base_cfg, meta.latents.latent_channels, meta.num_classes)
-        return Loaded(build_controlnet(cfg.model, base, meta.control_channels, meta.downsample), cfg, meta, base_cfg)
-    raise DataError(f"{INFO_FILE}: unknown stage {info.stage!r}; allowed: autoencoder, diffusion, controlnet")
+    return build_network(info.stage, info.config, info.meta, INFO_FILE)
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> Loaded:
