@@ -172,3 +172,36 @@ def test_a_lock_file_created_by_another_job_between_two_opens_is_opened(tmp_path
     with claim_gpu({}, tmp_path, device_count=1, uuid_query=no_nvidia_smi) as device:
         assert device == "cuda:0"
     assert calls[1] & os.O_EXCL and not calls[2] & os.O_CREAT  # O_EXCL failed, so it opened the existing file
+
+
+def test_a_ddp_training_job_runs_torchrun_on_the_gpus_it_claimed_with_its_share_of_threads(tmp_path, monkeypatch):
+    import functools
+
+    from ldmflow import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "run_cli", lambda argv, nproc, env: calls.append((argv, nproc, env)))
+    monkeypatch.setattr(launch, "claim_gpus", functools.partial(claim_gpus, lock_dir=tmp_path, device_count=4,
+                                                                uuid_query=MACHINE.copy))
+    env = {"LSB_JOBID": "7", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    with claim_gpu(env, tmp_path, device_count=4, uuid_query=MACHINE.copy):  # another job of the allocation
+        launch.run_training("diffusion", gpus=2, environ=env, log_file=tmp_path / "log", threads=8,
+                            config="c.yaml", latents="l.zarr", out_dir="out")
+    (argv, nproc, child), = calls
+    assert nproc == 2 and child["CUDA_VISIBLE_DEVICES"] == "1,2" and child["LSB_JOBID"] == "7"
+    assert argv[argv.index("--threads") + 1] == "4" and child["OMP_NUM_THREADS"] == "4"
+    assert launch.rank_threads(3, 4) == 1
+
+
+def test_a_ddp_job_asking_for_more_gpus_than_it_sees_is_a_user_error(tmp_path, monkeypatch):
+    import functools
+
+    from ldmflow import launch
+
+    monkeypatch.setattr(launch, "claim_gpus", functools.partial(claim_gpus, lock_dir=tmp_path, device_count=1,
+                                                                uuid_query=MACHINE.copy))
+    with pytest.raises(SystemExit) as exit_info:
+        launch.run_training("diffusion", gpus=2, environ={"SLURM_JOB_ID": "1"}, log_file=tmp_path / "log",
+                            threads=2, config="c.yaml", latents="l.zarr", out_dir="out")
+    assert exit_info.value.code == 2
+    assert "asks for 2 GPUs but sees 1" in (tmp_path / "log").read_text()
