@@ -141,8 +141,8 @@ class ControlNetTask(DiffusionTask):
         _, seg = self.sample_rows(model, rows, n, self._sampling(self.experiment.evaluation.steps), controlled)
         return {"rows": n, **segmentation_scores(seg, rows["mask"][:n], self.mask_classes)}
 
-    def validate(self, model, loader) -> dict[str, float]:
-        metrics = super().validate(model, loader)
+    def validation_metrics(self, model, sums) -> dict[str, float]:
+        metrics = super().validation_metrics(model, sums)
         if self.fidelity_available() is None:
             if self.base_scores is None:
                 self.base_scores = self.scores(self.base, controlled=False)
