@@ -143,7 +143,8 @@ class ControlNetTask(DiffusionTask):
 
     def validation_metrics(self, model, sums) -> dict[str, float]:
         metrics = super().validation_metrics(model, sums)
-        if self.fidelity_available() is None:
+        # sampled on rank 0 alone: under DDP its metrics row is the one every rank records
+        if rank() == 0 and self.fidelity_available() is None:
             if self.base_scores is None:
                 self.base_scores = self.scores(self.base, controlled=False)
                 log.info("uncontrolled base model: control mIoU %.4f", self.base_scores["miou"])
