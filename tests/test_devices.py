@@ -1,3 +1,4 @@
+import errno
 import os
 import signal
 import subprocess
@@ -5,7 +6,17 @@ import sys
 
 import pytest
 
-from ldmflow.devices import claim_gpu, visible_device_names
+import ldmflow.devices as devices
+from ldmflow.devices import claim_gpu, claim_gpus, gpu_lock_names, visible_device_names
+from ldmflow.errors import ConfigError
+
+
+def no_nvidia_smi():
+    raise FileNotFoundError("nvidia-smi")
+
+
+# what nvidia-smi --query-gpu=index,uuid reports on a 4-GPU machine
+MACHINE = {"0": "GPU-aaaa", "1": "GPU-bbbb", "2": "GPU-cccc", "3": "GPU-dddd"}
 
 
 def test_cpu_only_machine_is_a_no_op(tmp_path):
@@ -27,7 +38,7 @@ def test_jobs_on_one_machine_get_different_gpus_and_wait_when_all_are_taken(tmp_
 def test_locks_name_physical_gpus_from_cuda_visible_devices(tmp_path):
     assert visible_device_names({"CUDA_VISIBLE_DEVICES": "2,3"}, 2) == ["2", "3"]
     assert visible_device_names({}, 2) == ["0", "1"]
-    with claim_gpu({"CUDA_VISIBLE_DEVICES": "3"}, tmp_path, device_count=1) as device:
+    with claim_gpu({"CUDA_VISIBLE_DEVICES": "3"}, tmp_path, device_count=1, uuid_query=no_nvidia_smi) as device:
         assert device == "cuda:0" and (tmp_path / "gpu-3.lock").exists()
         # a job that sees all GPUs skips GPU 3, which the first job holds
         with claim_gpu({}, tmp_path, device_count=4) as other:
@@ -62,3 +73,135 @@ def test_a_killed_job_releases_its_gpu(tmp_path):
     holder.wait()
     with claim_gpu({}, tmp_path, device_count=1, timeout=5) as device:
         assert device == "cuda:0"
+
+
+def test_jobs_inside_one_allocation_of_several_gpus_get_different_gpus(tmp_path):
+    """``snakemake --resources gpu=2`` inside ``salloc --gpus=2``: the two jobs do not share cuda:0."""
+    env = {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "2,3"}
+    query = MACHINE.copy
+    with claim_gpu(env, tmp_path, device_count=2, uuid_query=query) as first, \
+            claim_gpu(env, tmp_path, device_count=2, uuid_query=query) as second:
+        assert (first, second) == ("cuda:0", "cuda:1")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-GPU-cccc.lock", "gpu-GPU-dddd.lock"]
+        with pytest.raises(TimeoutError):
+            with claim_gpu(env, tmp_path, device_count=2, uuid_query=query, poll_seconds=0.01, timeout=0.05):
+                pass
+
+
+def test_a_gpu_named_by_uuid_in_one_job_and_by_index_in_another_is_one_gpu(tmp_path):
+    assert gpu_lock_names({"CUDA_VISIBLE_DEVICES": "1,GPU-dddd"}, 2, MACHINE.copy) == ["GPU-bbbb", "GPU-dddd"]
+    assert gpu_lock_names({"CUDA_VISIBLE_DEVICES": "1,2"}, 2, no_nvidia_smi) == ["1", "2"]  # no table: the ids
+    with claim_gpu({"CUDA_VISIBLE_DEVICES": "1"}, tmp_path, device_count=1, uuid_query=MACHINE.copy):
+        env = {"CUDA_VISIBLE_DEVICES": "GPU-bbbb,GPU-aaaa"}  # the same GPU 1, first in this job's list
+        with claim_gpu(env, tmp_path, device_count=2, uuid_query=MACHINE.copy) as device:
+            assert device == "cuda:1"
+
+
+def test_a_ddp_job_claims_its_gpus_all_or_none_and_names_them_for_its_ranks(tmp_path):
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    table = {"4": "GPU-a", "5": "GPU-b", "6": "GPU-c", "7": "GPU-d"}.copy
+    with claim_gpu(env, tmp_path, device_count=4, uuid_query=table) as single:
+        assert single == "cuda:0"
+        with claim_gpus(env, 2, tmp_path, device_count=4, uuid_query=table) as ddp:
+            assert ddp.indices == (1, 2) and ddp.visible_devices == "5,6"
+            # a second DDP job that needs 2 finds 1 free: it waits holding nothing, so GPU 7 stays free
+            with pytest.raises(TimeoutError, match="2 of all 4 GPU"):
+                with claim_gpus(env, 2, tmp_path, device_count=4, uuid_query=table, poll_seconds=0.01, timeout=0.05):
+                    pass
+            with claim_gpu(env, tmp_path, device_count=4, uuid_query=table, timeout=0.05) as last:
+                assert last == "cuda:3"
+    with pytest.raises(ConfigError, match="asks for 8 GPUs but sees 4"):
+        with claim_gpus(env, 8, tmp_path, device_count=4, uuid_query=table):
+            pass
+
+
+def protected_regular(monkeypatch):
+    """Ubuntu's fs.protected_regular=1 on this process: O_CREAT on an existing file that another user owns, in a
+    sticky world-writable folder, fails with EACCES (even for root)."""
+    real_open = os.open
+
+    def guarded_open(path, flags, mode=0o777, **kwargs):
+        folder = os.stat(os.path.dirname(path))
+        if flags & os.O_CREAT and os.path.exists(path) and os.stat(path).st_uid != os.geteuid() \
+                and folder.st_mode & 0o1002 == 0o1002:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(devices.os, "open", guarded_open)
+
+
+def test_a_lock_file_another_user_created_still_locks_under_protected_regular(tmp_path, monkeypatch):
+    lock_dir = tmp_path / "locks"
+    with claim_gpu({}, lock_dir, device_count=1, uuid_query=MACHINE.copy):
+        pass
+    lock = lock_dir / "gpu-GPU-aaaa.lock"
+    os.chown(lock, 12345, 12345)  # the first job was another user's
+    assert lock_dir.stat().st_mode & 0o7777 == 0o1777
+    protected_regular(monkeypatch)
+    with pytest.raises(PermissionError):  # what opening it for creation, as before, meets
+        os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    with claim_gpu({}, lock_dir, device_count=1, uuid_query=MACHINE.copy) as device:
+        assert device == "cuda:0"
+        with pytest.raises(TimeoutError):  # and it still excludes
+            with claim_gpu({}, lock_dir, device_count=1, uuid_query=MACHINE.copy, poll_seconds=0.01, timeout=0.05):
+                pass
+
+
+def test_new_lock_files_are_writable_by_every_user_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        with claim_gpu({}, tmp_path, device_count=1, uuid_query=no_nvidia_smi):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "gpu-0.lock").stat().st_mode & 0o777 == 0o666
+
+
+def test_a_lock_file_created_by_another_job_between_two_opens_is_opened(tmp_path, monkeypatch):
+    real_open, path = os.open, tmp_path / "gpu-0.lock"
+    calls = []
+
+    def racing_open(p, flags, mode=0o777):
+        calls.append(flags)
+        if len(calls) == 1:  # the other job creates the file right after our first look
+            os.close(real_open(path, os.O_WRONLY | os.O_CREAT))
+            raise FileNotFoundError(p)
+        return real_open(p, flags, mode)
+
+    monkeypatch.setattr(devices.os, "open", racing_open)
+    with claim_gpu({}, tmp_path, device_count=1, uuid_query=no_nvidia_smi) as device:
+        assert device == "cuda:0"
+    assert calls[1] & os.O_EXCL and not calls[2] & os.O_CREAT  # O_EXCL failed, so it opened the existing file
+
+
+def test_a_ddp_training_job_runs_torchrun_on_the_gpus_it_claimed_with_its_share_of_threads(tmp_path, monkeypatch):
+    import functools
+
+    from ldmflow import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "run_cli", lambda argv, nproc, env: calls.append((argv, nproc, env)))
+    monkeypatch.setattr(launch, "claim_gpus", functools.partial(claim_gpus, lock_dir=tmp_path, device_count=4,
+                                                                uuid_query=MACHINE.copy))
+    env = {"LSB_JOBID": "7", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    with claim_gpu(env, tmp_path, device_count=4, uuid_query=MACHINE.copy):  # another job of the allocation
+        launch.run_training("diffusion", gpus=2, environ=env, log_file=tmp_path / "log", threads=8,
+                            config="c.yaml", latents="l.zarr", out_dir="out")
+    (argv, nproc, child), = calls
+    assert nproc == 2 and child["CUDA_VISIBLE_DEVICES"] == "1,2" and child["LSB_JOBID"] == "7"
+    assert argv[argv.index("--threads") + 1] == "4" and child["OMP_NUM_THREADS"] == "4"
+    assert launch.rank_threads(3, 4) == 1
+
+
+def test_a_ddp_job_asking_for_more_gpus_than_it_sees_is_a_user_error(tmp_path, monkeypatch):
+    import functools
+
+    from ldmflow import launch
+
+    monkeypatch.setattr(launch, "claim_gpus", functools.partial(claim_gpus, lock_dir=tmp_path, device_count=1,
+                                                                uuid_query=MACHINE.copy))
+    with pytest.raises(SystemExit) as exit_info:
+        launch.run_training("diffusion", gpus=2, environ={"SLURM_JOB_ID": "1"}, log_file=tmp_path / "log",
+                            threads=2, config="c.yaml", latents="l.zarr", out_dir="out")
+    assert exit_info.value.code == 2
+    assert "asks for 2 GPUs but sees 1" in (tmp_path / "log").read_text()

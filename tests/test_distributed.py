@@ -1,5 +1,6 @@
 """DDP on CPU (gloo): 2 processes train to the same result as 1 process with the same global batch."""
 
+import json
 import os
 import shutil
 import signal
@@ -172,3 +173,29 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_th
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and f"resumed tiny from epoch {state['epoch']}, step {state['step']}" in err
     print(f"DDP SIGUSR1 to rank 1: exit {proc.returncode}, both ranks saved at step {state['step']}, resumed there")
+
+
+def test_ranks_whose_validation_disagrees_take_rank_0s_best_and_early_stop_and_share_validation(tmp_path):
+    """2 ranks of the toy regression (tests/ddp_decisions.py): rank 1's val_loss rises every epoch while rank 0's
+    falls. Both keep rank 0's best epoch and train on to the end (rank 1 alone would have stopped early, and
+    ranks that decide apart wait on each other's collectives forever); validation is split by batches, and the
+    split pass scores what one process scores."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tests.ddp_decisions", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:  # the ranks too (sessions of their own)
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the ranks hung: {proc.communicate()[1][-4000:]}")
+    assert proc.returncode == 0, err[-4000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["epoch"] == ranks[1]["epoch"] == 5  # no early stop: rank 0's loss improved every epoch
+    assert ranks[0]["best"] == ranks[1]["best"] and ranks[0]["best"]["epoch"] == 5
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"]  # one history, rank 0's
+    assert [r["batches_scored"] for r in ranks] == [2, 1]
+    assert ranks[0]["sharded_mse"] == ranks[1]["sharded_mse"] == pytest.approx(ranks[0]["whole_mse"], rel=1e-12)
+    best = load_checkpoint(tmp_path / "checkpoints/toy_checkpoint_best.pt")
+    assert best["epoch"] == 5 and best["best_epoch"] == 5

@@ -7,13 +7,17 @@ import fcntl
 import logging
 import os
 import random
+import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ldmflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +86,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-log = logging.getLogger(__name__)
-
 # One folder per machine, shared by every workflow and user on it (a fixed path: a job's TMPDIR may differ).
 DEFAULT_LOCK_DIR = Path("/tmp/ldmflow-gpu-locks")
 # Variables a scheduler sets inside a job; there CUDA_VISIBLE_DEVICES already names the job's own GPUs.
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "LSB_JOBID", "PBS_JOBID")
+# CUDA_VISIBLE_DEVICES entries that already are machine-wide names
+UUID_PREFIXES = ("GPU-", "MIG-")
+
+GpuQuery = Callable[[], Mapping[str, str]]
 
 
 def cuda_device_count() -> int:
@@ -98,16 +104,55 @@ def cuda_device_count() -> int:
 
 
 def visible_device_names(environ: Mapping[str, str], count: int) -> list[str]:
-    """Machine-wide names of the ``count`` visible devices: their CUDA_VISIBLE_DEVICES entries (ids or
-    UUIDs), or 0..count-1 when it is unset. Locks use these, so two jobs that see the same physical GPU
-    under different indices still exclude each other."""
+    """The ``count`` visible devices as CUDA_VISIBLE_DEVICES names them (ids or UUIDs), or 0..count-1 when it
+    is unset: what a child process's CUDA_VISIBLE_DEVICES takes to see the same devices."""
     listed = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
 
 
+def nvidia_smi_uuids() -> dict[str, str]:
+    """index -> UUID of every GPU of this machine, as ``nvidia-smi`` numbers them."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    rows = [line.split(",") for line in out.splitlines() if line.strip()]
+    return {index.strip(): uuid.strip() for index, uuid in rows}
+
+
+def gpu_lock_names(environ: Mapping[str, str], count: int, query: GpuQuery = nvidia_smi_uuids) -> list[str]:
+    """Machine-wide names of the ``count`` visible devices, for their lock files: UUIDs, so two jobs that see one
+    physical GPU under different indices (one inside an allocation, one outside) still exclude each other.
+    Without a UUID table (``query`` fails: no nvidia-smi) the CUDA_VISIBLE_DEVICES names stand in."""
+    names = visible_device_names(environ, count)
+    if all(n.startswith(UUID_PREFIXES) for n in names):
+        return names
+    try:
+        table = query()
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("could not list the GPUs' UUIDs (%s); locking GPUs by their CUDA_VISIBLE_DEVICES ids", exc)
+        return names
+    return [n if n.startswith(UUID_PREFIXES) else table.get(n, n) for n in names]
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file ``path``, created readable and writable by every user when missing.
+
+    Never O_CREAT on an existing file: under ``fs.protected_regular`` (Ubuntu's default) that fails with EACCES
+    for a file another user owns in a sticky world-writable folder such as the lock folder."""
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another job created it between the two opens: open that one
+            continue
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, 0o666)  # the umask narrowed the mode
+        return fd
+
+
 def _try_lock(path: Path) -> int | None:
     """An open descriptor holding an exclusive lock on ``path``, or None when another process holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -116,53 +161,103 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+def _try_lock_many(lock_dir: Path, names: list[str], n: int) -> dict[int, int] | None:
+    """Locks on ``n`` of the devices ``names`` (index -> descriptor), or None, holding nothing, when fewer are free:
+    a job never waits while it holds part of what it needs, so two DDP jobs cannot deadlock."""
+    held: dict[int, int] = {}
+    for index, name in enumerate(names):
+        fd = _try_lock(lock_dir / f"gpu-{name}.lock")
+        if fd is not None:
+            held[index] = fd
+            if len(held) == n:
+                return held
+    for fd in held.values():
+        os.close(fd)
+    return None
+
+
+@dataclass(frozen=True)
+class GpuClaim:
+    """The visible devices a job holds: their indices (``cuda:i``) and the CUDA_VISIBLE_DEVICES value that shows a
+    child process exactly these devices."""
+
+    indices: tuple[int, ...]
+    visible_devices: str
+
+
 @contextlib.contextmanager
-def claim_gpu(environ: Mapping[str, str], lock_dir: str | Path = DEFAULT_LOCK_DIR, *,
-              device_count: int | None = None, poll_seconds: float = 5.0,
-              timeout: float | None = None) -> Iterator[str | None]:
-    """Yield the device a job should train on, holding it until the block ends.
+def claim_gpus(environ: Mapping[str, str], n: int = 1, lock_dir: str | Path = DEFAULT_LOCK_DIR, *,
+               device_count: int | None = None, uuid_query: GpuQuery = nvidia_smi_uuids, poll_seconds: float = 5.0,
+               timeout: float | None = None) -> Iterator[GpuClaim | None]:
+    """Hold ``n`` visible GPUs that no other job on this machine holds until the block ends, all or none.
 
-    - no CUDA device: ``None`` (the trainer's default, the CPU), no lock;
-    - inside a scheduler job (``SLURM_JOB_ID``, ``LSB_JOBID`` or ``PBS_JOBID`` in ``environ``): ``"cuda:0"``,
-      the first of the devices the scheduler gave the job, no lock;
-    - otherwise ``"cuda:N"``, the first visible device whose lock file in ``lock_dir`` is free; when all
-      are held it waits, polling every ``poll_seconds`` (``TimeoutError`` after ``timeout`` seconds).
+    - no CUDA device: ``None`` (train on the CPU), no lock;
+    - one visible device inside a scheduler job (``SLURM_JOB_ID``, ``LSB_JOBID`` or ``PBS_JOBID`` in ``environ``):
+      that device, no lock (the scheduler gave it to this job alone);
+    - otherwise, also inside an allocation of several GPUs that several jobs share (``snakemake --resources
+      gpu=4`` in ``salloc``), the first ``n`` visible devices whose lock files (``gpu-<UUID>.lock`` in
+      ``lock_dir``) are free; when fewer are free it waits, holding none, polling every ``poll_seconds``
+      (``TimeoutError`` after ``timeout`` seconds).
 
-    ``environ`` is the process environment (``os.environ``); ``device_count`` overrides the number of
-    visible devices (tests).
+    ``environ`` is the process environment (``os.environ``); ``device_count`` overrides the number of visible
+    devices and ``uuid_query`` the machine's index -> UUID table (tests).
     """
     count = cuda_device_count() if device_count is None else device_count
     if count == 0:
         yield None
         return
-    if any(environ.get(var) for var in SCHEDULER_JOB_VARIABLES):
-        log.info("using the GPU the scheduler assigned (CUDA_VISIBLE_DEVICES=%s)",
-                 environ.get("CUDA_VISIBLE_DEVICES", "unset"))
-        yield "cuda:0"
+    if n > count:
+        raise ConfigError(f"the job asks for {n} GPUs but sees {count} (CUDA_VISIBLE_DEVICES="
+                          f"{environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower the rule's `gpu` resource")
+    names = visible_device_names(environ, count)
+    if count == 1 and any(environ.get(var) for var in SCHEDULER_JOB_VARIABLES):
+        log.info("using the GPU the scheduler assigned (CUDA_VISIBLE_DEVICES=%s)", environ.get("CUDA_VISIBLE_DEVICES",
+                                                                                             "unset"))
+        yield GpuClaim((0,), names[0])
         return
+    lock_dir = _lock_folder(lock_dir)
+    held = _wait_for_locks(lock_dir, gpu_lock_names(environ, count, uuid_query), n, poll_seconds, timeout)
+    claim = GpuClaim(tuple(held), ",".join(names[i] for i in held))
+    log.info("training on cuda:%s (CUDA_VISIBLE_DEVICES=%s; locks in %s)", ",".join(map(str, claim.indices)),
+             claim.visible_devices, lock_dir)
+    try:
+        yield claim
+    finally:
+        for fd in held.values():
+            os.close(fd)
 
+
+def _lock_folder(lock_dir: str | Path) -> Path:
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(PermissionError):  # other users' jobs must be able to create their locks
         lock_dir.chmod(0o1777)
-    names = visible_device_names(environ, count)
+    return lock_dir
+
+
+def _wait_for_locks(lock_dir: Path, names: list[str], n: int, poll_seconds: float,
+                    timeout: float | None) -> dict[int, int]:
     start, warned = time.monotonic(), False
-    while True:
-        for index, name in enumerate(names):
-            fd = _try_lock(lock_dir / f"gpu-{name}.lock")
-            if fd is None:
-                continue
-            log.info("training on cuda:%d (GPU %s; lock %s)", index, name, lock_dir / f"gpu-{name}.lock")
-            try:
-                yield f"cuda:{index}"
-            finally:
-                os.close(fd)
-            return
+    while (held := _try_lock_many(lock_dir, names, n)) is None:
         waited = time.monotonic() - start
         if timeout is not None and waited >= timeout:
-            raise TimeoutError(f"all {count} GPU(s) stayed held by other jobs for {waited:.0f} s (locks in {lock_dir})")
+            raise TimeoutError(f"{n} of all {len(names)} GPU(s) did not come free from other jobs in {waited:.0f} s "
+                               f"(locks in {lock_dir})")
         if not warned:
-            log.warning("all %d GPU(s) are held by other jobs (locks in %s); waiting for one. Lower the `gpu` "
-                        "limit in profiles/default/config.yaml to the number of GPUs to avoid this.", count, lock_dir)
+            log.warning("fewer than %d of the %d GPU(s) are free of other jobs (locks in %s); waiting. Lower the "
+                        "`gpu` limit in profiles/default/config.yaml to the number of GPUs to avoid this.", n,
+                        len(names), lock_dir)
             warned = True
         time.sleep(poll_seconds)
+    return held
+
+
+@contextlib.contextmanager
+def claim_gpu(environ: Mapping[str, str], lock_dir: str | Path = DEFAULT_LOCK_DIR, *,
+              device_count: int | None = None, uuid_query: GpuQuery = nvidia_smi_uuids, poll_seconds: float = 5.0,
+              timeout: float | None = None) -> Iterator[str | None]:
+    """Yield the device a job should train on (``"cuda:N"``, or None for the CPU), holding it until the block
+    ends: :func:`claim_gpus` for one GPU."""
+    with claim_gpus(environ, 1, lock_dir, device_count=device_count, uuid_query=uuid_query,
+                    poll_seconds=poll_seconds, timeout=timeout) as claim:
+        yield None if claim is None else f"cuda:{claim.indices[0]}"

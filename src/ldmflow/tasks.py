@@ -62,10 +62,16 @@ class DiffusionTask:
         return per_sample.mean(), {}
 
     def validate(self, model, loader) -> dict[str, float]:
-        gen = torch.Generator(device=self.device).manual_seed(VAL_SEED)
+        return self.validation_metrics(model, self.validation_sums(model, enumerate(loader)))
+
+    def validation_sums(self, model, batches) -> dict[str, torch.Tensor]:
+        """Validation losses summed per timestep quartile over ``batches`` ((number, batch) pairs), with their
+        counts; they add up over DDP ranks (:class:`ldmflow.training.distributed.ShardedValidation`)."""
+        gen = torch.Generator(device=self.device)
         sums = torch.zeros(QUARTILES, dtype=torch.float64)
         counts = torch.zeros(QUARTILES, dtype=torch.float64)
-        for batch in loader:
+        for number, batch in batches:
+            gen.manual_seed(VAL_SEED + number)  # a batch's noise and timesteps do not depend on the rank scoring it
             batch = {k: v.to(self.device) for k, v in batch.items()}
             x0, t, noise = self._noised(batch, gen)
             y = self._labels(batch, 0.0, gen)
@@ -75,9 +81,13 @@ class DiffusionTask:
             q = (t * QUARTILES // self.schedule.timesteps).cpu()
             sums.index_add_(0, q, per_sample)
             counts.index_add_(0, q, torch.ones_like(per_sample))
-        metrics = {"val_loss": float(sums.sum() / counts.sum().clamp_min(1))}
+        return {"loss": sums, "count": counts}
+
+    def validation_metrics(self, model, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        losses, counts = sums["loss"], sums["count"]
+        metrics = {"val_loss": float(losses.sum() / counts.sum().clamp_min(1))}
         for i in range(QUARTILES):
-            metrics[f"val_loss_q{i + 1}"] = float(sums[i] / counts[i]) if counts[i] else float("nan")
+            metrics[f"val_loss_q{i + 1}"] = float(losses[i] / counts[i]) if counts[i] else float("nan")
         return metrics
 
     def decoder(self):

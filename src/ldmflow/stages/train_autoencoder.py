@@ -62,43 +62,48 @@ class AutoencoderTask:
         return total, parts
 
     def validate(self, model, loader) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        n_images = correct = 0
-        psnr_sum = 0.0
-        region_sums, region_counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-        bg_sums, bg_counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        return self.validation_metrics(model, self.validation_sums(model, enumerate(loader)))
+
+    def validation_sums(self, model, batches) -> dict[str, torch.Tensor]:
+        """Sums and counts of the validation metrics over ``batches`` ((number, batch) pairs); they add up over
+        DDP ranks (:class:`ldmflow.training.distributed.ShardedValidation`)."""
         k = self.cfg.data.mask_classes or 0
-        conf = torch.zeros((k, k), dtype=torch.long)
-        for batch in loader:
+        sums = {"images": torch.zeros((), dtype=torch.float64), "psnr": torch.zeros((), dtype=torch.float64),
+                "correct": torch.zeros((), dtype=torch.float64), "conf": torch.zeros((k, k), dtype=torch.long),
+                "region": torch.zeros(2, 2, dtype=torch.float64),  # (squared errors, pixels) x (border, interior)
+                "region_bg": torch.zeros(2, 2, dtype=torch.float64)}
+        for _, batch in batches:
             device = next(model.parameters()).device
             batch = {key: v.to(device) for key, v in batch.items()}
             out = model(batch["image"], sample=False)
             total, parts = self.criterion(out, batch)
             size = batch["image"].shape[0]
             for key, v in {"loss": total, **parts}.items():  # batch means, weighted by batch size
-                sums[key] = sums.get(key, 0.0) + float(v) * size
-            n_images += size
-            psnr_sum += float(psnr(out["recon"], batch["image"]).sum())
-            batch_sums, batch_counts = region_squared_errors(out["recon"], batch["image"])
-            region_sums, region_counts = region_sums + batch_sums, region_counts + batch_counts
+                sums[f"loss_{key}"] = sums.get(f"loss_{key}", torch.zeros((), dtype=torch.float64)) + float(v) * size
+            sums["images"] += size
+            sums["psnr"] += float(psnr(out["recon"], batch["image"]).sum())
+            sums["region"] += torch.stack(region_squared_errors(out["recon"], batch["image"]))
             if "mask" in batch:
-                batch_sums, batch_counts = region_squared_errors(out["recon"], batch["image"],
-                                                                 keep=background_pixels(batch["mask"]))
-                bg_sums, bg_counts = bg_sums + batch_sums, bg_counts + batch_counts
+                sums["region_bg"] += torch.stack(region_squared_errors(out["recon"], batch["image"],
+                                                                       keep=background_pixels(batch["mask"])))
             if out["seg"] is not None and "mask" in batch:
-                conf += confusion(out["seg"].argmax(1).cpu(), batch["mask"].cpu(), k)
+                sums["conf"] += confusion(out["seg"].argmax(1).cpu(), batch["mask"].cpu(), k)
             if out["logits"] is not None and "label" in batch:
-                correct += int((out["logits"].argmax(1) == batch["label"]).sum())
-        metrics = {f"val_{key}": v / n_images for key, v in sums.items()}
-        metrics["val_psnr"] = psnr_sum / n_images
+                sums["correct"] += int((out["logits"].argmax(1) == batch["label"]).sum())
+        return sums
+
+    def validation_metrics(self, model, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        n_images, conf = float(sums["images"]), sums["conf"]
+        metrics = {f"val_{key[5:]}": float(v) / n_images for key, v in sums.items() if key.startswith("loss_")}
+        metrics["val_psnr"] = float(sums["psnr"]) / n_images
         # pooled PSNR of the outer 2-pixel ring and of the rest: a border frame shows as border < interior
         metrics["val_psnr_border"], metrics["val_psnr_interior"] = (
-            psnr_of_mse(float(total / count)) for total, count in zip(region_sums, region_counts))
+            psnr_of_mse(float(total / count)) for total, count in zip(*sums["region"]))
         # the same on background pixels 2+ px from any mask object: objects inside the image flatter the ring
         metrics["val_psnr_border_bg"], metrics["val_psnr_interior_bg"] = (
-            psnr_of_mse(float(total / count)) if count else math.nan for total, count in zip(bg_sums, bg_counts))
-        metrics["val_miou"] = miou(conf) if k and conf.sum() else math.nan
-        metrics["val_acc"] = correct / n_images if model.classifier is not None else math.nan
+            psnr_of_mse(float(total / count)) if count else math.nan for total, count in zip(*sums["region_bg"]))
+        metrics["val_miou"] = miou(conf) if conf.numel() and conf.sum() else math.nan
+        metrics["val_acc"] = float(sums["correct"]) / n_images if model.classifier is not None else math.nan
         return metrics
 
     def write_samples(self, model, epoch, path):

@@ -141,9 +141,10 @@ class ControlNetTask(DiffusionTask):
         _, seg = self.sample_rows(model, rows, n, self._sampling(self.experiment.evaluation.steps), controlled)
         return {"rows": n, **segmentation_scores(seg, rows["mask"][:n], self.mask_classes)}
 
-    def validate(self, model, loader) -> dict[str, float]:
-        metrics = super().validate(model, loader)
-        if self.fidelity_available() is None:
+    def validation_metrics(self, model, sums) -> dict[str, float]:
+        metrics = super().validation_metrics(model, sums)
+        # sampled on rank 0 alone: under DDP its metrics row is the one every rank records
+        if rank() == 0 and self.fidelity_available() is None:
             if self.base_scores is None:
                 self.base_scores = self.scores(self.base, controlled=False)
                 log.info("uncontrolled base model: control mIoU %.4f", self.base_scores["miou"])

@@ -38,6 +38,7 @@ from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
 from ldmflow.devices import get_device, rng_state, set_deterministic, set_rng_state
 from ldmflow.errors import Preempted, TrainingError
 from ldmflow.training.batching import EpochBatchSampler, make_loader
+from ldmflow.training.distributed import ShardBatches, from_rank0, shards_validation, validate
 from ldmflow.training.events import RunEvents
 from ldmflow.training.optim import Ema, build_optimizer, lr_factor, update_ema
 from ldmflow.training.preemption import SignalFlag
@@ -201,7 +202,9 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                                   enabled=resolve_precision(tcfg.precision, device) == "fp16")
 
     sampler = EpochBatchSampler(len(train_set), fc.data.batch_size, fc.seed, sample_weights, rank, world)
-    val_sampler = EpochBatchSampler(len(val_set), fc.data.batch_size, fc.seed, drop_last=False, shuffle=False)
+    val_sampler: Any = EpochBatchSampler(len(val_set), fc.data.batch_size, fc.seed, drop_last=False, shuffle=False)
+    if world > 1 and shards_validation(task):  # each rank validates its share of the batches
+        val_sampler = ShardBatches(val_sampler, rank, world)
     pin = device.type == "cuda"
     steps_per_epoch = sampler.num_batches() // ocfg.accumulate
     if steps_per_epoch < 1:
@@ -396,7 +399,7 @@ def epoch_row(run: Run, totals: EpochTotals) -> dict[str, Any]:
     eval_model = eval_model_of(run)
     eval_model.eval()
     with torch.no_grad(), autocast(run.device, run.fc.train.precision), isolated_rng(run.device):
-        row.update(run.task.validate(eval_model, run.val_loader))
+        row.update(validate(run.task, eval_model, run.val_loader, run.flag_group))
     row["grad_norm"] = float(totals.grad_norm_sum) / max(1, run.micro_per_epoch // run.fc.optim.accumulate)
     row["lr"] = run.optimizer.param_groups[0]["lr"]
     row["samples_per_s"] = n_seen * run.fc.data.batch_size / max(seconds, 1e-9)
@@ -430,7 +433,8 @@ def record_epoch(state: LoopState, row: dict[str, Any], tcfg: TrainConfig) -> bo
 def end_epoch(run: Run, row: dict[str, Any]) -> None:
     """Record the epoch, keep the best checkpoint, write samples, the latest checkpoint and the metrics."""
     tcfg, state = run.fc.train, run.state
-    if record_epoch(state, row, tcfg):
+    # rank 0's row decides "best" and early stopping for every rank: best is saved collectively
+    if record_epoch(state, from_rank0(row, run.flag_group), tcfg):
         save_state(run, run.paths.best)
     last_epoch = state.early_stopped or state.epoch >= tcfg.epochs
     if run.writer and (state.epoch % tcfg.sample_every == 0 or last_epoch):
