@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ldmflow.cli import main, setup_logging
 from ldmflow.config.common import Stage
-from ldmflow.devices import claim_gpu
-from ldmflow.errors import EXIT_PREEMPTED, exit_code
+from ldmflow.devices import check_cuda, claim_gpu
+from ldmflow.errors import EXIT_PREEMPTED, CudaSetupError, exit_code
 from ldmflow.stages import trainer
 from ldmflow.training.preemption import SignalFlag
 
@@ -61,6 +61,12 @@ def run_training(stage: Stage, *, gpus: int, environ: Mapping[str, str], log_fil
     Exits like the command line does: 2 for a user error, 143 when preempted (the retry resumes), 1 when
     training cannot go on.
     """
+    try:  # before torchrun starts: a torch that cannot use the job's GPUs is one line, not a rank's traceback
+        check_cuda(gpus)
+    except CudaSetupError as exc:
+        setup_logging(log_file)
+        log.error("%s", exc)
+        raise SystemExit(exit_code(exc)) from None
     if gpus > 1:
         flags = {"manifest": "--data", "out_dir": "--out"}
         argv = ["--log-file", str(log_file), COMMANDS[stage], "--threads", str(threads)]

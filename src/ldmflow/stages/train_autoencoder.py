@@ -50,9 +50,10 @@ class AutoencoderTask:
     def loss(self, model, batch, step):
         image = batch["image"]
         if self.cfg.data.hflip:
-            # flips seeded by (seed, step): the same on a resumed run
-            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
-            flip = (torch.rand(image.shape[0], generator=gen) < 0.5).to(image.device)
+            # flips seeded by (seed, step): the same on a resumed run; drawn on the image's device, so a step
+            # does not wait for a copy from the host
+            gen = torch.Generator(device=image.device).manual_seed(self.cfg.seed * 7919 + step)
+            flip = torch.rand(image.shape[0], generator=gen, device=image.device) < 0.5
             image = torch.where(flip[:, None, None, None], image.flip(-1), image)
             batch = {**batch, "image": image}
             if "mask" in batch:
