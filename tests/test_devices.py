@@ -134,13 +134,15 @@ def test_a_gpu_job_on_a_machine_without_an_nvidia_driver_runs_on_the_cpu_with_a_
     assert "no NVIDIA driver; running on the CPU" in caplog.text
 
 
-def test_the_training_entry_stops_with_exit_2_before_training_on_an_unsupported_gpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_training_entry_stops_with_exit_2_before_training_on_an_unsupported_gpu(tmp_path, monkeypatch, gpus):
     from ldmflow import launch
 
-    monkeypatch.setattr(CudaInfo, "query", classmethod(lambda cls: machine([V100])))
+    monkeypatch.setattr(CudaInfo, "query", classmethod(lambda cls: machine([V100, V100])))
     monkeypatch.setattr(launch, "trainer", lambda stage: pytest.fail("training started"))
+    monkeypatch.setattr(launch, "run_cli", lambda argv, nproc: pytest.fail("torchrun started"))
     with pytest.raises(SystemExit) as exit_:
-        launch.run_training("diffusion", gpus=1, environ={}, log_file=tmp_path / "log", threads=1)
+        launch.run_training("diffusion", gpus=gpus, environ={}, log_file=tmp_path / "log", threads=1)
     assert exit_.value.code == 2
     assert "install a build for it: pip install torch==2.13.0" in (tmp_path / "log").read_text()
 
