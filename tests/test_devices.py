@@ -5,10 +5,24 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import ldmflow.devices as devices
-from ldmflow.devices import claim_gpu, claim_gpus, gpu_lock_names, visible_device_names
-from ldmflow.errors import ConfigError
+from ldmflow.devices import (
+    CudaInfo,
+    _warn_slow_bf16,
+    check_cuda,
+    claim_gpu,
+    claim_gpus,
+    get_device,
+    gpu_lock_names,
+    resolve_deterministic,
+    resolve_precision,
+    runs_on,
+    set_deterministic,
+    visible_device_names,
+)
+from ldmflow.errors import ConfigError, CudaSetupError, exit_code
 
 
 def no_nvidia_smi():
@@ -205,3 +219,115 @@ def test_a_ddp_job_asking_for_more_gpus_than_it_sees_is_a_user_error(tmp_path, m
                             threads=2, config="c.yaml", latents="l.zarr", out_dir="out")
     assert exit_info.value.code == 2
     assert "asks for 2 GPUs but sees 1" in (tmp_path / "log").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Start-up checks, precision and determinism by hardware (the GPU faked at the boundary: CudaInfo, capability)
+# --------------------------------------------------------------------------------------------------
+
+# torch 2.13's wheels by the support matrix: cu128 from Turing to Blackwell, cu126 back to Maxwell
+CU128 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+CU126 = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+
+
+def machine(devices=(), arch=CU128, cuda="12.8", driver=True, version="2.13.0+cu128") -> CudaInfo:
+    return CudaInfo(version, cuda, arch if devices else (), tuple(devices), driver)
+
+
+V100, T4, A100, H100 = ("Tesla V100-SXM2-32GB", (7, 0)), ("Tesla T4", (7, 5)), ("A100", (8, 0)), ("H100", (9, 0))
+
+
+def test_a_v100_under_a_cu128_torch_is_one_line_naming_the_cu126_build():
+    with pytest.raises(CudaSetupError) as err:
+        check_cuda(1, machine([V100]))
+    message = str(err.value)
+    assert "\n" not in message and "V100" in message and "7.0" in message
+    assert message.endswith("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126")
+    assert exit_code(err.value) == 2
+
+
+@pytest.mark.parametrize("gpu", [T4, A100, H100, ("B200", (10, 0)), ("RTX 5090", (12, 0)), ("L4", (8, 9))])
+def test_turing_and_later_gpus_run_under_the_cu128_torch(gpu):
+    check_cuda(1, machine([gpu]))
+
+
+def test_a_cu126_torch_runs_a_v100_but_not_a_blackwell_gpu_and_names_cu128_for_it():
+    check_cuda(1, machine([V100], CU126, "12.6", version="2.13.0+cu126"))
+    with pytest.raises(CudaSetupError, match=r"cu128$"):
+        check_cuda(1, machine([V100, ("B200", (10, 0))], CU126, "12.6", version="2.13.0+cu126"))
+
+
+def test_ptx_in_the_build_runs_newer_gpus_and_arch_specific_kernels_run_only_their_own():
+    assert runs_on(("sm_80", "compute_90"), (12, 0)) and not runs_on(("sm_80", "compute_90"), (7, 5))
+    assert runs_on(("sm_80",), (8, 6)) and not runs_on(("sm_86",), (8, 0)) and not runs_on(("sm_80",), (9, 0))
+    assert runs_on(("sm_90a",), (9, 0)) and not runs_on(("sm_90a",), (10, 0))
+    assert runs_on((), (7, 0))  # a build that does not list its architectures is trusted
+
+
+def test_a_gpu_job_with_cpu_only_torch_on_a_gpu_node_is_an_error_naming_a_cuda_build():
+    with pytest.raises(CudaSetupError, match=r"CPU-only build; install a CUDA build: pip install torch==2\.13\.0 "
+                       r"--index-url https://download\.pytorch\.org/whl/cu128 \(cu126 for Volta"):
+        check_cuda(1, machine(cuda=None, version="2.13.0+cpu"))
+    with pytest.raises(CudaSetupError, match="sees none; check CUDA_VISIBLE_DEVICES"):
+        check_cuda(2, machine())  # a CUDA build that the driver does not serve
+    check_cuda(0, machine(cuda=None, version="2.13.0+cpu"))  # a CPU rule on the same node is fine
+
+
+def test_a_gpu_job_on_a_machine_without_an_nvidia_driver_runs_on_the_cpu_with_a_warning(caplog):
+    check_cuda(1, machine(cuda=None, driver=False, version="2.13.0+cpu"))
+    assert "no NVIDIA driver; running on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_training_entry_stops_with_exit_2_before_training_on_an_unsupported_gpu(tmp_path, monkeypatch, gpus):
+    from ldmflow import launch
+
+    monkeypatch.setattr(CudaInfo, "query", classmethod(lambda cls: machine([V100, V100])))
+    monkeypatch.setattr(launch, "trainer", lambda stage: pytest.fail("training started"))
+    monkeypatch.setattr(launch, "run_cli", lambda argv, nproc: pytest.fail("torchrun started"))
+    with pytest.raises(SystemExit) as exit_:
+        launch.run_training("diffusion", gpus=gpus, environ={}, log_file=tmp_path / "log", threads=1)
+    assert exit_.value.code == 2
+    assert "install a build for it: pip install torch==2.13.0" in (tmp_path / "log").read_text()
+
+
+def test_a_stage_choosing_an_unsupported_cuda_device_stops_before_its_first_kernel(monkeypatch):
+    monkeypatch.setattr(CudaInfo, "query", classmethod(lambda cls: machine([V100])))
+    with pytest.raises(CudaSetupError, match="cu126"):
+        get_device("cuda:0")
+    assert get_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize(("capability", "auto"), [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_precision_auto_is_bf16_from_ampere_and_fp16_below_and_fp32_on_the_cpu(capability, auto):
+    assert resolve_precision("auto", torch.device("cuda", 0), capability) == auto
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp32", torch.device("cuda", 0), capability) == "fp32"
+
+
+def test_precision_reads_the_capability_of_the_device_it_runs_on(monkeypatch):
+    monkeypatch.setattr("ldmflow.devices.device_capability", lambda device: (7, 0) if device.index == 1 else (8, 0))
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
+
+
+def test_explicit_bf16_on_a_pre_ampere_gpu_warns_once(caplog):
+    _warn_slow_bf16.cache_clear()
+    for _ in range(3):
+        assert resolve_precision("bf16", torch.device("cuda", 0), (7, 0)) == "bf16"
+    assert resolve_precision("bf16", torch.device("cuda", 0), (8, 0)) == "bf16"
+    assert caplog.text.count("bf16 convolutions take a slow fallback") == 1
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_deterministic_defaults_to_on_for_the_cpu_and_off_on_cuda_with_cudnn_benchmark(value):
+    cpu, cuda = resolve_deterministic(value, torch.device("cpu")), resolve_deterministic(value, torch.device("cuda"))
+    assert (cpu, cuda) == ((True, False) if value is None else (value, value))
+    try:
+        set_deterministic(1, deterministic=cuda)
+        assert torch.are_deterministic_algorithms_enabled() == cuda
+        assert torch.backends.cudnn.benchmark == (not cuda)
+    finally:
+        set_deterministic(1)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark

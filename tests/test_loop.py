@@ -3,6 +3,7 @@ in one go and cut by preemption signals and ``kill -9``, which must end bit-iden
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -17,9 +18,13 @@ from torch import nn
 
 from ldmflow.artifacts import RunPaths, load_checkpoint
 from ldmflow.config.common import DataConfig, EarlyStoppingConfig, EmaConfig, OptimConfig, TrainConfig
-from ldmflow.errors import Preempted
+from ldmflow.devices import set_deterministic
+from ldmflow.errors import Preempted, TrainingError
+from ldmflow.training import loop
 from ldmflow.training.loop import FitConfig, fit
 from ldmflow.training.optim import lr_factor
+
+from .host_syncs import HostSyncs, count_host_syncs
 
 REPO = Path(__file__).resolve().parents[1]
 TRUE_W, TRUE_B = [1.0, -2.0, 0.5], 0.3
@@ -179,3 +184,63 @@ def test_a_checkpoint_of_the_dict_state_loop_resumes_mid_epoch_to_the_same_weigh
     result = fit_toy(tmp_path)
     assert result["resumed_from"] == {"epoch": old["epoch"], "step": old["step"], "micro": old["micro"]}
     assert_identical(whole[1], latest(tmp_path))
+
+
+@pytest.fixture
+def host_syncs(monkeypatch) -> HostSyncs:
+    return count_host_syncs(monkeypatch)
+
+
+def quiet_config(epochs: int, log_every: int, **train) -> FitConfig:
+    """The toy's config without per-step checkpoints: what a long run between log points does."""
+    fc = toy_config(epochs)
+    fc.train = dataclasses.replace(fc.train, log_every=log_every, checkpoint_every_steps=0,
+                                   checkpoint_every_minutes=0.0, **train)
+    return fc
+
+
+def syncs_per_epoch(tmp_path: Path, host_syncs, samples: int, log_every: int) -> int:
+    """Host reads counted while the toy trains one epoch of ``samples`` (batches of 4, 2 per optimizer step)."""
+    def counted_epoch(*args):
+        with host_syncs.counting():
+            return train_epoch(*args)
+
+    train_epoch = loop.train_epoch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "train_epoch", counted_epoch)
+        host_syncs.count = 0
+        fit(LinearTask(), Regression(samples, seed=1), Regression(16, seed=2), quiet_config(1, log_every),
+            tmp_path / f"{samples}-{log_every}", "toy", device=torch.device("cpu"), progress=False)
+    return host_syncs.count
+
+
+def test_training_steps_between_log_points_never_wait_for_the_device(tmp_path, host_syncs):
+    # 4 and 16 optimizer steps with one log point (the epoch's last step): the same reads, none per step
+    short = syncs_per_epoch(tmp_path, host_syncs, 32, log_every=1000)
+    assert syncs_per_epoch(tmp_path, host_syncs, 128, log_every=1000) == short, host_syncs.where
+    # what is left is per epoch (its running sums start from the host) and per log point; a log point at every
+    # step shows that the counter sees them
+    assert syncs_per_epoch(tmp_path, host_syncs, 128, log_every=1) >= short + 15
+
+
+def test_a_nan_loss_still_stops_the_run_when_it_is_read_only_at_log_points(tmp_path):
+    class Diverging(LinearTask):
+        def loss(self, model, batch, step):
+            mse, parts = super().loss(model, batch, step)
+            return (mse * float("nan") if step == 5 else mse), parts
+
+    with pytest.raises(TrainingError, match="1 optimizer step"):
+        fit(Diverging(), Regression(128, seed=1), Regression(16, seed=2), quiet_config(1, 1000), tmp_path, "toy",
+            device=torch.device("cpu"), progress=False)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, True), (True, True), (False, False)])
+def test_train_deterministic_defaults_to_on_for_a_cpu_run(tmp_path, monkeypatch, value, expected):
+    seen = []
+    monkeypatch.setattr(loop, "set_deterministic", lambda seed, deterministic: seen.append(deterministic))
+    try:
+        fit(LinearTask(), Regression(32, seed=1), Regression(16, seed=2), quiet_config(1, 1000, deterministic=value),
+            tmp_path, "toy", device=torch.device("cpu"), progress=False)
+    finally:
+        set_deterministic(0)
+    assert seen == [expected]

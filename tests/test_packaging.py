@@ -10,8 +10,9 @@ CONDA_NAMES = {"pytorch": "torch"}
 
 
 def normalise(spec: str) -> tuple[str, str]:
-    name, version = re.match(r"^([A-Za-z0-9_.-]+)\s*(.*)$", spec.strip()).groups()
-    return CONDA_NAMES.get(name.lower(), name.lower()).replace("_", "-"), version.replace(" ", "")
+    """(name, version) of a pip or conda requirement; a conda build string ("pytorch >=2.10 cuda*") is left out."""
+    name, version = re.match(r"^([A-Za-z0-9_.-]+)\s*(\S*)", spec.strip()).groups()
+    return CONDA_NAMES.get(name.lower(), name.lower()).replace("_", "-"), version
 
 
 def test_conda_env_matches_pyproject():
@@ -29,3 +30,10 @@ def test_torch_floor_excludes_releases_whose_weights_only_load_can_run_code():
     floor = dict(normalise(d) for d in project["dependencies"])["torch"]
     major, minor = (int(x) for x in re.match(r">=(\d+)\.(\d+)", floor).groups())
     assert (major, minor) >= (2, 10)
+
+
+def test_the_conda_environment_asks_for_a_cuda_build_of_torch():
+    # built on a login node without a GPU, an unpinned pytorch resolves to the CPU build; GPU jobs would stop
+    env = yaml.safe_load((REPO / "envs" / "ldmflow.yaml").read_text())
+    torch_spec = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("pytorch"))
+    assert torch_spec.split()[2:] == ["cuda*"]

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from ldmflow.config.diffusion import NoiseConfig, SamplingConfig
+from ldmflow.diffusion import samplers
 from ldmflow.diffusion.samplers import SAMPLERS, Spacing, guided, sample, sample_ddim, sample_ddpm, timestep_spacing
 from ldmflow.diffusion.schedules import NoiseSchedule
+
+from .host_syncs import HostSyncs, count_host_syncs
 
 SAMPLER_NAMES = typing.get_args(typing.get_type_hints(SamplingConfig)["sampler"])
 SCHEDULES = typing.get_args(typing.get_type_hints(NoiseConfig)["schedule"])
@@ -92,6 +95,42 @@ def test_same_seed_same_samples_and_the_callback_sees_every_step(name):
     assert [d["i"] for d in seen] == list(range(8))
     assert [int(d["t"]) for d in seen] == timestep_spacing(1000, 8).tolist()
     assert torch.equal(seen[-1]["x"], a) and set(seen[0]) == {"i", "t", "x", "x0"}
+
+
+@pytest.fixture
+def host_syncs(monkeypatch) -> HostSyncs:
+    return count_host_syncs(monkeypatch)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_a_sampler_step_never_waits_for_the_device(name, host_syncs):
+    s, x_T = schedule(), torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    counts = []
+    for steps in (2, 10):
+        host_syncs.count = 0
+        with host_syncs.counting():
+            SAMPLERS[name](random_model, x_T, s, steps, generator=torch.Generator().manual_seed(1))
+        counts.append(host_syncs.count)
+    assert counts[0] == counts[1], host_syncs.where  # the reads are per call (the timesteps), none per step
+
+
+def steps_one_copy_per_step(schedule, steps, spacing, device):
+    """The samplers' timesteps as they were built before: a tensor from the host at every step."""
+    ts = timestep_spacing(schedule.timesteps, steps, spacing)
+    abar = schedule.alphas_cumprod.double().cpu()
+    prev = torch.cat([abar[ts[1:]], torch.ones(1, dtype=torch.float64)])
+    for i, t in enumerate(ts.tolist()):
+        yield i, torch.tensor(t, device=device), float(abar[t]), float(prev[i])
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_timesteps_put_on_the_device_once_give_the_same_samples_bit_for_bit(name, spacing, monkeypatch):
+    s, x_T = schedule(), torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    now = SAMPLERS[name](random_model, x_T, s, 7, generator=torch.Generator().manual_seed(1), spacing=spacing)
+    monkeypatch.setattr(samplers, "_steps", steps_one_copy_per_step)
+    before = SAMPLERS[name](random_model, x_T, s, 7, generator=torch.Generator().manual_seed(1), spacing=spacing)
+    assert torch.equal(now, before)
 
 
 def test_ddpm_samples_depend_on_the_seed():

@@ -11,6 +11,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file, the key and what is allowed."""
 
 
+class CudaSetupError(RuntimeError):
+    """The installed torch cannot use this machine's GPUs (no kernels for them, a CPU-only build on a GPU job);
+    the message names the torch build to install."""
+
+
 class Preempted(RuntimeError):
     """A scheduler signal arrived; the latest checkpoint was saved and the run can be resumed."""
 
@@ -63,7 +68,8 @@ class ControlError(DataError):
 # SIGUSR1 or SIGUSR2: one code for all four) and can be resumed, 1 for a run that cannot go on. README "When
 # something is wrong" lists them.
 # OSError covers the rest of what a machine can do to a path (ENOSPC, EROFS, EIO, ESTALE on a lost NFS mount).
-USER_ERRORS = (ConfigError, DataError, SelectionError, SamplingError, StorageError, RunLockedError, OSError)
+USER_ERRORS = (ConfigError, CudaSetupError, DataError, SelectionError, SamplingError, StorageError, RunLockedError,
+               OSError)
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143
 EXIT_TRAINING_ERROR = 1

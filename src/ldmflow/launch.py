@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ldmflow.cli import main, setup_logging
 from ldmflow.config.common import Stage
-from ldmflow.devices import claim_gpu, claim_gpus
+from ldmflow.devices import check_cuda, claim_gpu, claim_gpus
 from ldmflow.errors import EXIT_PREEMPTED, exit_code
 from ldmflow.stages import trainer
 from ldmflow.training.preemption import SignalFlag
@@ -84,6 +84,8 @@ def run_training(stage: Stage, *, gpus: int, environ: Mapping[str, str], log_fil
     training cannot go on.
     """
     setup_logging(log_file)
+    with user_errors_exit():  # before torchrun starts: a torch that cannot use the job's GPUs is one line
+        check_cuda(gpus)
     if gpus > 1:
         flags = {"manifest": "--data", "out_dir": "--out"}
         per_rank = rank_threads(threads, gpus)

@@ -130,8 +130,14 @@ class TrainConfig:
     epochs: int = param(10, "Maximum number of epochs.", minimum=1)
     early_stopping: EarlyStoppingConfig = param(EarlyStoppingConfig, "When to stop and what 'best' means.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = param(
-        "auto", "Autocast precision on any device (fp16 adds a grad scaler); auto: bf16 on CUDA, fp32 on CPU "
-        "(most CPUs run bf16 slower than fp32).",
+        "auto", "Autocast precision on any device (fp16 adds a grad scaler); auto: bf16 on GPUs of compute "
+        "capability 8.0 or later (A100, H100), fp16 on older ones (V100, T4: no cuDNN bf16 convolutions), fp32 on "
+        "CPU (most CPUs run bf16 slower than fp32).",
+    )
+    deterministic: bool | None = param(
+        None, "Deterministic kernels: the same seed gives the same run. null: on for the CPU; off on CUDA, where "
+        "cuDNN then times its algorithms and keeps the fastest (cudnn.benchmark) and some kernels stay "
+        "nondeterministic anyway. A run may resume across a change of this key.",
     )
     fp16_init_scale: float = param(
         65536.0, "fp16: the grad scaler's first loss scale (torch's default 2**16); it halves on every overflowing "

@@ -54,12 +54,15 @@ def timestep_spacing(num_train_timesteps: int, steps: int, spacing: Spacing = "t
 
 
 def _steps(schedule: NoiseSchedule, steps: int, spacing: Spacing, device: torch.device):
-    """Pairs (t, abar_t, abar_prev) over the spaced timesteps; after the last one, abar_prev = 1 (clean data)."""
+    """Pairs (t, abar_t, abar_prev) over the spaced timesteps; after the last one, abar_prev = 1 (clean data).
+
+    The timesteps go to the device and the coefficients to Python floats once, before the first step: a step
+    then never waits on a copy between host and device."""
     ts = timestep_spacing(schedule.timesteps, steps, spacing)
     abar = schedule.alphas_cumprod.double().cpu()
-    prev = torch.cat([abar[ts[1:]], torch.ones(1, dtype=torch.float64)])
-    for i, t in enumerate(ts.tolist()):
-        yield i, torch.tensor(t, device=device), float(abar[t]), float(prev[i])
+    coefficients = zip(abar[ts].tolist(), abar[ts[1:]].tolist() + [1.0])
+    for i, (t, (abar_t, abar_prev)) in enumerate(zip(ts.to(device), coefficients)):
+        yield i, t, abar_t, abar_prev
 
 
 def _model_x0_eps(denoise, x, t, schedule, prediction):

@@ -50,9 +50,10 @@ class AutoencoderTask:
     def loss(self, model, batch, step):
         image = batch["image"]
         if self.cfg.data.hflip:
-            # flips seeded by (seed, step): the same on a resumed run
-            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
-            flip = (torch.rand(image.shape[0], generator=gen) < 0.5).to(image.device)
+            # flips seeded by (seed, step): the same on a resumed run; drawn on the image's device, so a step
+            # does not wait for a copy from the host
+            gen = torch.Generator(device=image.device).manual_seed(self.cfg.seed * 7919 + step)
+            flip = torch.rand(image.shape[0], generator=gen, device=image.device) < 0.5
             image = torch.where(flip[:, None, None, None], image.flip(-1), image)
             batch = {**batch, "image": image}
             if "mask" in batch:
@@ -140,9 +141,11 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
     set_deterministic(cfg.seed)
     model = build_autoencoder(cfg)
     parent = initialise(model, cfg.init, init, source)
-    # NHWC convolutions: faster training steps on a CPU (benchmarks/autoencoder_step.py compares the two),
-    # and the layout tensor cores want on a GPU
-    model = model.to(memory_format=torch.channels_last)
+    dev = get_device(device)
+    if dev.type == "cpu":
+        # NHWC convolutions: faster training steps on a CPU (benchmarks/autoencoder_step.py compares the two).
+        # Not on CUDA until measured there: its GroupNorm returns NCHW, so every block would convert back and forth.
+        model = model.to(memory_format=torch.channels_last)
     log.info("%s: %d train / %d val images, %.2fM parameters", cfg.name, len(train_set), len(val_set),
              sum(p.numel() for p in model.parameters()) / 1e6)
     fc = FitConfig(stage="autoencoder", seed=cfg.seed, data=cfg.data, optim=cfg.optim, train=cfg.train,
@@ -152,5 +155,5 @@ def train_autoencoder(config, manifest: str | Path, out_dir: str | Path, *, over
                                          ).to_dict())
     task = AutoencoderTask(cfg, model, val_set)
     uncached = data.images is None
-    return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=get_device(device),
+    return fit(task, train_set, val_set, fc, out_dir, cfg.name, device=dev,
                workers=min(4, threads or 1) if uncached else 0, progress=progress)

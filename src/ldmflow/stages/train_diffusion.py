@@ -56,8 +56,6 @@ def train_diffusion(config, latents: str | Path, out_dir: str | Path, *, overrid
     set_deterministic(cfg.seed)
     model = build_unet(cfg, store.latent_shape[0], num_classes)
     parent = initialise(model, cfg.init, init, source)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     weights = balancing_weights(train_set.labels, cfg.data.balance_power)
     log.info("%s: %d train / %d val latents %s, %.2fM parameters, %s", cfg.name, len(train_set), len(val_set),
              tuple(store.latent_shape), count_parameters(model) / 1e6,

@@ -35,7 +35,14 @@ from ldmflow.artifacts import (
     set_aside_run,
 )
 from ldmflow.config.common import DataConfig, OptimConfig, TrainConfig
-from ldmflow.devices import get_device, rng_state, set_deterministic, set_rng_state
+from ldmflow.devices import (
+    get_device,
+    resolve_deterministic,
+    resolve_precision,
+    rng_state,
+    set_deterministic,
+    set_rng_state,
+)
 from ldmflow.errors import Preempted, TrainingError
 from ldmflow.training.batching import EpochBatchSampler, make_loader
 from ldmflow.training.distributed import ShardBatches, from_rank0, shards_validation, validate
@@ -47,7 +54,7 @@ from ldmflow.training.state import EpochTotals, LoopState
 log = logging.getLogger(__name__)
 # Keys whose change does not change what a run computes, so a run may resume across them.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.sample_every", "train.checkpoint_every_steps",
-                     "train.checkpoint_every_minutes", "train.early_stopping.patience"}
+                     "train.checkpoint_every_minutes", "train.early_stopping.patience", "train.deterministic"}
 
 
 def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -64,16 +71,11 @@ def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision`` on ``device``: "auto" is bf16 on CUDA and fp32 elsewhere (bf16 is slow on most CPUs)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
 def autocast(device: torch.device, precision: str):
-    """bf16 / fp16 autocast on the device (CUDA or CPU); fp32 is a no-op."""
-    precision = resolve_precision(precision, device)
+    """bf16 / fp16 autocast on the device (CUDA or CPU); fp32 is a no-op. ``precision`` as
+    :func:`resolve_precision` resolves it ("auto" is resolved here)."""
+    if precision == "auto":
+        precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -183,6 +185,7 @@ class Run:
     flag_group: Any  # the process group of the per-step signal flag (gloo: CPU only); None outside DDP
     state: LoopState = field(default_factory=LoopState)
     last_save: float = field(default_factory=time.monotonic)
+    precision: str = "fp32"  # train.precision resolved on the device (resolve_precision)
 
 
 def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str,
@@ -193,13 +196,13 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
     tcfg, ocfg = fc.train, fc.optim
     # DiT's per-rank seed: each rank draws its own timesteps, noise, label dropout and KL samples (one
     # process keeps the plain seed); the batch order has its own generator, shared, so shards stay disjoint.
-    set_deterministic(fc.seed * world + rank)
+    set_deterministic(fc.seed * world + rank, resolve_deterministic(tcfg.deterministic, device))
 
     model = task.model.to(device)
     ema = Ema(model, tcfg.ema.decay, tcfg.ema.warmup) if tcfg.ema.decay > 0 else None
     optimizer = build_optimizer(model, fc)
-    scaler = torch.amp.GradScaler(device.type, init_scale=tcfg.fp16_init_scale,
-                                  enabled=resolve_precision(tcfg.precision, device) == "fp16")
+    precision = resolve_precision(tcfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=tcfg.fp16_init_scale, enabled=precision == "fp16")
 
     sampler = EpochBatchSampler(len(train_set), fc.data.batch_size, fc.seed, sample_weights, rank, world)
     val_sampler: Any = EpochBatchSampler(len(val_set), fc.data.batch_size, fc.seed, drop_last=False, shuffle=False)
@@ -226,7 +229,7 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                make_loader(val_set, val_sampler, workers, pin),
                # leftover micro-batches would leak into the next epoch
                micro_per_epoch=steps_per_epoch * ocfg.accumulate, total_steps=steps_per_epoch * tcfg.epochs,
-               flag_group=flag_group)
+               flag_group=flag_group, precision=precision)
 
 
 def save_state(run: Run, path: Path) -> None:
@@ -291,10 +294,10 @@ def resume(run: Run) -> dict | None:
 def forward_backward(run: Run, batch: dict, totals: EpochTotals, sync: bool) -> None:
     """One micro-batch: loss and backward, adding to the epoch's sums. ``sync``: whether DDP all-reduces the
     gradients (the last micro-batch of an accumulation)."""
-    ocfg, tcfg = run.fc.optim, run.fc.train
+    ocfg = run.fc.optim
     no_sync = contextlib.nullcontext() if (run.world == 1 or sync) else run.step_model.no_sync()
     with no_sync:
-        with autocast(run.device, tcfg.precision):
+        with autocast(run.device, run.precision):
             loss, parts = run.task.loss(run.step_model, batch, run.state.step)
         run.scaler.scale(loss / ocfg.accumulate).backward()
     totals.loss_bad = totals.loss_bad | ~torch.isfinite(loss.detach())
@@ -332,9 +335,9 @@ def optimizer_step(run: Run, totals: EpochTotals) -> None:
 def count_bad_steps(run: Run, totals: EpochTotals) -> None:
     """Add the epoch's non-finite steps to the run's count; stop past ``train.max_bad_steps``."""
     tcfg, state = run.fc.train, run.state
-    state.bad_steps += int(totals.bad.item())
+    bad, skipped = torch.stack([totals.bad, totals.skipped]).tolist()  # one wait for the device, not two
+    state.bad_steps += bad
     totals.bad.zero_()
-    skipped = int(totals.skipped.item())
     totals.skipped.zero_()
     if skipped:
         log.info("%s: the fp16 grad scaler skipped %d overflowing step(s) before step %d; loss scale now %g",
@@ -398,7 +401,7 @@ def epoch_row(run: Run, totals: EpochTotals) -> dict[str, Any]:
     row.update({f"train_{k}": float(v) / max(n_seen, 1) for k, v in totals.sums.items()})
     eval_model = eval_model_of(run)
     eval_model.eval()
-    with torch.no_grad(), autocast(run.device, run.fc.train.precision), isolated_rng(run.device):
+    with torch.no_grad(), autocast(run.device, run.precision), isolated_rng(run.device):
         row.update(validate(run.task, eval_model, run.val_loader, run.flag_group))
     row["grad_norm"] = float(totals.grad_norm_sum) / max(1, run.micro_per_epoch // run.fc.optim.accumulate)
     row["lr"] = run.optimizer.param_groups[0]["lr"]
