@@ -46,7 +46,8 @@ from ldmflow.training.state import EpochTotals, LoopState
 log = logging.getLogger(__name__)
 # Keys whose change does not change what a run computes, so a run may resume across them.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.sample_every", "train.checkpoint_every_steps",
-                     "train.checkpoint_every_minutes", "train.early_stopping.patience"}
+                     "train.checkpoint_every_minutes", "train.checkpoint_every_epochs",
+                     "train.early_stopping.patience"}
 
 
 def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -226,12 +227,18 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                flag_group=flag_group)
 
 
+def checkpoint_header(run: Run) -> dict[str, Any]:
+    """What every checkpoint of the run carries: its format, stage, name, config, provenance and loop state."""
+    fc = run.fc
+    return {"format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved,
+            "extra": fc.extra, **run.state.to_checkpoint()}
+
+
 def save_state(run: Run, path: Path) -> None:
     """Checkpoint everything a resume needs: weights, EMA, optimiser, scaler, every rank's RNG, loop state.
 
     Under DDP every rank calls this at the same points (it gathers the RNG states); rank 0 writes."""
-    fc, device = run.fc, run.device
-    rngs = [rng_state(device)]
+    rngs = [rng_state(run.device)]
     if run.world > 1:
         gathered: list | None = [None] * run.world if run.writer else None
         dist.gather_object(rngs[0], gathered, dst=0, group=run.flag_group)
@@ -239,13 +246,21 @@ def save_state(run: Run, path: Path) -> None:
     if not run.writer:
         return
     save_checkpoint({
-        "format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": fc.extra,
+        **checkpoint_header(run),
         "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "rng": rngs,  # rank r's states at index r
-        **run.state.to_checkpoint(),
     }, path)
+    run.last_save = time.monotonic()
+
+
+def save_best(run: Run) -> None:
+    """The best checkpoint: weights and EMA with the loop state, no optimiser or RNG (it is read for
+    inference and fine-tuning, never resumed from, so it costs a third of the latest). Rank 0 only."""
+    if run.writer:
+        save_checkpoint({**checkpoint_header(run), "model": unwrap(run.model).state_dict(),
+                         "ema": run.ema.model.state_dict() if run.ema else None}, run.paths.best)
 
 
 def load_state(run: Run, ckpt: dict) -> None:
@@ -346,19 +361,22 @@ def count_bad_steps(run: Run, totals: EpochTotals) -> None:
 def checkpoint_mid_epoch(run: Run, totals: EpochTotals, signals: SignalFlag) -> None:
     """Save the latest checkpoint when one is due (steps, minutes) or a signal came; on a signal, stop."""
     tcfg, state = run.fc.train, run.state
-    minutes = tcfg.checkpoint_every_minutes
     # every step: DDP ranks agree on the signal and on the clock (rank clocks differ; the save is collective)
-    stop, late = signals.poll(run.world, run.flag_group,
-                              also=bool(minutes and time.monotonic() - run.last_save > minutes * 60))
+    stop, late = signals.poll(run.world, run.flag_group, also=minutes_due(run))
     due = (tcfg.checkpoint_every_steps and state.step % tcfg.checkpoint_every_steps == 0) or late
-    # at the epoch's last step the epoch's end saves, with the epoch's metrics row
+    # at the epoch's last step the epoch's end decides, with the epoch's metrics row
     if (due or stop) and state.micro < run.micro_per_epoch:
         state.partial = totals.partial()
         save_state(run, run.paths.latest)
-        run.last_save = time.monotonic()
         if stop:
             raise Preempted(f"{run.name}: signal {signals.received} received; saved {run.paths.latest} "
                             f"at epoch {state.epoch}, step {state.step} ({signals.name})")
+
+
+def minutes_due(run: Run) -> bool:
+    """Whether ``train.checkpoint_every_minutes`` have passed since the last latest checkpoint (this rank's clock)."""
+    minutes = run.fc.train.checkpoint_every_minutes
+    return bool(minutes and time.monotonic() - run.last_save > minutes * 60)
 
 
 def train_epoch(run: Run, signals: SignalFlag, bar: RunEvents) -> EpochTotals:
@@ -427,21 +445,30 @@ def record_epoch(state: LoopState, row: dict[str, Any], tcfg: TrainConfig) -> bo
     return best
 
 
-def end_epoch(run: Run, row: dict[str, Any]) -> None:
-    """Record the epoch, keep the best checkpoint, write samples, the latest checkpoint and the metrics."""
+def end_epoch(run: Run, row: dict[str, Any], signals: SignalFlag) -> bool:
+    """Record the epoch, keep the best checkpoint, write samples, the metrics and, when due, the latest checkpoint.
+
+    The latest is due every ``train.checkpoint_every_epochs`` epochs, once ``train.checkpoint_every_minutes``
+    have passed, at the last epoch, on early stopping and on a signal; between them the metrics CSV runs ahead
+    of it, and a resume rebuilds the CSV from the checkpoint's history and trains the lost epochs again.
+    Returns whether a signal came (the latest is then saved and the run stops)."""
     tcfg, state = run.fc.train, run.state
     if record_epoch(state, row, tcfg):
-        save_state(run, run.paths.best)
+        save_best(run)
     last_epoch = state.early_stopped or state.epoch >= tcfg.epochs
     if run.writer and (state.epoch % tcfg.sample_every == 0 or last_epoch):
         with torch.no_grad(), isolated_rng(run.device):
             run.task.write_samples(eval_model_of(run), state.epoch, run.paths.sample(state.epoch))
-    save_state(run, run.paths.latest)
-    run.last_save = time.monotonic()
+    every = tcfg.checkpoint_every_epochs
+    # one agreement for DDP ranks: a signal on any rank, or the clock of any rank, makes it due on every rank
+    stop, late = signals.poll(run.world, run.flag_group, also=minutes_due(run))
+    if last_epoch or stop or late or (every and state.epoch % every == 0):
+        save_state(run, run.paths.latest)
     if run.writer:
         write_metrics_csv(state.history, run.paths.metrics)
     log.info("%s epoch %d/%d: %s", run.name, state.epoch, tcfg.epochs,
              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return stop
 
 
 def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str, *,
@@ -469,9 +496,9 @@ def _fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, nam
         while not state.early_stopped and state.epoch < fc.train.epochs:
             totals = train_epoch(run, signals, bar)
             row = epoch_row(run, totals)
-            end_epoch(run, row)
+            stop = end_epoch(run, row, signals)
             bar.end_epoch(row)
-            if signals.poll(run.world, run.flag_group)[0]:
+            if stop:
                 raise Preempted(f"{name}: signal {signals.received} received after epoch {state.epoch}; "
                                 f"saved {run.paths.latest} ({signals.name})")
     if run.writer and not run.paths.best.is_file():
