@@ -16,20 +16,20 @@ from types import SimpleNamespace
 
 import torch
 
-from ldmflow.artifacts import RunPaths, atomic_write_bytes
+from ldmflow.artifacts import CHECKPOINT_FORMAT, RunPaths, atomic_write_bytes
 from ldmflow.config.loading import load_config
 from ldmflow.devices import rng_state
 from ldmflow.models.unet import build_unet, count_parameters
-from ldmflow.training.loop import FitConfig, checkpoint_header, save_best, save_state
+from ldmflow.training.loop import FitConfig, save_state
 from ldmflow.training.optim import Ema, build_optimizer
 from ldmflow.training.state import LoopState
 
 
 def fake_run(preset: str, out: Path) -> SimpleNamespace:
-    """What save_state / save_best read of a run: a UNet with EMA and AdamW moments after one step."""
+    """What save_state reads of a run: a UNet with EMA and AdamW moments after one step."""
     cfg = load_config({"name": "bench", "model": {"preset": preset}, "train": {"ema": {"decay": 0.999}}}, "diffusion")
     model = build_unet(cfg, 4, 10)
-    fc = FitConfig("diffusion", 0, cfg.data, cfg.optim, cfg.train, resolved={"preset": preset})
+    fc = FitConfig("diffusion", 0, cfg.data, cfg.optim, cfg.train, resolved={"preset": preset}, extra={})
     optimizer = build_optimizer(model, fc)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -41,7 +41,9 @@ def fake_run(preset: str, out: Path) -> SimpleNamespace:
 
 def save_before(run, path: Path) -> None:
     """The earlier writer, for best and latest alike: the whole state, serialised into memory, then written."""
-    state = {**checkpoint_header(run), "model": run.model.state_dict(), "ema": run.ema.model.state_dict(),
+    fc = run.fc
+    state = {"format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": {},
+             "model": run.model.state_dict(), "ema": run.ema.model.state_dict(), **run.state.to_checkpoint(),
              "optimizer": run.optimizer.state_dict(), "scaler": None, "rng": [rng_state(run.device)]}
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -69,7 +71,7 @@ def main() -> None:
     paths, before = run.paths, Path(args.dir) / "before.pt"
     rows = {"before (best or latest)": (timed(lambda: save_before(run, before), args.repeats), before),
             "now latest": (timed(lambda: save_state(run, paths.latest), args.repeats), paths.latest),
-            "now best": (timed(lambda: save_best(run), args.repeats), paths.best)}
+            "now best": (timed(lambda: save_state(run, paths.best, resumable=False), args.repeats), paths.best)}
     for name, (seconds, path) in rows.items():
         print(f"{name:<24} {path.stat().st_size / 1e6:8.1f} MB {seconds:7.2f} s (median of {args.repeats})")
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -227,40 +227,30 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                flag_group=flag_group)
 
 
-def checkpoint_header(run: Run) -> dict[str, Any]:
-    """What every checkpoint of the run carries: its format, stage, name, config, provenance and loop state."""
-    fc = run.fc
-    return {"format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved,
-            "extra": fc.extra, **run.state.to_checkpoint()}
-
-
-def save_state(run: Run, path: Path) -> None:
+def save_state(run: Run, path: Path, resumable: bool = True) -> None:
     """Checkpoint everything a resume needs: weights, EMA, optimiser, scaler, every rank's RNG, loop state.
+    ``resumable=False`` (the best checkpoint, read for inference and fine-tuning, never resumed from): weights,
+    EMA and loop state alone, half the bytes, written by rank 0 without a collective.
 
-    Under DDP every rank calls this at the same points (it gathers the RNG states); rank 0 writes."""
-    rngs = [rng_state(run.device)]
-    if run.world > 1:
+    Under DDP every rank calls the resumable save at the same points (it gathers the RNG states); rank 0 writes."""
+    fc, device = run.fc, run.device
+    rngs = [rng_state(device)]
+    if resumable:
+        run.last_save = time.monotonic()
+    if resumable and run.world > 1:
         gathered: list | None = [None] * run.world if run.writer else None
         dist.gather_object(rngs[0], gathered, dst=0, group=run.flag_group)
         rngs = gathered or []
     if not run.writer:
         return
-    save_checkpoint({
-        **checkpoint_header(run),
-        "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "rng": rngs,  # rank r's states at index r
-    }, path)
-    run.last_save = time.monotonic()
-
-
-def save_best(run: Run) -> None:
-    """The best checkpoint: weights and EMA with the loop state, no optimiser or RNG (it is read for
-    inference and fine-tuning, never resumed from, so it costs a third of the latest). Rank 0 only."""
-    if run.writer:
-        save_checkpoint({**checkpoint_header(run), "model": unwrap(run.model).state_dict(),
-                         "ema": run.ema.model.state_dict() if run.ema else None}, run.paths.best)
+    state = {"format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": fc.extra,
+             "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
+             **run.state.to_checkpoint()}
+    if resumable:
+        state |= {"optimizer": run.optimizer.state_dict(),
+                  "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                  "rng": rngs}  # rank r's states at index r
+    save_checkpoint(state, path)
 
 
 def load_state(run: Run, ckpt: dict) -> None:
@@ -374,9 +364,9 @@ def checkpoint_mid_epoch(run: Run, totals: EpochTotals, signals: SignalFlag) -> 
 
 
 def minutes_due(run: Run) -> bool:
-    """Whether ``train.checkpoint_every_minutes`` have passed since the last latest checkpoint (this rank's clock)."""
-    minutes = run.fc.train.checkpoint_every_minutes
-    return bool(minutes and time.monotonic() - run.last_save > minutes * 60)
+    """Whether ``train.checkpoint_every_minutes`` have passed since the last resumable save (this rank's clock)."""
+    return bool(run.fc.train.checkpoint_every_minutes
+                and time.monotonic() - run.last_save > run.fc.train.checkpoint_every_minutes * 60)
 
 
 def train_epoch(run: Run, signals: SignalFlag, bar: RunEvents) -> EpochTotals:
@@ -446,23 +436,19 @@ def record_epoch(state: LoopState, row: dict[str, Any], tcfg: TrainConfig) -> bo
 
 
 def end_epoch(run: Run, row: dict[str, Any], signals: SignalFlag) -> bool:
-    """Record the epoch, keep the best checkpoint, write samples, the metrics and, when due, the latest checkpoint.
-
-    The latest is due every ``train.checkpoint_every_epochs`` epochs, once ``train.checkpoint_every_minutes``
-    have passed, at the last epoch, on early stopping and on a signal; between them the metrics CSV runs ahead
-    of it, and a resume rebuilds the CSV from the checkpoint's history and trains the lost epochs again.
-    Returns whether a signal came (the latest is then saved and the run stops)."""
+    """Record the epoch, keep the best checkpoint, write samples, the metrics and, when due, the latest checkpoint
+    (every ``train.checkpoint_every_epochs``, by the minutes, at the last epoch, on early stopping or a signal;
+    a resume rebuilds the CSV, which runs ahead, from the checkpoint). Returns whether a signal came."""
     tcfg, state = run.fc.train, run.state
     if record_epoch(state, row, tcfg):
-        save_best(run)
+        save_state(run, run.paths.best, resumable=False)
     last_epoch = state.early_stopped or state.epoch >= tcfg.epochs
     if run.writer and (state.epoch % tcfg.sample_every == 0 or last_epoch):
         with torch.no_grad(), isolated_rng(run.device):
             run.task.write_samples(eval_model_of(run), state.epoch, run.paths.sample(state.epoch))
-    every = tcfg.checkpoint_every_epochs
     # one agreement for DDP ranks: a signal on any rank, or the clock of any rank, makes it due on every rank
     stop, late = signals.poll(run.world, run.flag_group, also=minutes_due(run))
-    if last_epoch or stop or late or (every and state.epoch % every == 0):
+    if last_epoch or stop or late or (tcfg.checkpoint_every_epochs and state.epoch % tcfg.checkpoint_every_epochs == 0):
         save_state(run, run.paths.latest)
     if run.writer:
         write_metrics_csv(state.history, run.paths.metrics)
