@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [extra suite.py options, e.g. --budget-s 240]
 #
-# Within about 10 minutes: the suite stops itself by 7 min 10 s (gpu_suite.sh), the tests take about a minute.
+# Built to end within 10 minutes: the suite stops itself by 7 min 10 s (gpu_suite.sh); the tests train tiny models.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 outdir=${1:-benchmarks/results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}
