@@ -8,9 +8,10 @@ DDIM 25 and 50 steps; the memorization search at 4,096 x 32,768). ``cpu``: a red
 GPU. Each case times a fixed number of steps after a fixed warm-up; cases run in order of importance
 (every stage eager first, then compile, then CUDA graphs); once ``--budget-s`` seconds have passed the
 rest are written as skipped, and a case still running at ``--hard-limit-s`` is stopped and written as
-such, so the run ends in a known time. A case that fails is written with its error and the suite goes on.
+such, so the run ends in a known time. A case that fails is written with its error and the suite goes on;
+a case whose optional package is missing (zarr for the embedding) is written as skipped, with the reason.
 
-    PYTHONPATH=src python benchmarks/suite.py --scale cpu --out /tmp/suite.jsonl
+    PYTHONPATH=src python3 benchmarks/suite.py --scale cpu --out /tmp/suite.jsonl [--cases embedding ...]
     bash benchmarks/gpu_suite.sh             # on a GPU machine: installs from .whl/, picks the scale
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import json
 import os
 import platform
@@ -98,11 +100,28 @@ def cases(s: Scale, device: torch.device, workdir: Path) -> list[tuple[str, obje
                              lambda mode=mode, batch=batch, steps=steps: sw.compare_sampling(
                                  s.preset, s.latent, batch, steps, mode, device, repeats=s.sample_repeats)))
         if mode_name == s.modes[0]:  # embedding and the search have one mode: the stage's own
-            todo.append((1, "embedding", lambda: sw.compare_embedding(
-                s.ae_image, s.ae_base, s.embed_images, 64, device, repeats=s.rounds, workdir=workdir)))
+            todo.append((1, "embedding", needs("zarr", lambda: sw.compare_embedding(
+                s.ae_image, s.ae_base, s.embed_images, 64, device, repeats=s.rounds, workdir=workdir))))
             todo.append((1, "memorization search",
                          lambda: sw.compare_search(*s.search, 4, device, repeats=s.rounds)))
     return [(name, thunk) for _, name, thunk in sorted(todo, key=lambda item: item[0])]  # stable within a tier
+
+
+class CaseSkipped(Exception):
+    """Raised by a case that cannot run here (an optional package is missing); written as skipped."""
+
+
+def needs(module: str, thunk):
+    """``thunk``, or a case that is skipped with a note when ``module`` cannot be imported."""
+
+    def run():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise CaseSkipped(f"{module} is not installed ({exc}); add its wheels (benchmarks/gpu_wheels.sh)") from None
+        return thunk()
+
+    return run
 
 
 def machine(device: torch.device) -> dict:
@@ -164,6 +183,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", choices=sorted(sw.MODES), help="override the scale's modes")
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the scale's)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--cases", nargs="+", metavar="TEXT",
+                        help="run only the cases whose name contains one of these (e.g. embedding 'DDIM 50')")
     args = parser.parse_args(argv)
     if args.show:
         print(markdown([json.loads(line) for line in Path(args.show).read_text().splitlines()]))
@@ -191,6 +212,8 @@ def main(argv=None) -> None:
     t_start = time.perf_counter() - (time.time() - args.since if args.since else 0.0)
     with tempfile.TemporaryDirectory(prefix="ldmflow-suite-") as tmp, open(out, "w") as fh:
         for name, thunk in cases(scale, device, Path(tmp)):
+            if args.cases and not any(text in name for text in args.cases):
+                continue
             base = {"case": name, "started": started, **info}
             if time.perf_counter() - t_start > min(budget, hard):
                 fh.write(json.dumps({**base, "skipped": f"time budget of {budget:.0f} s spent"}) + "\n")
@@ -201,6 +224,10 @@ def main(argv=None) -> None:
             signal.setitimer(signal.ITIMER_REAL, max(1.0, hard - (t0 - t_start)))
             try:
                 result = thunk()
+            except CaseSkipped as exc:
+                fh.write(json.dumps({**base, "skipped": str(exc)}) + "\n")
+                print(f"{name}: skipped ({exc})", flush=True)
+                continue
             except CaseStopped:
                 fh.write(json.dumps({**base, "skipped": f"stopped at the hard limit of {hard:.0f} s"}) + "\n")
                 print(f"{name}: stopped (hard limit)", flush=True)

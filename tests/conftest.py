@@ -21,7 +21,11 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(items):
     """The SLURM test first, then the other `slow` ones, then the rest, each group in file order: on pytest-xdist
     workers the long whole-workflow runs start early and the short tests fill the gaps, instead of one long
-    test running alone at the end."""
+    test running alone at the end. `gpu` tests are skipped where torch sees no CUDA device."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
     items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2)
 
 

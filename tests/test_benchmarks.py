@@ -54,3 +54,41 @@ def test_suite_baselines_are_the_same_work(suite_records):
     # both DDIM loops drive the same UNet from the same noise to the same samples
     for steps in (25, 50):
         assert by_stage[f"sample_ddim{steps}"]["max_abs_difference"] < 1e-3
+
+
+BLOCK_ZARR = '''import importlib.abc, sys
+
+
+class NoZarr(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "zarr":
+            raise ImportError("zarr is blocked by the test")
+
+
+sys.meta_path.insert(0, NoZarr())
+'''
+
+
+def test_the_suite_runs_its_other_cases_and_notes_the_skipped_embedding_on_a_machine_without_zarr(tmp_path):
+    pytest.importorskip("diffusers", reason="the baselines are diffusers' (pip install -e '.[test]')")
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCK_ZARR)  # every python3 the script starts lacks zarr
+    out = tmp_path / "suite.jsonl"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(tmp_path / "block"), "LDMFLOW_WHEELS": str(tmp_path / "no-wheels"),
+           "LDMFLOW_SITE": str(tmp_path / "site")}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), str(out), "--cases", "embedding",
+                           "memorization search", "DDIM 25"], cwd=REPO, env=env, check=False, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "zarr is not installed, so the embedding case is skipped" in proc.stdout
+    records = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"embedding", "memorization search", "sampling DDIM 25 eager_fp32 batch 4"}
+    assert records["embedding"]["skipped"].startswith("zarr is not installed")
+    assert all("ours" in r for name, r in records.items() if name != "embedding")
+
+
+@pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_wheels.sh", "gpu_check.sh"])
+def test_the_gpu_machine_scripts_are_valid_bash(script):
+    proc = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

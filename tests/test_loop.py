@@ -83,19 +83,20 @@ def distance(model: nn.Module) -> float:
     return float((w - torch.tensor([*TRUE_W, TRUE_B])).norm())
 
 
-def toy_config(epochs: int = EPOCHS) -> FitConfig:
+def toy_config(epochs: int = EPOCHS, **train_keys) -> FitConfig:
     optim = OptimConfig(lr=0.1, weight_decay=0.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.05,
                         grad_clip=10.0, accumulate=2)
-    train = TrainConfig(epochs=epochs, precision="fp32", ema=EmaConfig(decay=0.5, warmup=0), log_every=1,
-                        checkpoint_every_steps=1, early_stopping=EarlyStoppingConfig(patience=0))
+    train = TrainConfig(**{"epochs": epochs, "precision": "fp32", "ema": EmaConfig(decay=0.5, warmup=0),
+                           "log_every": 1, "checkpoint_every_steps": 1,
+                           "early_stopping": EarlyStoppingConfig(patience=0), **train_keys})
     # only what the loop is told; a resume compares it with the checkpoint's copy
     resolved = {"task": "linear-regression", "optim": {"lr": 0.1, "accumulate": 2}, "train": {"epochs": epochs}}
     return FitConfig(stage="toy", seed=7, data=DataConfig(batch_size=4), optim=optim, train=train, resolved=resolved)
 
 
-def fit_toy(out: Path, epochs: int = EPOCHS, task: LinearTask | None = None) -> dict:
-    return fit(task or LinearTask(), Regression(64, seed=1), Regression(16, seed=2), toy_config(epochs), out, "toy",
-               device=torch.device("cpu"), progress=False)
+def fit_toy(out: Path, epochs: int = EPOCHS, task: LinearTask | None = None, **train_keys) -> dict:
+    return fit(task or LinearTask(), Regression(64, seed=1), Regression(16, seed=2), toy_config(epochs, **train_keys),
+               out, "toy", device=torch.device("cpu"), progress=False)
 
 
 def latest(out: Path) -> dict:
@@ -165,6 +166,29 @@ def test_a_fit_killed_with_sigkill_resumes_to_bit_identical_weights_and_metrics(
     cut = latest(tmp_path)
     assert (cut["epoch"], cut["step"], cut["micro"]) == (2, 19, 6)  # the checkpoint of the step before the kill
     assert fit_toy(tmp_path)["resumed_from"]["step"] == 19
+    assert_identical(whole[1], latest(tmp_path))
+
+
+EVERY_2_EPOCHS = {"checkpoint_every_epochs": 2, "checkpoint_every_steps": 0, "checkpoint_every_minutes": 0.0}
+
+
+def test_a_kill_between_latest_checkpoints_every_2_epochs_resumes_from_the_last_one_bit_identical(tmp_path, whole):
+    kill_at = 3 * STEPS_PER_EPOCH + 1  # in epoch 4, after epoch 3 ended without a latest checkpoint
+    code = (f"import sys; sys.path[:0] = [{str(REPO / 'src')!r}, {str(REPO)!r}]; from pathlib import Path; "
+            "from tests.test_loop import EVERY_2_EPOCHS, LinearTask, fit_toy; "
+            f"fit_toy(Path({str(tmp_path)!r}), task=LinearTask(kill_at={kill_at}), **EVERY_2_EPOCHS)")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    paths = RunPaths(tmp_path, "toy")
+    cut = latest(tmp_path)
+    assert (cut["epoch"], cut["step"], cut["micro"]) == (2, 2 * STEPS_PER_EPOCH, 0)
+    assert len(paths.metrics.read_text().splitlines()) == 1 + 3  # the CSV ran one epoch ahead of the checkpoint
+    best = load_checkpoint(paths.best)
+    assert best["best_epoch"] == 3 and "optimizer" not in best and "rng" not in best  # weights and EMA only
+    resumed = fit_toy(tmp_path, **EVERY_2_EPOCHS)
+    assert resumed["resumed_from"] == {"epoch": 2, "step": 2 * STEPS_PER_EPOCH, "micro": 0}
+    assert len(paths.metrics.read_text().splitlines()) == 1 + EPOCHS
     assert_identical(whole[1], latest(tmp_path))
 
 

@@ -86,14 +86,16 @@ def publish_dir(tmp: Path, out: Path) -> None:
 CHECKPOINT_FORMAT = "ldmflow-checkpoint-v1"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Any]:
+    """A binary file object on a temporary file beside ``path``; on a clean exit it is flushed to disk and
+    renamed to ``path``, so readers see the old file or the whole new one, never a half file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -101,6 +103,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StorageError(path, exc) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename: never a half file."""
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -117,10 +129,11 @@ def atomic_write_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Atomically save a checkpoint dict (tensors, numbers, strings, lists and dicts only)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """Atomically save a checkpoint dict (tensors, numbers, strings, lists and dicts only).
+
+    torch.save writes straight into the temporary file: no second copy of the checkpoint in memory."""
+    with atomic_file(path) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

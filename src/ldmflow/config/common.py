@@ -155,7 +155,15 @@ class TrainConfig:
         0, "Also save the latest checkpoint every this many optimizer steps; 0: only at epoch ends.", minimum=0,
     )
     checkpoint_every_minutes: float = param(
-        30.0, "Also save the latest checkpoint after this many minutes of training; 0 disables.", minimum=0.0,
+        30.0, "Also save the latest checkpoint once this many minutes have passed since the last one (mid-epoch "
+        "or at an epoch's end); 0 disables.", minimum=0.0,
+    )
+    checkpoint_every_epochs: int = param(
+        1, "Save the latest checkpoint (the whole state, about 16 bytes per parameter) at the end of every this "
+        "many epochs; it is also saved at the last epoch, on early stopping, on a signal and by "
+        "checkpoint_every_minutes / checkpoint_every_steps. 0: only those. Raise it (or set 0) where epochs take "
+        "seconds and a save is as long as an epoch (large UNets on a GPU); a resume trains the epochs since the "
+        "last save again, to the same weights.", minimum=0,
     )
     max_bad_steps: int = param(
         0, "Optimizer steps with a NaN or inf loss to skip before stopping with an error.", minimum=0,

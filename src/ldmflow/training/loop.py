@@ -54,7 +54,8 @@ from ldmflow.training.state import EpochTotals, LoopState
 log = logging.getLogger(__name__)
 # Keys whose change does not change what a run computes, so a run may resume across them.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.sample_every", "train.checkpoint_every_steps",
-                     "train.checkpoint_every_minutes", "train.early_stopping.patience", "train.deterministic"}
+                     "train.checkpoint_every_minutes", "train.checkpoint_every_epochs",
+                     "train.early_stopping.patience", "train.deterministic"}
 
 
 def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -232,26 +233,30 @@ def start_run(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path
                flag_group=flag_group, precision=precision)
 
 
-def save_state(run: Run, path: Path) -> None:
+def save_state(run: Run, path: Path, resumable: bool = True) -> None:
     """Checkpoint everything a resume needs: weights, EMA, optimiser, scaler, every rank's RNG, loop state.
+    ``resumable=False`` (the best checkpoint, read for inference and fine-tuning, never resumed from): weights,
+    EMA and loop state alone, half the bytes, written by rank 0 without a collective.
 
-    Under DDP every rank calls this at the same points (it gathers the RNG states); rank 0 writes."""
+    Under DDP every rank calls the resumable save at the same points (it gathers the RNG states); rank 0 writes."""
     fc, device = run.fc, run.device
     rngs = [rng_state(device)]
-    if run.world > 1:
+    if resumable:
+        run.last_save = time.monotonic()
+    if resumable and run.world > 1:
         gathered: list | None = [None] * run.world if run.writer else None
         dist.gather_object(rngs[0], gathered, dst=0, group=run.flag_group)
         rngs = gathered or []
     if not run.writer:
         return
-    save_checkpoint({
-        "format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": fc.extra,
-        "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "rng": rngs,  # rank r's states at index r
-        **run.state.to_checkpoint(),
-    }, path)
+    state = {"format": CHECKPOINT_FORMAT, "stage": fc.stage, "name": run.name, "config": fc.resolved, "extra": fc.extra,
+             "model": unwrap(run.model).state_dict(), "ema": run.ema.model.state_dict() if run.ema else None,
+             **run.state.to_checkpoint()}
+    if resumable:
+        state |= {"optimizer": run.optimizer.state_dict(),
+                  "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                  "rng": rngs}  # rank r's states at index r
+    save_checkpoint(state, path)
 
 
 def load_state(run: Run, ckpt: dict) -> None:
@@ -352,19 +357,22 @@ def count_bad_steps(run: Run, totals: EpochTotals) -> None:
 def checkpoint_mid_epoch(run: Run, totals: EpochTotals, signals: SignalFlag) -> None:
     """Save the latest checkpoint when one is due (steps, minutes) or a signal came; on a signal, stop."""
     tcfg, state = run.fc.train, run.state
-    minutes = tcfg.checkpoint_every_minutes
     # every step: DDP ranks agree on the signal and on the clock (rank clocks differ; the save is collective)
-    stop, late = signals.poll(run.world, run.flag_group,
-                              also=bool(minutes and time.monotonic() - run.last_save > minutes * 60))
+    stop, late = signals.poll(run.world, run.flag_group, also=minutes_due(run))
     due = (tcfg.checkpoint_every_steps and state.step % tcfg.checkpoint_every_steps == 0) or late
-    # at the epoch's last step the epoch's end saves, with the epoch's metrics row
+    # at the epoch's last step the epoch's end decides, with the epoch's metrics row
     if (due or stop) and state.micro < run.micro_per_epoch:
         state.partial = totals.partial()
         save_state(run, run.paths.latest)
-        run.last_save = time.monotonic()
         if stop:
             raise Preempted(f"{run.name}: signal {signals.received} received; saved {run.paths.latest} "
                             f"at epoch {state.epoch}, step {state.step} ({signals.name})")
+
+
+def minutes_due(run: Run) -> bool:
+    """Whether ``train.checkpoint_every_minutes`` have passed since the last resumable save (this rank's clock)."""
+    return bool(run.fc.train.checkpoint_every_minutes
+                and time.monotonic() - run.last_save > run.fc.train.checkpoint_every_minutes * 60)
 
 
 def train_epoch(run: Run, signals: SignalFlag, bar: RunEvents) -> EpochTotals:
@@ -433,22 +441,27 @@ def record_epoch(state: LoopState, row: dict[str, Any], tcfg: TrainConfig) -> bo
     return best
 
 
-def end_epoch(run: Run, row: dict[str, Any]) -> None:
-    """Record the epoch, keep the best checkpoint, write samples, the latest checkpoint and the metrics."""
+def end_epoch(run: Run, row: dict[str, Any], signals: SignalFlag) -> bool:
+    """Record the epoch, keep the best checkpoint, write samples, the metrics and, when due, the latest checkpoint
+    (every ``train.checkpoint_every_epochs``, by the minutes, at the last epoch, on early stopping or a signal;
+    a resume rebuilds the CSV, which runs ahead, from the checkpoint). Returns whether a signal came."""
     tcfg, state = run.fc.train, run.state
-    # rank 0's row decides "best" and early stopping for every rank: best is saved collectively
+    # rank 0's row decides "best" and early stopping for every rank
     if record_epoch(state, from_rank0(row, run.flag_group), tcfg):
-        save_state(run, run.paths.best)
+        save_state(run, run.paths.best, resumable=False)
     last_epoch = state.early_stopped or state.epoch >= tcfg.epochs
     if run.writer and (state.epoch % tcfg.sample_every == 0 or last_epoch):
         with torch.no_grad(), isolated_rng(run.device):
             run.task.write_samples(eval_model_of(run), state.epoch, run.paths.sample(state.epoch))
-    save_state(run, run.paths.latest)
-    run.last_save = time.monotonic()
+    # one agreement for DDP ranks: a signal on any rank, or the clock of any rank, makes it due on every rank
+    stop, late = signals.poll(run.world, run.flag_group, also=minutes_due(run))
+    if last_epoch or stop or late or (tcfg.checkpoint_every_epochs and state.epoch % tcfg.checkpoint_every_epochs == 0):
+        save_state(run, run.paths.latest)
     if run.writer:
         write_metrics_csv(state.history, run.paths.metrics)
     log.info("%s epoch %d/%d: %s", run.name, state.epoch, tcfg.epochs,
              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return stop
 
 
 def fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, name: str, *,
@@ -476,9 +489,9 @@ def _fit(task: Task, train_set, val_set, fc: FitConfig, out_dir: str | Path, nam
         while not state.early_stopped and state.epoch < fc.train.epochs:
             totals = train_epoch(run, signals, bar)
             row = epoch_row(run, totals)
-            end_epoch(run, row)
+            stop = end_epoch(run, row, signals)
             bar.end_epoch(row)
-            if signals.poll(run.world, run.flag_group)[0]:
+            if stop:
                 raise Preempted(f"{name}: signal {signals.received} received after epoch {state.epoch}; "
                                 f"saved {run.paths.latest} ({signals.name})")
     if run.writer and not run.paths.best.is_file():
