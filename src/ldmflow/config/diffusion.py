@@ -49,6 +49,11 @@ class UNetConfig:
     label_dropout: float = param(
         0.1, "Probability of dropping the label during training (classifier-free guidance).", minimum=0.0, maximum=1.0,
     )
+    checkpointing: bool = param(
+        False, "Activation checkpointing: recompute each block's activations (ResNet block and its attention) in "
+        "the backward pass instead of keeping them (much less activation memory for about a third more compute; "
+        "same values).",
+    )
 
     def __post_init__(self):
         levels = len(self.channel_mult)

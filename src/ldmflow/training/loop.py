@@ -46,7 +46,8 @@ from ldmflow.training.state import EpochTotals, LoopState
 log = logging.getLogger(__name__)
 # Keys whose change does not change what a run computes, so a run may resume across them.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.sample_every", "train.checkpoint_every_steps",
-                     "train.checkpoint_every_minutes", "train.early_stopping.patience"}
+                     "train.checkpoint_every_minutes", "train.early_stopping.patience",
+                     "model.checkpointing"}  # recomputes the same values
 
 
 def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
