@@ -179,3 +179,22 @@ def test_a_checkpoint_of_the_dict_state_loop_resumes_mid_epoch_to_the_same_weigh
     result = fit_toy(tmp_path)
     assert result["resumed_from"] == {"epoch": old["epoch"], "step": old["step"], "micro": old["micro"]}
     assert_identical(whole[1], latest(tmp_path))
+
+
+def test_accumulating_k_micro_batches_gives_the_update_of_one_batch_k_times_larger(tmp_path):
+    """The presets fit smaller cards by optim.accumulate at the same effective batch: the weights must be those
+    of the large batch (fp32, a task without batch statistics)."""
+    def trained(batch_size: int, accumulate: int) -> dict:
+        fc = toy_config(epochs=1)
+        fc.optim.accumulate, fc.data.batch_size = accumulate, batch_size
+        fc.train.ema.decay = 0.0
+        out = tmp_path / f"b{batch_size}x{accumulate}"
+        fit(LinearTask(), Regression(32, seed=1), Regression(8, seed=2), fc, out, "toy", device=torch.device("cpu"),
+            progress=False)
+        return latest(out)
+
+    whole, accumulated = trained(8, 1), trained(4, 2)
+    assert whole["step"] == accumulated["step"] == 4
+    for k, v in whole["model"].items():
+        torch.testing.assert_close(accumulated["model"][k], v)
+    assert not torch.equal(whole["model"]["weight"], torch.zeros(1, 3))

@@ -1,7 +1,7 @@
 """How much GPU memory a training run needs: weights, gradients, optimizer state, EMA and saved activations.
 
 :func:`estimate` builds the stage's real model from its experiment config and runs one training step's
-forward and backward pass (the stage's real loss) on fake tensors (``FakeTensorMode``: shapes and dtypes, no
+forward pass (the stage's real loss, autograd recording) on fake tensors (``FakeTensorMode``: shapes and dtypes, no
 data, no arithmetic, so a 256 px autoencoder costs seconds on a CPU). A ``saved_tensors_hooks`` pair
 counts the bytes autograd keeps for the backward pass, once per storage and without the parameters
 (counted apart). Two batch sizes (1 and 2) give the bytes per sample and the fixed part (bf16 copies of
@@ -141,9 +141,9 @@ def _cuda_cast_policy(enabled: bool) -> Iterator[None]:
 
 
 def saved_bytes(build, batch: int, precision: Precision) -> tuple[nn.Module, int]:
-    """The model ``build()`` returns with its training step, and the bytes autograd keeps between the step's
-    forward and backward at ``batch`` (``step(batch)`` returns the loss). The model is built on fake tensors
-    too, so the parameters autograd saves are recognised as parameters."""
+    """The model ``build()`` returns with its training step, and the bytes autograd keeps from the step's
+    forward pass for its backward pass at ``batch`` (``step(batch)`` returns the loss). The model is built on
+    fake tensors too, so the parameters autograd saves are recognised as parameters."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -155,8 +155,7 @@ def saved_bytes(build, batch: int, precision: Precision) -> tuple[nn.Module, int
         counter = SavedTensors({p.untyped_storage()._cdata for p in model.parameters()})
         with _counted_checkpoints(counter), _cuda_cast_policy(dtype is not None):
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), autocast:
-                loss = step(batch)
-            loss.backward()
+                step(batch)  # the backward pass would only read what the forward pass saved: not run
     return model, counter.nbytes
 
 

@@ -111,7 +111,10 @@ class SamplingConfig:
 
 @dataclasses.dataclass
 class DiffusionDataConfig:
-    batch_size: int = param(32, "Latents per optimizer step (per process; DDP multiplies it).", minimum=1)
+    batch_size: int = param(
+        32, "Latents per micro-batch (per process): an optimizer step takes optim.accumulate micro-batches, and DDP "
+        "multiplies it by the processes. The micro-batch is what GPU memory holds (`ldmflow memory`).", minimum=1,
+    )
     balance_power: float = param(
         0.0, "Weighted sampling for class balance: weight ~ (1 / class frequency) ** power; 0 uniform, 1 balanced.",
         minimum=0.0, maximum=1.0,
