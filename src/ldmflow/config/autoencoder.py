@@ -30,7 +30,7 @@ class AutoencoderModelConfig:
     )
     checkpointing: bool = param(
         False, "Activation checkpointing: recompute each ResNet block's activations in the backward pass instead "
-        "of keeping them (much less activation memory for about a third more compute; same values).",
+        "of keeping them (much less activation memory for one more forward pass of the blocks per step; same values).",
     )
 
     def __post_init__(self):

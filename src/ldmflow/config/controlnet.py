@@ -44,7 +44,8 @@ class ControlNetModelConfig:
     )
     checkpointing: bool = param(
         False, "Activation checkpointing of the base UNet's blocks and of the trainable copy's (the base "
-        "UNet's own model.checkpointing is not used): less activation memory for about a third more compute.",
+        "UNet's own model.checkpointing is not used): less activation memory for one more forward pass of the "
+        "blocks per step.",
     )
 
 

@@ -51,8 +51,8 @@ class UNetConfig:
     )
     checkpointing: bool = param(
         False, "Activation checkpointing: recompute each block's activations (ResNet block and its attention) in "
-        "the backward pass instead of keeping them (much less activation memory for about a third more compute; "
-        "same values).",
+        "the backward pass instead of keeping them (much less activation memory for one more forward "
+        "pass of the blocks per step; same values).",
     )
 
     def __post_init__(self):
