@@ -10,7 +10,7 @@ import torch
 
 from ldmflow.cli import main
 from ldmflow.config.loading import load_config
-from ldmflow.diffusion.generate import decode_chunked, decode_latents
+from ldmflow.diffusion.generate import decode_autocast, decode_chunked, decode_latents
 from ldmflow.memory import DataShape, estimate
 from ldmflow.models.autoencoder import build_autoencoder
 
@@ -129,3 +129,16 @@ def test_decoding_in_chunks_gives_the_one_call_values_on_cpu():
     latents, pixels = decode_latents(decoder, z * 2.0, 2.0, batch_size=64)
     assert decoder.calls[-3:] == [16, 16, 8] and pixels.shape == (40, 32, 32, 3)
     assert (pixels == ((whole.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()).all()
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                                  ((7, 0), torch.float16), ((7, 5), torch.float16)])
+def test_grids_decode_under_bf16_autocast_on_ampere_and_later_and_fp16_before(monkeypatch, capability, dtype):
+    import warnings
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that CUDA is absent here
+        ctx = decode_autocast(torch.device("cuda", 0))
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == dtype
+    assert not isinstance(decode_autocast(torch.device("cpu")), torch.autocast)

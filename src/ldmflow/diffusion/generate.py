@@ -69,12 +69,13 @@ def decode_autocast(device: torch.device):
 
 
 @torch.no_grad()
-def decode_chunked(decoder, z: torch.Tensor, *, with_seg: bool = False,
-           chunk: int = DECODE_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+def decode_chunked(decoder, z: torch.Tensor, *, with_seg: bool = False, chunk: int = DECODE_CHUNK,
+                   autocast: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unscaled latents (N, C, h, w) -> images (N, I, H, W) float32 and segmentation logits (N, K, H, W) float32
-    (None without a head or ``with_seg``), ``chunk`` images per decoder call, under autocast on CUDA."""
+    (None without a head or ``with_seg``), ``chunk`` images per decoder call; under autocast on CUDA when
+    ``autocast`` (epoch grids and fidelity scores, not the images a run delivers)."""
     images, segs = [], []
-    with decode_autocast(z.device):
+    with decode_autocast(z.device) if autocast else contextlib.nullcontext():
         for lo in range(0, len(z), chunk):
             rgb, seg = decoder.decode(z[lo:lo + chunk], with_seg=with_seg)
             images.append(rgb.float())
@@ -87,12 +88,13 @@ def decode_latents(decoder, latents: torch.Tensor, scale_factor: float, *,
                    batch_size: int = DECODE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Scaled latents (N, C, h, w) -> latents in the autoencoder's (unscaled) space (N, C, h, w) float32 and
     images (N, H, W, I) uint8 with the autoencoder's image channels I; at most ``batch_size`` and
-    :data:`DECODE_CHUNK` images per decoder call."""
+    :data:`DECODE_CHUNK` images per decoder call, without autocast (the images a run delivers: samples, synthetic
+    sets, evaluation)."""
     z = latents / scale_factor
     if not torch.isfinite(z).all():  # NaN or inf would decode to black images that look like results
         raise SamplingError("sampling produced non-finite latents; try a smaller --guidance, another sampler or "
                             "more steps")
-    images, _ = decode_chunked(decoder, z, chunk=min(batch_size, DECODE_CHUNK))
+    images, _ = decode_chunked(decoder, z, chunk=min(batch_size, DECODE_CHUNK), autocast=False)
     return z.float().cpu().numpy(), to_pixels(images)
 
 
