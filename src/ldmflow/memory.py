@@ -17,6 +17,7 @@ added as the peak's transient.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import warnings
 from collections.abc import Iterator
@@ -177,6 +178,7 @@ class DataShape:
 def _autoencoder_build(cfg, shape: DataShape):
     from ldmflow.api import build_loss, build_model
 
+    cfg = copy.deepcopy(cfg)  # the data's sizes are filled in here, not in the caller's config
     cfg.data.mask_classes = cfg.data.mask_classes or shape.mask_classes
     cfg.data.classes = cfg.data.classes or [f"class{i}" for i in range(shape.classes)]
     side, channels = cfg.data.image_size, cfg.data.channels or 3
