@@ -140,3 +140,23 @@ def test_heads_warmup_ramps_the_head_weights_and_leaves_reconstruction_and_valid
     plain = AutoencoderLoss(make(segmentation={"weight": 0.5, "dice": 0.5}, classification={"weight": 0.1})[0].loss)
     _, first = plain(out, batch, 0)  # no warm-up (the default): full weights from step 0
     assert torch.isclose(first["seg"], whole["seg"]) and torch.isclose(first["cls"], whole["cls"]) and first["seg"] > 0
+
+
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_checkpointing_gives_the_plain_models_loss_and_gradients(downsample):
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)  # the same weights, KL sample and dropout draws in both runs
+        cfg = load_config({"name": "t", "data": {"mask_classes": 4, "classes": ["a", "b", "c"]},
+                           "model": {"downsample": downsample, "latent_channels": 3, "base_channels": 8,
+                                     "dropout": 0.2, "checkpointing": checkpointing}})
+        model = build_autoencoder(cfg).train()
+        image = torch.rand(2, 3, 32, 32) * 2 - 1
+        batch = {"image": image, "mask": torch.randint(0, 4, (2, 32, 32)), "label": torch.tensor([0, 2])}
+        loss, _ = AutoencoderLoss(cfg.loss)(model(image), batch)
+        loss.backward()
+        return loss, [p.grad for p in model.parameters()]
+
+    (plain, plain_grads), (ckpt, ckpt_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(ckpt, plain)
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -147,3 +147,20 @@ def test_bind_repeats_the_control_for_guidance_batches():
         denoise = guided(bound, y, 2.0, bound.null_label)
         cond, uncond = model(x, t, y, control=control), model(x, t, torch.full_like(y, 3), control=control)
         assert torch.allclose(denoise(x, t), uncond + 2.0 * (cond - uncond), atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_checkpointing_gives_the_plain_models_loss_and_gradients(fusion):
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)  # the same control weights and dropout draws in both runs
+        model, _ = controlled(fusion, checkpointing=checkpointing)
+        model = perturbed(model).train()
+        x, t, y, control = inputs()
+        loss = model(x, t, y, control=control).pow(2).mean()
+        loss.backward()
+        return loss, [p.grad for p in model.parameters() if p.requires_grad]
+
+    (plain, plain_grads), (ckpt, ckpt_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(ckpt, plain)
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -268,3 +268,22 @@ def test_train_deterministic_defaults_to_on_for_a_cpu_run(tmp_path, monkeypatch,
     finally:
         set_deterministic(0)
     assert seen == [expected]
+
+
+def test_accumulating_k_micro_batches_gives_the_update_of_one_batch_k_times_larger(tmp_path):
+    """The presets fit smaller cards by optim.accumulate at the same effective batch: the weights must be those
+    of the large batch (fp32, a task without batch statistics)."""
+    def trained(batch_size: int, accumulate: int) -> dict:
+        fc = toy_config(epochs=1)
+        fc.optim.accumulate, fc.data.batch_size = accumulate, batch_size
+        fc.train.ema.decay = 0.0
+        out = tmp_path / f"b{batch_size}x{accumulate}"
+        fit(LinearTask(), Regression(32, seed=1), Regression(8, seed=2), fc, out, "toy", device=torch.device("cpu"),
+            progress=False)
+        return latest(out)
+
+    whole, accumulated = trained(8, 1), trained(4, 2)
+    assert whole["step"] == accumulated["step"] == 4
+    for k, v in whole["model"].items():
+        torch.testing.assert_close(accumulated["model"][k], v)
+    assert not torch.equal(whole["model"]["weight"], torch.zeros(1, 3))

@@ -185,3 +185,19 @@ def test_count_trainable_parameters():
     model.conv_in.requires_grad_(False)
     frozen = sum(p.numel() for p in model.conv_in.parameters())
     assert count_parameters(model, trainable_only=True) == count_parameters(model) - frozen
+
+
+@pytest.mark.parametrize("preset", list(UNET_PRESETS))
+def test_checkpointing_gives_the_plain_models_loss_and_gradients(preset):
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)  # the same weights, and the same dropout draws in both runs
+        model = randomized(UNet(tiny(preset, dropout=0.2, checkpointing=checkpointing), 4, 3)).train()
+        x, t = inputs()
+        loss = model(x, t, torch.tensor([0, 2])).pow(2).mean()
+        loss.backward()
+        return loss, [p.grad for p in model.parameters()]
+
+    (plain, plain_grads), (ckpt, ckpt_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(ckpt, plain)
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -8,7 +8,7 @@ import torch
 from ldmflow.checkpoints import store_autoencoder
 from ldmflow.config.diffusion import DiffusionExperiment
 from ldmflow.data.latent_store import LatentStore
-from ldmflow.diffusion.generate import generate, seeded_noise
+from ldmflow.diffusion.generate import decode_chunked, generate, seeded_noise
 from ldmflow.diffusion.schedules import NoiseSchedule, diffusion_loss
 from ldmflow.viz import grid, save_png, to_uint8
 
@@ -105,6 +105,6 @@ class DiffusionTask:
         noise, gen = seeded_noise(rows * per_row, self.store.latent_shape, seed=self.cfg.seed, device=self.device)
         z = generate(model, self.schedule, noise, labels=labels, sampling=self.cfg.sampling,
                      prediction=self.cfg.diffusion.prediction, generator=gen)
-        images, _ = self.decoder().decode(z / self.store.scale_factor)  # (N, I, H, W)
+        images, _ = decode_chunked(self.decoder(), z / self.store.scale_factor)  # (N, I, H, W)
         tiles = to_uint8(images).reshape(rows, per_row, *images.shape[2:], 3)  # (rows, cols, H, W, 3)
         save_png(grid([tiles[:, c] for c in range(per_row)]), path, upscale=max(1, 64 // images.shape[-1]))

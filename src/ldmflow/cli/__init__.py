@@ -2,7 +2,7 @@
 
 # One module per command group, each holding its commands' parsers and the functions they call:
 # data (demo-data, embed), train (train-ae, select-ae, train-diffusion, train-controlnet), sample,
-# evaluate (memorization, judge, evaluate), synthesize and info (status, schemas); arguments holds the checked
+# evaluate (memorization, judge, evaluate), synthesize, memory and info (status, schemas); arguments holds the checked
 # argument types, --set and add_command. This package is the environment's edge: only it reads os.environ.
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldmflow.cli import data, evaluate, export, info, sample, synthesize, train, utility
+from ldmflow.cli import data, evaluate, export, info, memory, sample, synthesize, train, utility
 from ldmflow.cli.arguments import (
     device_name,
     existing_file,
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_commands(sub)
     utility.add_commands(sub)
     synthesize.add_commands(sub)
+    memory.add_commands(sub)
     info.add_commands(sub)
     for p in sub.choices.values():  # --set KEY=VALUE of a plain command is checked like its option --KEY
         p.set_defaults(set_types={a.dest: a for a in p._actions if a.type is not None or a.choices is not None})

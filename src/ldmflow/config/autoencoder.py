@@ -28,6 +28,10 @@ class AutoencoderModelConfig:
         "group", "Normalisation in the ResNet blocks: GroupNorm (latent diffusion's autoencoders), or none "
         "(narrow CPU models: faster, and sharper in a short training; keep a lower lr)."
     )
+    checkpointing: bool = param(
+        False, "Activation checkpointing: recompute each ResNet block's activations in the backward pass instead "
+        "of keeping them (much less activation memory for one more forward pass of the blocks per step; same values).",
+    )
 
     def __post_init__(self):
         levels = {4: 3, 8: 4}[self.downsample]

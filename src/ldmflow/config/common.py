@@ -49,7 +49,10 @@ class IntensityConfig:
 @dataclasses.dataclass
 class DataConfig:
     image_size: int = param(32, "Side of the square training images: resize the short side, centre-crop.", minimum=8)
-    batch_size: int = param(16, "Images per optimizer step (per process; DDP multiplies it).", minimum=1)
+    batch_size: int = param(
+        16, "Images per micro-batch (per process): an optimizer step takes optim.accumulate micro-batches, and DDP "
+        "multiplies it by the processes. The micro-batch is what GPU memory holds (`ldmflow memory`).", minimum=1,
+    )
     val_fraction: float = param(
         0.15, "Fraction of rows held out for validation when the manifest has no split column.",
         minimum=0.0, maximum=0.9,

@@ -42,6 +42,11 @@ class ControlNetModelConfig:
         False, "add and film: also fine-tune the base UNet's decoder; its encoder stays frozen. (concat always "
         "fine-tunes the whole UNet.)",
     )
+    checkpointing: bool = param(
+        False, "Activation checkpointing of the base UNet's blocks and of the trainable copy's (the base "
+        "UNet's own model.checkpointing is not used): less activation memory for one more forward pass of the "
+        "blocks per step.",
+    )
 
 
 @dataclasses.dataclass

@@ -49,6 +49,11 @@ class UNetConfig:
     label_dropout: float = param(
         0.1, "Probability of dropping the label during training (classifier-free guidance).", minimum=0.0, maximum=1.0,
     )
+    checkpointing: bool = param(
+        False, "Activation checkpointing: recompute each block's activations (ResNet block and its attention) in "
+        "the backward pass instead of keeping them (much less activation memory for one more forward "
+        "pass of the blocks per step; same values).",
+    )
 
     def __post_init__(self):
         levels = len(self.channel_mult)
@@ -106,7 +111,10 @@ class SamplingConfig:
 
 @dataclasses.dataclass
 class DiffusionDataConfig:
-    batch_size: int = param(32, "Latents per optimizer step (per process; DDP multiplies it).", minimum=1)
+    batch_size: int = param(
+        32, "Latents per micro-batch (per process): an optimizer step takes optim.accumulate micro-batches, and DDP "
+        "multiplies it by the processes. The micro-batch is what GPU memory holds (`ldmflow memory`).", minimum=1,
+    )
     balance_power: float = param(
         0.0, "Weighted sampling for class balance: weight ~ (1 / class frequency) ** power; 0 uniform, 1 balanced.",
         minimum=0.0, maximum=1.0,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmflow.config.autoencoder import AutoencoderExperiment, AutoencoderLossConfig, AutoencoderModelConfig
-from ldmflow.models.layers import NORMS, Downsample, ResnetBlock, Upsample
+from ldmflow.models.layers import NORMS, Downsample, ResnetBlock, Upsample, checkpointed, run_blocks
 
 
 class Encoder(nn.Module):
@@ -34,9 +34,11 @@ class Encoder(nn.Module):
         self.mid = ResnetBlock(ch, ch, cfg.dropout, norm_layer=norm)
         self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.checkpointing = cfg.checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.blocks(self.conv_in(x)))
+        h = run_blocks(self.blocks, self.conv_in(x), self.checkpointing)
+        h = checkpointed(self.mid, h, enabled=self.checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -68,9 +70,11 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = NORMS[cfg.norm](ch)
         self.conv_out = nn.Conv2d(ch, image_channels, 3, padding=1)
+        self.checkpointing = cfg.checkpointing
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.mid(self.conv_in(z))))))
+        h = checkpointed(self.mid, self.conv_in(z), enabled=self.checkpointing)
+        return self.conv_out(F.silu(self.norm_out(run_blocks(self.blocks, h, self.checkpointing))))
 
 
 class SegmentationHead(nn.Module):
@@ -87,9 +91,10 @@ class SegmentationHead(nn.Module):
         self.blocks = nn.Sequential(first, *layers)
         self.norm_out = NORMS[cfg.norm](ch)
         self.conv_out = nn.Conv2d(ch, mask_classes, 3, padding=1)
+        self.checkpointing = cfg.checkpointing
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.norm_out(self.blocks(z))))
+        return self.conv_out(F.silu(self.norm_out(run_blocks(self.blocks, z, self.checkpointing))))
 
 
 class Autoencoder(nn.Module):

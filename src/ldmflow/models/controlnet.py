@@ -240,6 +240,7 @@ class FiLMControl(ControlledUNet):
 def build_controlnet(cfg: ControlNetModelConfig, base: UNet, control_channels: int, factor: int) -> ControlledUNet:
     """A controlled UNet of the configured fusion around ``base`` (which it takes over: pass a copy to keep
     the original). ``factor`` is the autoencoder's downsampling, ``control_channels`` K."""
+    base.checkpointing = cfg.checkpointing  # before the add fusion copies it
     if cfg.fusion == "add":
         return AddControlNet(base, control_channels, factor, cfg.hint_channels, cfg.train_base_decoder)
     if cfg.fusion == "concat":

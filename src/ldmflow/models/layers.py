@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -26,6 +27,22 @@ def no_norm(channels: int) -> nn.Identity:
 
 
 NORMS = {"group": norm, "none": no_norm}
+
+
+def checkpointed(module: nn.Module, *args: torch.Tensor | None, enabled: bool) -> torch.Tensor:
+    """``module(*args)``, recomputed in the backward pass instead of keeping its activations when ``enabled``
+    and gradients are on (activation checkpointing: memory for about one more forward pass). The
+    non-reentrant form replays dropout's random draws, so values and gradients are those of the plain call."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``blocks(x)``, each block checkpointed on its own when ``checkpointing`` (see :func:`checkpointed`)."""
+    for block in blocks:
+        x = checkpointed(block, x, enabled=checkpointing)
+    return x
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -29,6 +29,7 @@ from ldmflow.models.layers import (
     Downsample,
     ResnetBlock,
     Upsample,
+    checkpointed,
     norm,
     timestep_embedding,
     zero_module,
@@ -67,6 +68,7 @@ class UNet(nn.Module):
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
         self.cfg = cfg
+        self.checkpointing = cfg.checkpointing  # a ControlNet sets it for its base UNet and the copy
         self.in_channels = in_channels
         self.num_classes = num_classes if cfg.class_conditional else None
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
@@ -183,10 +185,13 @@ class UNet(nn.Module):
         if hint is not None:
             h = h + hint
         skips = [h]
+        on = self.checkpointing
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, _Block) else layer(h)
+            h = checkpointed(layer, h, emb, enabled=on) if isinstance(layer, _Block) else layer(h)
             skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)  # (N, mid_channels, h/f, w/f)
+        h = checkpointed(self.mid[0], h, emb, enabled=on)
+        h = checkpointed(self.mid[1], h, enabled=on)
+        h = checkpointed(self.mid[2], h, emb, enabled=on)  # (N, mid_channels, h/f, w/f)
         return skips, h, emb
 
     def decode(
@@ -210,7 +215,8 @@ class UNet(nn.Module):
             skips = list(skips)
         for layer in self.up:
             if isinstance(layer, _Block):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)  # (N, C_h + C_skip, ...) in
+                h = checkpointed(layer, torch.cat([h, skips.pop()], dim=1), emb,  # (N, C_h + C_skip, ...) in
+                                 enabled=self.checkpointing)
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))

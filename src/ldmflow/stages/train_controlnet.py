@@ -24,7 +24,7 @@ from ldmflow.config.loading import resolve_experiment, resolved_config
 from ldmflow.data.controls import ControlDataset, control_channels, control_preview, edge_controls, manifest_controls
 from ldmflow.data.latent_store import LatentDataset, LatentStore, store_provenance
 from ldmflow.devices import get_device, set_deterministic
-from ldmflow.diffusion.generate import generate, seeded_noise
+from ldmflow.diffusion.generate import decode_chunked, generate, seeded_noise
 from ldmflow.errors import ConfigError
 from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.metadata import ControlNetMeta, DiffusionMeta, LatentsInfo
@@ -127,12 +127,8 @@ class ControlNetTask(DiffusionTask):
                      controls=rows["control"][:n] if controlled else None, control_scale=self.experiment.sampling.scale,
                      sampling=sampling, prediction=self.cfg.diffusion.prediction, generator=gen,
                      batch_size=FIDELITY_BATCH)
-        images, segs = [], []
-        for lo in range(0, n, FIDELITY_BATCH):
-            rgb, seg = self.decoder().decode(z[lo:lo + FIDELITY_BATCH] / self.store.scale_factor, with_seg=True)
-            images.append(rgb.float())
-            segs.append(None if seg is None else seg.argmax(1))
-        return torch.cat(images), (None if segs[0] is None else torch.cat(segs))
+        images, seg = decode_chunked(self.decoder(), z / self.store.scale_factor, with_seg=True)
+        return images, (None if seg is None else seg.argmax(1))
 
     def scores(self, model, *, controlled: bool = True) -> dict:
         """Control fidelity of the (EMA) model, or of the uncontrolled base when ``controlled`` is false."""
@@ -155,7 +151,8 @@ class ControlNetTask(DiffusionTask):
         rows = self.fixed_rows()
         n = min(self.experiment.sampling.grid_rows, len(rows["control"]))
         images, _ = self.sample_rows(model, rows, n, self._sampling())
-        truth, _ = self.decoder().decode(rows["latent"][:n] / self.store.scale_factor)  # the AE's reconstruction
+        # the autoencoder's reconstruction of the ground truth
+        truth, _ = decode_chunked(self.decoder(), rows["latent"][:n] / self.store.scale_factor)
         columns = [control_preview(self.experiment.control.signal, rows["control"][:n]), to_uint8(images),
                    to_uint8(truth)]
         save_png(grid(columns), path, upscale=max(1, 64 // images.shape[-1]))

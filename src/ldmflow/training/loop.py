@@ -12,8 +12,6 @@ launched by torchrun (each rank with its own random draws, restored on resume).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import math
 import time
@@ -28,7 +26,6 @@ from torch import nn
 from ldmflow.artifacts import (
     CHECKPOINT_FORMAT,
     RunPaths,
-    atomic_write_bytes,
     load_checkpoint,
     run_lock,
     save_checkpoint,
@@ -49,13 +46,14 @@ from ldmflow.training.distributed import ShardBatches, from_rank0, shards_valida
 from ldmflow.training.events import RunEvents
 from ldmflow.training.optim import Ema, build_optimizer, lr_factor, update_ema
 from ldmflow.training.preemption import SignalFlag
-from ldmflow.training.state import EpochTotals, LoopState
+from ldmflow.training.state import EpochTotals, LoopState, write_metrics_csv
 
 log = logging.getLogger(__name__)
 # Keys whose change does not change what a run computes, so a run may resume across them.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every", "train.sample_every", "train.checkpoint_every_steps",
                      "train.checkpoint_every_minutes", "train.checkpoint_every_epochs",
-                     "train.early_stopping.patience", "train.deterministic"}
+                     "train.early_stopping.patience", "train.deterministic",
+                     "model.checkpointing"}  # recomputes the same values
 
 
 def flat_diff(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -97,19 +95,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------
-
-
-def write_metrics_csv(history: list[dict], path: str | Path) -> None:
-    """Rewrite the whole metrics CSV from the checkpoint's history, atomically (never out of step)."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 # --------------------------------------------------------------------------------------------------

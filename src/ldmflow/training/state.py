@@ -9,12 +9,17 @@ and read.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from ldmflow.artifacts import atomic_write_bytes
 
 
 @dataclass
@@ -89,3 +94,16 @@ class EpochTotals:
 
     def seconds(self) -> float:
         return self.seconds_before + time.monotonic() - self.t0
+
+
+def write_metrics_csv(history: list[dict], path: str | Path) -> None:
+    """Rewrite the whole metrics CSV from the checkpoint's history, atomically (never out of step)."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
