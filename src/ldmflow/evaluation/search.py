@@ -38,9 +38,10 @@ def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int) -> int:
     """Bytes a q x t step of :func:`blocked_search` holds at once (dim = tiles x per-tile length).
 
     Query side: the augmented fp32 block (4 q (dim + 2 tiles)), its norms and the running top lists
-    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy, the augmented fp32 block
-    and its norms. Then the (tiles, q, t) fp32 products of every tile, two (q, t) fp32 matrices (summed and
-    largest tile distance), the tie checks' (q, t) masks and the selections' index bookkeeping.
+    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy, the
+    augmented fp32 block and its norms. Then the (tiles, q, t) fp32 products of every tile, two (q, t) fp32
+    matrices (summed and largest tile distance), the selections' group leaders and gathered candidates
+    (under 2 q t) and their index bookkeeping.
     """
     aug = dim + 2 * tiles
     return (4 * q * aug + 4 * t * aug + 4 * t * dim + 8 * (q + t) * tiles + 4 * tiles * q * t + 10 * q * t
@@ -225,8 +226,8 @@ def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np
         raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
         ta, tn = _augmented(raw, device, tiles, query=False, buffer=train_buffer)  # (T, t, d + 2), (T, t)
         sim, d2, x = _tile_distances(qa, q_norm, ta, tn, scratch)
-        # the working set: the tensors alive in this step, the block as read and its device copy, the tie checks' masks and
-        # the selections' bookkeeping (sizes as in block_bytes)
+        # the working set: the tensors alive in this step, the block as read and its device copy, and the
+        # selections' candidates and bookkeeping (sizes as in block_bytes)
         live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
         held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 2 * q * ta.shape[1] + 64 * q * (k + n)
         peak = max(peak, held)
