@@ -192,20 +192,27 @@ def _merge(best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, offset: 
 
 
 @torch.no_grad()
-def _tile_distances(qa: torch.Tensor, q_norm: torch.Tensor, ta: torch.Tensor, tn: torch.Tensor,
+def _tile_distances(qa: torch.Tensor, ta: torch.Tensor, tn: torch.Tensor,
                     scratch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One query block (T, q, d + 2) against one training block (T, t, d + 2): cosine similarity (q, t),
+    """One query block (T, q, d + 2) against one training block (T, t, d + 2): the similarity score (q, t),
     largest squared tile distance (q, t), and the (T, q, t) squared distances of every tile.
 
-    All tiles in one batched product, then one pass over them for the largest and one for the sum: far
-    fewer passes over (q, t) matrices than a product, an addition and a maximum per tile. The results are
-    views of the flat ``scratch`` buffers (products, similarity, distance), reused from block to block."""
+    The score is 2 a.b - |a|^2 = |b|^2 - |a - b|^2: in each row it orders the training items as the cosine
+    a.b does (|a|^2 is the row's constant), so :func:`_similarity` converts only the kept values. All tiles
+    in one batched product, then one pass over them for the largest and one for the sum: far fewer passes
+    over (q, t) matrices than a product, an addition and a maximum per tile. The results are views of the
+    flat ``scratch`` buffers (products, score, distance), reused from block to block."""
     tiles, q, t = qa.shape[0], qa.shape[1], ta.shape[1]
     x = torch.bmm(qa, ta.transpose(1, 2), out=scratch[0][:tiles * q * t].view(tiles, q, t))  # (T, q, t)
     d2 = torch.amax(x, 0, out=scratch[2][:q * t].view(q, t))  # (q, t) largest squared tile distance
-    # cos = a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2, in place; |a - b|^2 is the sum over the tiles
-    sim = torch.sum(x, 0, out=scratch[1][:q * t].view(q, t)).neg_().add_(q_norm).add_(tn.sum(0)[None]).mul_(0.5)
-    return sim, d2, x
+    total = torch.sum(x, 0, out=scratch[1][:q * t].view(q, t))  # (q, t) |a - b|^2, the sum over the tiles
+    score = torch.sub(tn.sum(0)[None], total, out=total)
+    return score, d2, x
+
+
+def _similarity(score: torch.Tensor, q_norm: torch.Tensor) -> torch.Tensor:
+    """Cosine a.b from the score 2 a.b - |a|^2 of :func:`_tile_distances` (q, k) and |a|^2 (q, 1)."""
+    return score.add(q_norm).mul_(0.5)
 
 
 def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np.ndarray | torch.Tensor, nt: int,
@@ -225,7 +232,7 @@ def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np
     for ts in range(0, nt, t_block):
         raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
         ta, tn = _augmented(raw, device, tiles, query=False, buffer=train_buffer)  # (T, t, d + 2), (T, t)
-        sim, d2, x = _tile_distances(qa, q_norm, ta, tn, scratch)
+        sim, d2, x = _tile_distances(qa, ta, tn, scratch)
         # the working set: the tensors alive in this step, the block as read and its device copy, and the
         # selections' candidates and bookkeeping (sizes as in block_bytes)
         live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
@@ -235,7 +242,7 @@ def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np
         best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
         del ta, tn, sim, d2, x, raw
         bar.update()
-    return (best_s, best_si, best_d, best_di), peak
+    return (_similarity(best_s, q_norm), best_si, best_d, best_di), peak
 
 
 def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Features | np.ndarray | torch.Tensor, *,
