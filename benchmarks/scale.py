@@ -8,7 +8,8 @@ own), the library's public functions for:
 - ``reads``: one epoch of random batches of 64 read from that store (``data.latent_store.LatentDataset``
   with ``max_gb=0``: streamed from the store, as a store larger than memory is read);
 - ``search``: the memorization search of 2,048 samples in N training images (``evaluation.search.
-  blocked_search``, pixel features at the image size, 16 tiles, the training features in a file);
+  blocked_search``, pixel features at 64 px as ``memorization.image_size``, 16 tiles, the training features
+  in a file);
 - ``judge``: decoding the N images and scoring them with a tiny judge (``evaluation.judge.judge_outputs``).
 
 It then fits the log-log slope of seconds against N for each stage (1: linear; the search does N x 2,048
@@ -16,7 +17,7 @@ pairs, so it is linear in N too) and prints a markdown table; ``--out`` writes i
 (random 64 px PNGs, their masks and labels, a manifest CSV) are generated in a temporary folder.
 
     PYTHONPATH=src python benchmarks/scale.py                        # CPU: 1k, 4k, 16k images of 64 px
-    PYTHONPATH=src python benchmarks/scale.py --gpu                  # CUDA: 128 px, 10k, 30k, 100k
+    PYTHONPATH=src python benchmarks/scale.py --gpu                  # CUDA: 256 px, 10k, 30k, 100k
     PYTHONPATH=src python benchmarks/scale.py --sizes 32 64 --out /tmp/scale.json
 """
 
@@ -129,7 +130,7 @@ def stage_search(work: Path, n: int, args) -> float:
     from ldmflow.evaluation.features import Features
     from ldmflow.evaluation.search import blocked_search
 
-    tiles, d = 16, 3 * args.image_size**2 // 16  # pixel features at the image size, 4 x 4 tiles
+    tiles, d = 16, 3 * args.feature_size**2 // 16  # pixel features, 4 x 4 tiles
     rng = np.random.default_rng(0)
 
     def rows(count: int) -> np.ndarray:  # unit-norm rows, (count, T, d)
@@ -191,7 +192,8 @@ def measure(stage: str, n: int, args, work: Path) -> dict:
     if args.same_process:
         return {"seconds": globals()[f"stage_{stage}"](work, n, args), "peak_rss_mib": peak_rss_mib()}
     cmd = [sys.executable, __file__, "--child", stage, "--n", str(n), "--workdir", str(work),
-           "--image-size", str(args.image_size), "--samples", str(args.samples)]
+           "--image-size", str(args.image_size), "--feature-size", str(args.feature_size), "--samples",
+           str(args.samples)]
     cmd += (["--device", args.device] if args.device else []) + (["--threads", str(args.threads)]
                                                                 if args.threads else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -215,7 +217,8 @@ def ladder(args, work: Path) -> dict:
     slopes = {s: {"seconds": slope(ns, [r[s]["seconds"] for r in rows]),
                   "peak_rss_mib": slope(ns, [r[s]["peak_rss_mib"] for r in rows])} for s in args.stages}
     return {"stages": list(args.stages), "rows": rows, "slopes": slopes, "image_size": args.image_size,
-            "samples": args.samples, "device": args.device or "cpu", "threads": args.threads}
+            "feature_size": args.feature_size, "samples": args.samples, "device": args.device or "cpu",
+            "threads": args.threads}
 
 
 def markdown(result: dict) -> str:
@@ -238,9 +241,12 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="the ladder of N (images)")
-    parser.add_argument("--gpu", action="store_true", help="CUDA, 128 px images, N = 10k, 30k, 100k")
+    parser.add_argument("--gpu", action="store_true",
+                        help="CUDA and the research preset's shapes: 256 px images, N = 10k, 30k, 100k")
     parser.add_argument("--device", default=None, help="torch device (default: cpu; cuda with --gpu)")
-    parser.add_argument("--image-size", type=int, default=None, help="image side (default 64; 128 with --gpu)")
+    parser.add_argument("--image-size", type=int, default=None, help="image side (default 64; 256 with --gpu)")
+    parser.add_argument("--feature-size", type=int, default=64,
+                        help="side of the search's pixel features (memorization.image_size, default 64)")
     parser.add_argument("--samples", type=int, default=2048, help="generated samples in the search")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each stage")
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     if args.gpu:
         args.device = args.device or "cuda"
-    args.image_size = args.image_size or (128 if args.gpu else 64)
+    args.image_size = args.image_size or (256 if args.gpu else 64)
     if args.child:
         run_child(args)
         return None

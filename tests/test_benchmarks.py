@@ -14,8 +14,8 @@ import scale  # noqa: E402  (a script beside the package, not part of it)
 
 def test_scale_ladder_reports_seconds_memory_and_a_slope_for_every_stage(tmp_path, capsys):
     out = tmp_path / "scale.json"
-    result = scale.main(["--sizes", "16", "32", "--samples", "8", "--image-size", "16", "--threads", "1",
-                         "--same-process", "--out", str(out)])
+    result = scale.main(["--sizes", "16", "32", "--samples", "8", "--image-size", "16", "--feature-size", "16",
+                         "--threads", "1", "--same-process", "--out", str(out)])
     table = capsys.readouterr().out
     for stage in scale.STAGES:
         assert f"{stage} s" in table and f"{stage} MiB" in table
