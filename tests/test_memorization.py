@@ -261,6 +261,19 @@ def test_blocked_search_lists_equal_neighbours_by_the_lower_training_index(memor
     np.testing.assert_allclose(got.tiled_l2, want.tiled_l2, atol=1e-3)
 
 
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("width,keep", [(50, 5), (203, 5), (1000, 20), (1000, 50)])
+def test_the_search_keeps_the_best_values_of_each_row_with_ties_by_the_lower_column(width, keep, largest):
+    from ldmflow.evaluation.search import _select
+
+    gen = torch.Generator().manual_seed(width + keep)
+    v = torch.randint(0, 30, (40, width), generator=gen).float()  # few distinct values: ties everywhere
+    vals, cols = _select(v, keep, largest, None)
+    want_vals, want_cols = v.sort(dim=1, descending=largest, stable=True)
+    torch.testing.assert_close(vals, want_vals[:, :keep])
+    torch.testing.assert_close(cols, want_cols[:, :keep])
+
+
 def test_blocked_search_from_a_file_and_from_flat_vectors(tmp_path):
     gen = torch.Generator().manual_seed(0)
     feats = tile_features(torch.randn(120, 3, 8, 8, generator=gen), 2).half().numpy()

@@ -127,28 +127,29 @@ def _in_order(vals: torch.Tensor, idx: torch.Tensor, largest: bool) -> tuple[tor
 
 
 def _candidate_columns(v: torch.Tensor, keep: int, largest: bool, bound: torch.Tensor | None) -> torch.Tensor:
-    """Columns (q, m) of the groups of GROUP columns of each row of v (q, t) that can hold one of its keep
-    best values, in column order; padded with t.
+    """Columns (q, m) of each row of v (q, t) that can hold one of its keep best values; padded with t.
 
-    The keep-th best group leader (a group's best value) is at least as good as the keep-th best value, so
+    The columns are cut into groups of GROUP, strided (group g: g, g + G, g + 2G, ..., so that the group
+    leaders, each group's best value, come out of one pass over contiguous rows), and the columns past
+    GROUP x G always take part. The keep-th best leader is at least as good as the keep-th best value, so
     only groups whose leader reaches it (or the running bound, if better) take part."""
     q, t = v.shape
-    whole = t // GROUP * GROUP
+    n_groups = t // GROUP
     best = torch.amax if largest else torch.amin
-    leaders = best(v[:, :whole].unflatten(1, (-1, GROUP)), 2)  # (q, t // GROUP)
-    if whole < t:
-        leaders = torch.cat([leaders, best(v[:, whole:], 1, keepdim=True)], 1)
+    leaders = best(v[:, :n_groups * GROUP].unflatten(1, (GROUP, n_groups)), 1)  # (q, G)
     edge = leaders.topk(keep, dim=1, largest=largest, sorted=False)[0]
     edge = edge.amin(1, keepdim=True) if largest else edge.amax(1, keepdim=True)
     if bound is not None:
         edge = torch.maximum(edge, bound) if largest else torch.minimum(edge, bound)
-    rows, groups = (leaders >= edge if largest else leaders <= edge).nonzero(as_tuple=True)  # row-major
+    rows, groups = (leaders >= edge if largest else leaders <= edge).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=q)
     rank = torch.arange(len(rows), device=v.device) - (counts.cumsum(0) - counts)[rows]  # place within the row
-    chosen = torch.full((q, int(counts.max()) if len(rows) else 0), t, dtype=torch.long, device=v.device)
-    chosen[rows, rank] = groups * GROUP
-    cols = (chosen[..., None] + torch.arange(GROUP, device=v.device)).flatten(1)  # (q, m)
-    return cols.masked_fill_(cols >= t, t)
+    chosen = torch.full((q, int(counts.max()) if len(rows) else 0), -1, dtype=torch.long, device=v.device)
+    chosen[rows, rank] = groups
+    cols = (chosen[..., None] + n_groups * torch.arange(GROUP, device=v.device)).flatten(1)  # (q, m)
+    cols = cols.masked_fill_((chosen < 0).repeat_interleave(GROUP, 1), t)
+    tail = torch.arange(n_groups * GROUP, t, device=v.device).expand(q, -1)
+    return torch.cat([cols, tail], 1)
 
 
 def _select(v: torch.Tensor, keep: int, largest: bool,
@@ -167,14 +168,14 @@ def _select(v: torch.Tensor, keep: int, largest: bool,
         vals = v.gather(1, cols.clamp(max=v.shape[1] - 1)).masked_fill_(cols == v.shape[1], worst)  # (q, m)
     keep = min(keep, vals.shape[1])
     top, pos = vals.topk(min(keep + 1, vals.shape[1]), dim=1, largest=largest, sorted=True)
-    # topk leaves open which of several equal values at the cut it takes: rank such rows with a stable sort
+    # topk leaves open which of several equal values at the cut it takes: rank such rows in full
     tied = (top[:, keep - 1] == top[:, -1]) & (top[:, -1] != worst) if top.shape[1] > keep else None
-    top, pos = top[:, :keep], pos[:, :keep]
+    top, top_cols = top[:, :keep], cols.gather(1, pos[:, :keep])
     if tied is not None and tied.any():
         rows = tied.nonzero()[:, 0]
-        s_vals, s_pos = vals[rows].sort(dim=1, descending=largest, stable=True)
-        top[rows], pos[rows] = s_vals[:, :keep], s_pos[:, :keep]
-    return _in_order(top, cols.gather(1, pos), largest)
+        r_vals, r_cols = _in_order(vals[rows], cols[rows], largest)
+        top[rows], top_cols[rows] = r_vals[:, :keep], r_cols[:, :keep]
+    return _in_order(top, top_cols, largest)
 
 
 def _merge(best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, offset: int, keep: int, largest: bool):
