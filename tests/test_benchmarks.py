@@ -1,18 +1,75 @@
-"""The scale ladder (benchmarks/scale.py) runs at tiny sizes and reports every stage with a slope."""
+"""The speed-comparison suite, run as a user runs it (``bash benchmarks/gpu_suite.sh``), at its reduced CPU scale."""
+
+from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import scale  # noqa: E402  (a script beside the package, not part of it)
+from .conftest import REPO
+
+STAGES = {"diffusion_train_step", "diffusion_train_loop", "autoencoder_train_step", "sample_ddim25",
+          "sample_ddim50", "embed", "memorization_search"}
+
+
+@pytest.fixture(scope="module")
+def suite_records(tmp_path_factory) -> list[dict]:
+    pytest.importorskip("diffusers", reason="the baselines are diffusers' (pip install -e '.[test]')")
+    out = tmp_path_factory.mktemp("suite") / "suite.jsonl"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), str(out)], cwd=REPO, env=env,
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "suite wall time" in proc.stdout
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_suite_writes_one_complete_record_per_comparison(suite_records):
+    failed = [(r["case"], r.get("error") or r.get("skipped")) for r in suite_records if "ours" not in r]
+    assert not failed
+    assert {r["stage"] for r in suite_records} == STAGES
+    for r in suite_records:
+        assert r["device_name"].startswith("CPU") and r["mode"] == "eager_fp32" and r["extras"]
+        for side in (r["ours"], r["baseline"]):
+            assert set(side) == {"name", "params", "gflop_per_step", "items_per_s", "tflop_per_s"}
+            assert side["gflop_per_step"] > 0 and side["items_per_s"] > 0 and side["tflop_per_s"] > 0
+        for key in ("gflop_per_step", "items_per_s", "tflop_per_s"):
+            assert math.isfinite(r["ratio"][key]) and r["ratio"][key] > 0, (r["stage"], key)
+        # a parameter ratio wherever there are parameters (the search has none)
+        assert (r["ratio"]["params"] is None) == (r["baseline"]["params"] == 0)
+        # the same work: FLOPs per step within 10%
+        assert r["flop_mismatch"] <= 0.10, (r["stage"], r["flop_mismatch"])
+
+
+def test_suite_baselines_are_the_same_work(suite_records):
+    by_stage = {r["stage"]: r for r in suite_records}
+    # diffusers' UNet2DModel is built as our architecture: same FLOPs, parameters within 0.1%
+    step = by_stage["diffusion_train_step"]
+    assert step["flop_mismatch"] == 0 and abs(step["ratio"]["params"] - 1) < 1e-3
+    assert "none" in step["extras"] and "EMA" in by_stage["diffusion_train_loop"]["extras"]
+    # both DDIM loops drive the same UNet from the same noise to the same samples
+    for steps in (25, 50):
+        assert by_stage[f"sample_ddim{steps}"]["max_abs_difference"] < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# The scale ladder (benchmarks/scale.py): every stage, seconds, peak memory and a slope
+# --------------------------------------------------------------------------------------------------
+
+
+def _scale_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # a script beside the package, not part of it
+    import scale
+
+    return scale
 
 
 def test_scale_ladder_reports_seconds_memory_and_a_slope_for_every_stage(tmp_path, capsys):
+    scale = _scale_module()
     out = tmp_path / "scale.json"
     result = scale.main(["--sizes", "16", "32", "--samples", "8", "--image-size", "16", "--feature-size", "16",
                          "--threads", "1", "--same-process", "--out", str(out)])
@@ -35,5 +92,5 @@ def test_scale_ladder_measures_each_stage_in_its_own_process(tmp_path):
 
 
 @pytest.mark.parametrize("values,expected", [([1.0, 4.0], 1.0), ([2.0, 2.0], 0.0)])
-def test_slope_is_the_log_log_exponent(values, expected):
-    assert scale.slope([1000, 4000], values) == pytest.approx(expected)
+def test_scale_slope_is_the_log_log_exponent(values, expected):
+    assert _scale_module().slope([1000, 4000], values) == pytest.approx(expected)
