@@ -92,3 +92,41 @@ def test_the_suite_runs_its_other_cases_and_notes_the_skipped_embedding_on_a_mac
 def test_the_gpu_machine_scripts_are_valid_bash(script):
     proc = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+# --------------------------------------------------------------------------------------------------
+# The scale ladder (benchmarks/scale.py): every stage, seconds, peak memory and a slope
+# --------------------------------------------------------------------------------------------------
+
+
+def _scale_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # a script beside the package, not part of it
+    import scale
+
+    return scale
+
+
+def test_scale_ladder_reports_seconds_memory_and_a_slope_for_every_stage(tmp_path, capsys):
+    scale = _scale_module()
+    out = tmp_path / "scale.json"
+    result = scale.main(["--sizes", "16", "32", "--samples", "8", "--image-size", "16", "--feature-size", "16",
+                         "--threads", "1", "--same-process", "--out", str(out)])
+    table = capsys.readouterr().out
+    for stage in scale.STAGES:
+        assert f"{stage} s" in table and f"{stage} MiB" in table
+        assert result["slopes"][stage]["seconds"] is not None
+        assert all(row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 0 for row in result["rows"])
+    assert "| slope |" in table
+    assert [row["n"] for row in json.loads(out.read_text())["rows"]] == [16, 32]
+
+
+def test_scale_ladder_measures_each_stage_in_its_own_process(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks/scale.py"), "--sizes", "8", "16", "--stages",
+                          "manifest", "--image-size", "16", "--out", str(tmp_path / "scale.json")],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "scale.json").read_text())
+    assert result["stages"] == ["manifest"] and result["slopes"]["manifest"]["seconds"] is not None
+
+
+@pytest.mark.parametrize("values,expected", [([1.0, 4.0], 1.0), ([2.0, 2.0], 0.0)])
+def test_scale_slope_is_the_log_log_exponent(values, expected):
+    assert _scale_module().slope([1000, 4000], values) == pytest.approx(expected)

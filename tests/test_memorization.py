@@ -242,6 +242,38 @@ def test_blocked_search_equals_brute_force(memory_gb, size, tiles):
     np.testing.assert_allclose(got.tiled_l2, want.tiled_l2, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_gb", [1.0, 1.2e-3, 3e-4])
+def test_blocked_search_lists_equal_neighbours_by_the_lower_training_index(memory_gb):
+    # every training image three times (as in a set with duplicates), so every list is full of exact ties
+    # that straddle the training blocks; a few queries are copies of training images
+    gen = torch.Generator().manual_seed(7)
+    base = tile_features(torch.randn(300, 3, 8, 8, generator=gen), 2).half().numpy()
+    train = np.concatenate([base, base, base])  # (900, 4, 48)
+    queries = np.concatenate([base[:5], tile_features(torch.randn(20, 3, 8, 8, generator=gen), 2).half().numpy()])
+    got = blocked_search(queries, train, k=5, n=20, memory_gb=memory_gb)
+    want = brute_force_search(queries.astype(np.float32), train.astype(np.float32), k=5, n=20)
+    if memory_gb < 1:
+        assert got.stats["train_block"] < len(train)
+    np.testing.assert_array_equal(got.index, want.index)
+    np.testing.assert_array_equal(got.tiled_index, want.tiled_index)
+    assert (got.index[:5, :3] == np.arange(5)[:, None] + [0, 300, 600]).all()  # a copy: its three twins first
+    # (a copy's distance is the root of an fp32 difference of squares: within 1e-3 of 0)
+    np.testing.assert_allclose(got.tiled_l2, want.tiled_l2, atol=1e-3)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("width,keep", [(50, 5), (203, 5), (1000, 20), (1000, 50)])
+def test_the_search_keeps_the_best_values_of_each_row_with_ties_by_the_lower_column(width, keep, largest):
+    from ldmflow.evaluation.search import _select
+
+    gen = torch.Generator().manual_seed(width + keep)
+    v = torch.randint(0, 30, (40, width), generator=gen).float()  # few distinct values: ties everywhere
+    vals, cols = _select(v, keep, largest, None)
+    want_vals, want_cols = v.sort(dim=1, descending=largest, stable=True)
+    torch.testing.assert_close(vals, want_vals[:, :keep])
+    torch.testing.assert_close(cols, want_cols[:, :keep])
+
+
 def test_blocked_search_from_a_file_and_from_flat_vectors(tmp_path):
     gen = torch.Generator().manual_seed(0)
     feats = tile_features(torch.randn(120, 3, 8, 8, generator=gen), 2).half().numpy()

@@ -38,13 +38,14 @@ def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int) -> int:
     """Bytes a q x t step of :func:`blocked_search` holds at once (dim = tiles x per-tile length).
 
     Query side: the augmented fp32 block (4 q (dim + 2 tiles)), its norms and the running top lists
-    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy
-    (4 t dim), the augmented fp32 block and its norms. Then three (q, t) fp32 matrices (summed and largest
-    tile distance, one tile's distances) and the merges of the running lists with the block (a
-    concatenation and topk's workspace, 16 q t, and the index bookkeeping, 64 q (k + n)).
+    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy, the
+    augmented fp32 block and its norms. Then the (tiles, q, t) fp32 products of every tile, two (q, t) fp32
+    matrices (summed and largest tile distance), the selections' group leaders and gathered candidates
+    (under 2 q t) and their index bookkeeping.
     """
     aug = dim + 2 * tiles
-    return 4 * q * aug + 4 * t * aug + 4 * t * dim + 8 * (q + t) * tiles + 28 * q * t + 76 * q * (k + n)
+    return (4 * q * aug + 4 * t * aug + 4 * t * dim + 8 * (q + t) * tiles + 4 * tiles * q * t + 10 * q * t
+            + 76 * q * (k + n))
 
 
 def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int,
@@ -88,23 +89,25 @@ def _as_tiles(x: Features | np.ndarray | torch.Tensor) -> tuple[int, int, int]:
     raise ValueError(f"features must be (N, D) or (N, tiles, d); got shape {shape}")
 
 
-def _augmented(block, device: torch.device, tiles: int, query: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stored row block (rows, T, d) -> augmented fp32 tiles (rows, T, d + 2) on the device, and tile norms.
+def _augmented(block, device: torch.device, tiles: int, query: bool,
+               buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored row block (rows, T, d) -> augmented fp32 tiles (T, rows, d + 2) on the device, and norms (T, rows).
 
     Per tile a query becomes [a, |a|^2, 1] and a training item [-2 b, 1, |b|^2], so that one product of
     the two is |a|^2 - 2 a.b + |b|^2 = |a - b|^2: each tile's squared distances come out of one matrix
-    product with nothing to add afterwards.
+    product with nothing to add afterwards. Tile-major, so that each tile is one contiguous matrix. Written
+    into ``buffer`` (flat fp32) when given: fresh large tensors cost page faults on every block.
     """
     x = block if torch.is_tensor(block) else torch.from_numpy(np.ascontiguousarray(block))
-    x = x.to(device, non_blocking=True).reshape(len(block), tiles, -1)
-    d = x.shape[-1]
-    out = torch.empty(len(x), tiles, d + 2, device=device)
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square_()  # (rows, T)
+    x = x.to(device, non_blocking=True).reshape(len(block), tiles, -1).transpose(0, 1)  # (T, rows, d)
+    d, size = x.shape[-1], (tiles, x.shape[1], x.shape[-1] + 2)
+    out = torch.empty(size, device=device) if buffer is None else buffer[:math.prod(size)].view(size)
+    out[..., :d] = x  # fp16 -> fp32, once: the norms and the products read the fp32 copy
+    norms = torch.linalg.vector_norm(out[..., :d], dim=-1).square_()  # (T, rows)
     if query:
-        out[..., :d] = x  # fp16 -> fp32
         out[..., d], out[..., d + 1] = norms, 1.0
     else:
-        torch.mul(x, -2.0, out=out[..., :d])
+        out[..., :d].mul_(-2.0)
         out[..., d], out[..., d + 1] = 1.0, norms
     return out, norms
 
@@ -113,32 +116,104 @@ def _nbytes(x) -> int:
     return x.nbytes if isinstance(x, np.ndarray) else x.numel() * x.element_size()
 
 
+GROUP = 16  # columns per group in the selection's first pass
+
+
+def _in_order(vals: torch.Tensor, idx: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (value, index) pairs sorted best first, equal values by the lower index."""
+    idx, pos = idx.sort(dim=1)
+    vals, pos = vals.gather(1, pos).sort(dim=1, descending=largest, stable=True)
+    return vals, idx.gather(1, pos)
+
+
+def _candidate_columns(v: torch.Tensor, keep: int, largest: bool, bound: torch.Tensor | None) -> torch.Tensor:
+    """Columns (q, m) of each row of v (q, t) that can hold one of its keep best values; padded with t.
+
+    The columns are cut into groups of GROUP, strided (group g: g, g + G, g + 2G, ..., so that the group
+    leaders, each group's best value, come out of one pass over contiguous rows), and the columns past
+    GROUP x G always take part. The keep-th best leader is at least as good as the keep-th best value, so
+    only groups whose leader reaches it (or the running bound, if better) take part."""
+    q, t = v.shape
+    n_groups = t // GROUP
+    best = torch.amax if largest else torch.amin
+    leaders = best(v[:, :n_groups * GROUP].unflatten(1, (GROUP, n_groups)), 1)  # (q, G)
+    edge = leaders.topk(keep, dim=1, largest=largest, sorted=False)[0]
+    edge = edge.amin(1, keepdim=True) if largest else edge.amax(1, keepdim=True)
+    if bound is not None:
+        edge = torch.maximum(edge, bound) if largest else torch.minimum(edge, bound)
+    rows, groups = (leaders >= edge if largest else leaders <= edge).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=q)
+    rank = torch.arange(len(rows), device=v.device) - (counts.cumsum(0) - counts)[rows]  # place within the row
+    chosen = torch.full((q, int(counts.max()) if len(rows) else 0), -1, dtype=torch.long, device=v.device)
+    chosen[rows, rank] = groups
+    cols = (chosen[..., None] + n_groups * torch.arange(GROUP, device=v.device)).flatten(1)  # (q, m)
+    cols = cols.masked_fill_((chosen < 0).repeat_interleave(GROUP, 1), t)
+    tail = torch.arange(n_groups * GROUP, t, device=v.device).expand(q, -1)
+    return torch.cat([cols, tail], 1)
+
+
+def _select(v: torch.Tensor, keep: int, largest: bool,
+            bound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` best values of each row of v (q, t) and their columns, best first, equal values by the
+    lower column (so the result does not depend on the blocks); rows may end in padding (the worst value)
+    where fewer than keep reach ``bound`` (q, 1).
+
+    A top-k of every row costs about as much as the product that made it: a pass over group leaders
+    (:func:`_candidate_columns`) leaves a few groups per row, and only those are ranked."""
+    worst = -math.inf if largest else math.inf
+    if v.shape[1] < 2 * GROUP * keep:  # a narrow block: rank it whole
+        cols, vals = torch.arange(v.shape[1], device=v.device).expand(len(v), -1), v
+    else:
+        cols = _candidate_columns(v, keep, largest, bound)
+        vals = v.gather(1, cols.clamp(max=v.shape[1] - 1)).masked_fill_(cols == v.shape[1], worst)  # (q, m)
+    keep = min(keep, vals.shape[1])
+    top, pos = vals.topk(min(keep + 1, vals.shape[1]), dim=1, largest=largest, sorted=True)
+    # topk leaves open which of several equal values at the cut it takes: rank such rows in full
+    tied = (top[:, keep - 1] == top[:, -1]) & (top[:, -1] != worst) if top.shape[1] > keep else None
+    top, top_cols = top[:, :keep], cols.gather(1, pos[:, :keep])
+    if tied is not None and tied.any():
+        rows = tied.nonzero()[:, 0]
+        r_vals, r_cols = _in_order(vals[rows], cols[rows], largest)
+        top[rows], top_cols[rows] = r_vals[:, :keep], r_cols[:, :keep]
+    return _in_order(top, top_cols, largest)
+
+
 def _merge(best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, offset: int, keep: int, largest: bool):
-    """Merge a block's values (q, t) into running top lists (q, m) -> (q, keep), with training indices."""
-    m = best_v.shape[1]
-    vals, pos = torch.cat([best_v, v], 1).topk(min(keep, m + v.shape[1]), dim=1, largest=largest, sorted=True)
-    if m == 0:
+    """Merge a block's values (q, t) into running top lists (q, m) -> (q, keep), with training indices.
+
+    The running lists hold lower training indices than the block, so a stable sort of the two keeps
+    equal values in index order."""
+    full = best_v.shape[1] == keep  # then its last value bounds what the block can add
+    vals, pos = _select(v, keep, largest, best_v[:, -1:] if full else None)  # (q, <= keep)
+    if best_v.shape[1] == 0:
         return vals, pos + offset
-    idx = torch.where(pos < m, best_i.gather(1, pos.clamp(max=m - 1)), pos - m + offset)
-    return vals, idx
+    vals, order = torch.cat([best_v, vals], 1).sort(dim=1, descending=largest, stable=True)
+    idx = torch.cat([best_i, pos + offset], 1).gather(1, order)
+    return vals[:, :keep], idx[:, :keep]
 
 
 @torch.no_grad()
-def _tile_distances(qa: torch.Tensor, q_norm: torch.Tensor, ta: torch.Tensor,
-                    tn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One query block against one training block: cosine similarity (q, t), largest squared tile distance
-    (q, t), and the (q, t) scratch of one tile's squared distances (returned so its bytes can be counted)."""
-    q, t = len(qa), len(ta)
-    total = qa.new_zeros(q, t)  # (q, t) sum over tiles of squared tile distances = |a - b|^2
-    d2 = qa.new_full((q, t), -math.inf)  # (q, t) largest squared tile distance
-    x = qa.new_empty(q, t)  # (q, t) one tile's squared distances
-    for j in range(qa.shape[1]):
-        torch.mm(qa[:, j], ta[:, j].T, out=x)  # strided views of the tile: no copies
-        total += x
-        torch.maximum(d2, x, out=d2)
-    # cos = a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2, in place
-    sim = total.neg_().add_(q_norm).add_(tn.sum(1)[None]).mul_(0.5)
-    return sim, d2, x
+def _tile_distances(qa: torch.Tensor, ta: torch.Tensor, tn: torch.Tensor,
+                    scratch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query block (T, q, d + 2) against one training block (T, t, d + 2): the similarity score (q, t),
+    largest squared tile distance (q, t), and the (T, q, t) squared distances of every tile.
+
+    The score is 2 a.b - |a|^2 = |b|^2 - |a - b|^2: in each row it orders the training items as the cosine
+    a.b does (|a|^2 is the row's constant), so :func:`_similarity` converts only the kept values. All tiles
+    in one batched product, then one pass over them for the largest and one for the sum: far fewer passes
+    over (q, t) matrices than a product, an addition and a maximum per tile. The results are views of the
+    flat ``scratch`` buffers (products, score, distance), reused from block to block."""
+    tiles, q, t = qa.shape[0], qa.shape[1], ta.shape[1]
+    x = torch.bmm(qa, ta.transpose(1, 2), out=scratch[0][:tiles * q * t].view(tiles, q, t))  # (T, q, t)
+    d2 = torch.amax(x, 0, out=scratch[2][:q * t].view(q, t))  # (q, t) largest squared tile distance
+    total = torch.sum(x, 0, out=scratch[1][:q * t].view(q, t))  # (q, t) |a - b|^2, the sum over the tiles
+    score = torch.sub(tn.sum(0)[None], total, out=total)
+    return score, d2, x
+
+
+def _similarity(score: torch.Tensor, q_norm: torch.Tensor) -> torch.Tensor:
+    """Cosine a.b from the score 2 a.b - |a|^2 of :func:`_tile_distances` (q, k) and |a|^2 (q, 1)."""
+    return score.add(q_norm).mul_(0.5)
 
 
 def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np.ndarray | torch.Tensor, nt: int,
@@ -146,26 +221,29 @@ def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np
                         bar) -> tuple[tuple[torch.Tensor, ...], int]:
     """Stream every training block past one query block; returns the running lists (top-k similarities and
     their indices, n smallest largest-tile distances and theirs) and the largest working set in bytes."""
-    tiles, q = qa.shape[1], len(qa)
-    q_norm = qn.sum(1, keepdim=True)  # (q, 1) |a|^2 of the whole vector
+    tiles, q = qa.shape[0], qa.shape[1]
+    q_norm = qn.sum(0)[:, None]  # (q, 1) |a|^2 of the whole vector
     best_s = qa.new_empty(q, 0)
     best_si = torch.empty(q, 0, dtype=torch.long, device=device)
     best_d, best_di = best_s.clone(), best_si.clone()
+    t_max = min(t_block, nt)  # every block's large tensors in buffers allocated once
+    scratch = (qa.new_empty(tiles * q * t_max), qa.new_empty(q * t_max), qa.new_empty(q * t_max))
+    train_buffer = qa.new_empty(tiles * t_max * qa.shape[2])
     peak = 0
     for ts in range(0, nt, t_block):
         raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
-        ta, tn = _augmented(raw, device, tiles, query=False)  # (t, T, d + 2), (t, T)
-        sim, d2, x = _tile_distances(qa, q_norm, ta, tn)
-        # the working set: the tensors alive in this step, the block as read and its device copy, and
-        # the merges' temporaries (sizes as in block_bytes)
+        ta, tn = _augmented(raw, device, tiles, query=False, buffer=train_buffer)  # (T, t, d + 2), (T, t)
+        sim, d2, x = _tile_distances(qa, ta, tn, scratch)
+        # the working set: the tensors alive in this step, the block as read and its device copy, and the
+        # selections' candidates and bookkeeping (sizes as in block_bytes)
         live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
-        held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 16 * q * len(ta) + 64 * q * (k + n)
+        held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 2 * q * ta.shape[1] + 64 * q * (k + n)
         peak = max(peak, held)
         best_s, best_si = _merge(best_s, best_si, sim, ts, k, largest=True)
         best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
         del ta, tn, sim, d2, x, raw
         bar.update()
-    return (best_s, best_si, best_d, best_di), peak
+    return (_similarity(best_s, q_norm), best_si, best_d, best_di), peak
 
 
 def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Features | np.ndarray | torch.Tensor, *,
@@ -196,7 +274,7 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
     out_sim, out_idx, out_tl2, out_tidx = [], [], [], []
     bar = progress_bar(math.ceil(nq / q_block) * math.ceil(nt / t_block), "nearest-neighbour search", "block")
     for qs in range(0, nq, q_block):
-        qa, qn = _augmented(_rows(queries, qs, qs + q_block), device, tiles, query=True)  # (q, T, d + 2), (q, T)
+        qa, qn = _augmented(_rows(queries, qs, qs + q_block), device, tiles, query=True)  # (T, q, d + 2), (T, q)
         (best_s, best_si, best_d, best_di), block_peak = _search_query_block(qa, qn, train, nt, t_block, k, n,
                                                                              device, bar)
         peak = max(peak, block_peak)
@@ -223,9 +301,9 @@ def brute_force_search(queries: np.ndarray | torch.Tensor, train: np.ndarray | t
     sim = torch.einsum("qtd,ntd->qn", q, t)
     tiled = (q[:, None] - t[None]).pow(2).sum(-1).amax(-1).sqrt()  # (Q, N)
     k, n = min(k, len(t)), min(n, len(t))
-    s, si = sim.topk(k, dim=1)
-    dd, di = tiled.topk(n, dim=1, largest=False)
-    return Neighbours(si.numpy(), s.float().numpy(), di.numpy(), dd.float().numpy())
+    s, si = sim.sort(dim=1, descending=True, stable=True)  # equal values: the lower index first
+    dd, di = tiled.sort(dim=1, stable=True)
+    return Neighbours(si[:, :k].numpy(), s[:, :k].float().numpy(), di[:, :n].numpy(), dd[:, :n].float().numpy())
 
 
 @torch.no_grad()
