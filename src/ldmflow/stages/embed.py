@@ -25,7 +25,7 @@ from ldmflow.checkpoints import load_autoencoder
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.loading import resolved_config
 from ldmflow.data.dataset import ImageDataset, prepare_data
-from ldmflow.data.latent_store import COMPRESSOR, DTYPES, chunk_rows
+from ldmflow.data.latent_store import COMPRESSOR, DTYPES, RAW_CHUNK_BYTES, chunk_rows
 from ldmflow.data.manifest import SPLITS
 from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
@@ -165,9 +165,15 @@ def _create_arrays(group: zarr.Group, data, cfg: AutoencoderExperiment, dtype: s
         return group.create_array(name, shape=shape, chunks=(chunk_rows(row_bytes, n),) + shape[1:], dtype=kind,
                                   compressors=COMPRESSOR if compress else "auto")
 
-    writers = {"latents": ChunkWriter(array("latents", (n, c, h, h), dtype, latent_bytes))}
+    def raw(name: str) -> zarr.Array:
+        """Uncompressed, so that training reads single rows straight from the files (latent_store.RowReader)."""
+        shape = (n, c, h, h)
+        return group.create_array(name, shape=shape, chunks=(chunk_rows(latent_bytes, n, RAW_CHUNK_BYTES),) + shape[1:],
+                                  dtype=dtype, compressors=None)
+
+    writers = {"latents": ChunkWriter(raw("latents"))}
     if cfg.model.variant == "kl":
-        writers["logvar"] = ChunkWriter(array("logvar", (n, c, h, h), dtype, latent_bytes))
+        writers["logvar"] = ChunkWriter(raw("logvar"))
     if data.has_masks:
         writers["masks"] = ChunkWriter(array("masks", (n, size, size), "uint8", size * size))
     labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
@@ -275,15 +281,16 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         torch.set_num_threads(threads)
     src = _source(checkpoint, manifest, dev)
     cfg = src.cfg
-    # cache_max_gb=0: every row is decoded and checked now, none is kept; batches are decoded again below
-    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
+    # every row is decoded and checked here; when the decoded set fits in data.cache_max_gb it is kept and
+    # encoded from memory, else each batch is decoded again below (memory stays bounded by that setting)
+    data = prepare_data(manifest, cfg.data, cfg.seed, threads)
     data.write_skipped(out.parent)
     n, h = len(data.paths), cfg.data.image_size // cfg.model.downsample
     log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
              src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
     dataset = ImageDataset(data, split=None)
     batches = prefetch(dataset.__getitems__, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)),
-                       workers=min(4, threads or os.cpu_count() or 1))
+                       workers=1 if data.images is not None else min(4, threads or os.cpu_count() or 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -292,7 +299,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         writers = _create_arrays(group, data, cfg, dtype)
         attrs = _store_attrs(src, data, dtype, _encode_all(src, batches, writers, data, dtype, dev, out.name))
         # the format attribute is written with the rest, last: a store without it is never taken for a whole one
-        group.attrs.update(attrs.to_dict())
+        group.update_attributes(attrs.to_dict())  # one metadata write (attrs.update writes once per key)
         fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:
