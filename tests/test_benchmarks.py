@@ -54,3 +54,17 @@ def test_suite_baselines_are_the_same_work(suite_records):
     # both DDIM loops drive the same UNet from the same noise to the same samples
     for steps in (25, 50):
         assert by_stage[f"sample_ddim{steps}"]["max_abs_difference"] < 1e-3
+
+
+@pytest.mark.parametrize("max_gb", [0.0, 1.0])
+def test_store_reads_compare_the_training_path_with_a_numpy_gather_and_the_anchor(tmp_path, max_gb):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/store_reads.py"), "--n", "300", "--size", "8",
+                           "--batch", "16", "--batches", "3", "--rounds", "1", "--max-gb", str(max_gb),
+                           "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True, capture_output=True,
+                          text=True, timeout=120)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["mode"] == ("streamed" if max_gb == 0 else "in_memory") and r["latent"] == [4, 8, 8]
+    assert r["ours"]["items_per_s"] > 0 and r["baseline"]["items_per_s"] > 0
+    assert math.isclose(r["ratio_to_anchor"], r["ours"]["items_per_s"] / 3400.0)
+    assert "samples/s" in proc.stdout and "the anchor of 3400" in proc.stdout
