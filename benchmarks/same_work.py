@@ -15,8 +15,8 @@ achieved TFLOP/s, and the ratio ours / baseline of each. "Same work" means:
   width chosen so that its FLOPs per step match ours (all heads: reconstruction, segmentation,
   classification, KL) within 10%; bare steps, no EMA or clipping on either side;
 - embedding: ``stages.embed.embed_latents`` (manifest validation, PNG decoding, encoding, zarr store)
-  against a plain loop over the same manifest with the same weights (PIL decoding, ``encode``, arrays
-  saved with ``np.savez``);
+  against a plain loop over the same manifest with the same weights (loading the checkpoint, PIL
+  decoding, ``encode``, arrays saved with ``np.savez``);
 - sampling: ``samplers.sample_ddim`` against diffusers' ``DDIMScheduler`` in a pipeline-free loop, both
   driving the same UNet (same weights, trailing spacing, eta 0): the samples agree to float error, so the
   ratio is the samplers' overhead;
@@ -514,7 +514,8 @@ def write_autoencoder_checkpoint(cfg, path: Path) -> Path:
 
 
 def plain_embed(model, manifest: Path, out: Path, batch_size: int, device: torch.device) -> int:
-    """The loop a user would write: decode each PNG with PIL, encode a batch, keep arrays, ``np.savez`` them."""
+    """The loop a user would write once the model is loaded: decode each PNG with PIL, encode a batch, keep
+    arrays, ``np.savez`` them."""
     import pandas as pd
     from PIL import Image
 
@@ -552,7 +553,9 @@ def compare_embedding(image_size: int, base_channels: int, n: int, batch: int, d
         embed_latents(checkpoint, manifest, workdir / f"ours_{next(runs)}.zarr", batch_size=batch, device=str(device))
 
     def base():
-        plain_embed(model, manifest, workdir / f"plain_{next(runs)}.npz", batch, device)
+        # from the checkpoint file, as embed_latents starts: loading the encoder is work both sides do
+        plain_embed(load_autoencoder(checkpoint, device).model, manifest, workdir / f"plain_{next(runs)}.npz", batch,
+                    device)
 
     with torch.device("meta"):
         meta = build_autoencoder(cfg)
@@ -561,7 +564,7 @@ def compare_embedding(image_size: int, base_channels: int, n: int, batch: int, d
     t_ours, t_base = paired_seconds([ours, base], device, 1, 1, repeats)
     return record("embed", "eager_fp32", batch, "images/s", "none (same encoder weights, same PNGs)",
                   Side("ldmflow stages.embed.embed_latents (zarr store)", params, n * f_image, n, t_ours),
-                  Side("plain loop: PIL + encode + np.savez", params, n * f_image, n, t_base),
+                  Side("plain loop: load + PIL + encode + np.savez", params, n * f_image, n, t_base),
                   images=n, image_size=image_size, device=str(device))
 
 
