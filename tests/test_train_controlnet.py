@@ -312,3 +312,17 @@ def test_mask_controls_travel_as_uint8_and_train_with_the_loss_of_host_built_one
 
     assert torch.equal(loss(a), loss(b))
     assert not torch.equal(loss(a), loss({**a, "control": torch.zeros_like(a["control"])}))  # the control counts
+
+
+def test_an_edge_controlnet_reads_masks_only_for_the_fidelity_rows(stage):
+    from ldmflow.config.loading import resolve_experiment
+    from ldmflow.data.latent_store import LatentStore
+    from ldmflow.stages.train_controlnet import control_dataset, stored_controls
+
+    cfg, _ = resolve_experiment(experiment(control={"signal": "edges"}), "controlnet", ())
+    store = LatentStore(stage["store"])
+    stored = stored_controls(cfg, store, store.info.image_size)
+    train, val = (control_dataset(cfg, store, split, stored, raw=True) for split in ("train", "val"))
+    assert "masks" not in train.latents.readers and "mask" not in train.__getitems__([0, 1])
+    batch = val.__getitems__([0, 1])
+    assert batch["mask"].dtype == torch.uint8 and batch["control"].dtype == torch.uint8

@@ -156,7 +156,8 @@ def control_preview(signal: Signal, control: torch.Tensor) -> np.ndarray:
 
 class ControlDataset(torch.utils.data.Dataset):
     """A :class:`ldmflow.data.latent_store.LatentDataset` whose batches also carry ``control`` and, when the store
-    has masks, ``mask`` (B, H, W) uint8 (control fidelity compares against it).
+    has masks and the signal is ``mask`` or ``masks`` is set, ``mask`` (B, H, W) uint8 (control fidelity
+    compares against it).
 
     ``control`` is the model input (B, K, H, W) float, or with ``raw`` the control as stored, uint8: masks
     (B, 1, H, W), edge maps (B, 1, H, W), control images (B, 3, H, W), a quarter of the bytes (a K-th for
@@ -168,12 +169,13 @@ class ControlDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, latents, signal: Signal, mask_classes: int | None, stored: np.ndarray | None = None,
-                 raw: bool = False):
+                 raw: bool = False, masks: bool = True):
         if signal == "mask" and latents.store.masks is None:
             control_channels(signal, None)  # raises the clear error
         if signal != "mask" and stored is None:
             raise ValueError(f"control signal {signal!r} needs its precomputed controls")
-        self.latents, self.signal, self.mask_classes, self.raw = latents.with_masks(), signal, mask_classes, raw
+        self.latents = latents.with_masks() if masks or signal == "mask" else latents
+        self.signal, self.mask_classes, self.raw = signal, mask_classes, raw
         self.stored = None if stored is None else torch.from_numpy(stored[latents.rows])  # this split's rows
         self.labels = latents.labels
         self.rows = latents.rows

@@ -206,9 +206,10 @@ def control_geometry(cfg: ControlNetExperiment, store: LatentStore) -> tuple[int
 def control_dataset(cfg: ControlNetExperiment, store: LatentStore, split: str | None, stored,
                     raw: bool = False) -> ControlDataset:
     """One split's latents with their controls (``stored``: the store's control images, see :func:`stored_controls`;
-    ``raw``: controls as stored, uint8, for the training task to convert on the device)."""
+    ``raw``: controls as stored, uint8, for the training task to convert on the device). Masks are read for a
+    mask control, and for the rows control fidelity draws from (every split but train)."""
     return ControlDataset(LatentDataset(store, split, kl_latents=cfg.data.kl_latents), cfg.control.signal,
-                          store.mask_classes, stored, raw=raw)
+                          store.mask_classes, stored, raw=raw, masks=split != "train")
 
 
 def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str | Path, *, overrides=(),
