@@ -43,10 +43,11 @@ DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB uncompressed per chunk: whole chunks per write, cheap random reads
 # Latents and log-variances are stored uncompressed (float16 noise barely compresses) in larger chunks, so a
 # training batch reads each of its rows straight from a chunk file (RowReader) instead of decoding a chunk
-# per row; 16 MiB keeps a 1M-latent store at a few hundred files and the embedding's write buffer small.
-RAW_CHUNK_BYTES = 16 << 20
+# per row; 64 MiB keeps a 1M-latent store of 32x32x4 at 128 files (all open at once in a reader) for a write
+# buffer of 64 MiB per array while embedding.
+RAW_CHUNK_BYTES = 64 << 20
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte shuffle suits float16/32
-MAX_OPEN_CHUNKS = 64  # chunk files a RowReader keeps open (per process)
+MAX_OPEN_CHUNKS = 128  # chunk files a RowReader keeps open (per process)
 
 
 def chunk_rows(row_bytes: int, n: int, chunk_bytes: int = CHUNK_BYTES) -> int:
