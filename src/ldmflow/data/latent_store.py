@@ -20,6 +20,7 @@ under its final name only when complete.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import math
@@ -202,6 +203,14 @@ class RowReader:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pid": None, "_open": collections.OrderedDict(), "_array": None}
+
+    def __del__(self) -> None:
+        # this process's descriptors only; at interpreter exit the os module may already be gone
+        with contextlib.suppress(Exception):
+            if self._pid == os.getpid():
+                for fd in self._open.values():
+                    if fd is not None:
+                        os.close(fd)
 
     def _own(self) -> None:
         """Forget what another process opened (a forked worker): its descriptors and zarr objects."""
