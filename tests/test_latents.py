@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -340,13 +339,10 @@ def test_embed_command(runs, demo_manifest, tmp_path):
 
 
 def test_embedding_from_memory_stores_the_same_latents_as_decoding_each_batch_again(runs, stores, demo_manifest,
-                                                                                    tmp_path, monkeypatch):
-    import ldmflow.stages.embed as embed
-
-    real = embed.prepare_data
-    monkeypatch.setattr(embed, "prepare_data", lambda manifest, cfg, *a: real(manifest, replace(cfg, cache_max_gb=0.0),
-                                                                             *a))
-    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1)
+                                                                                    tmp_path):
+    # the fixture's store was encoded from memory (the demo fits in data.cache_max_gb); this one decodes twice
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1,
+                        cache_max_gb=0.0)
     again, kept = zarr.open_group(out, mode="r"), zarr.open_group(stores["kl"], mode="r")
     for name in ("latents", "logvar", "masks", "labels", "split", "paths"):
         assert np.array_equal(again[name][:], kept[name][:]), name

@@ -267,12 +267,14 @@ def _store_attrs(src: Source, data, dtype: str, acc: Encoded) -> StoreAttrs:
 
 def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path, *, batch_size: int = 64,
                   dtype: Literal["float16", "float32"] = "float16", device: str | None = None,
-                  threads: int | None = None) -> Path:
+                  threads: int | None = None, cache_max_gb: float | None = None) -> Path:
     """Encode every manifest row with an autoencoder into the zarr v3 store OUT; returns OUT.
 
     ``checkpoint`` is an autoencoder checkpoint or a ``selected.json`` naming one. Rows, labels, masks and
     the split come from the data layer with the autoencoder's own data config and seed, so the split is
-    the one the autoencoder trained with. Images are decoded by a thread pool while the encoder runs.
+    the one the autoencoder trained with. Every image is decoded and checked first; when the decoded set
+    fits in ``cache_max_gb`` (default: the autoencoder's ``data.cache_max_gb``) it is encoded from memory,
+    else each batch is decoded again by a thread pool while the encoder runs (memory stays flat).
     """
     _check_options(dtype, batch_size)
     out = Path(out)
@@ -283,7 +285,8 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
     cfg = src.cfg
     # every row is decoded and checked here; when the decoded set fits in data.cache_max_gb it is kept and
     # encoded from memory, else each batch is decoded again below (memory stays bounded by that setting)
-    data = prepare_data(manifest, cfg.data, cfg.seed, threads)
+    limit = cfg.data.cache_max_gb if cache_max_gb is None else cache_max_gb
+    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=limit), cfg.seed, threads)
     data.write_skipped(out.parent)
     n, h = len(data.paths), cfg.data.image_size // cfg.model.downsample
     log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
