@@ -130,3 +130,17 @@ def test_scale_ladder_measures_each_stage_in_its_own_process(tmp_path):
 @pytest.mark.parametrize("values,expected", [([1.0, 4.0], 1.0), ([2.0, 2.0], 0.0)])
 def test_scale_slope_is_the_log_log_exponent(values, expected):
     assert _scale_module().slope([1000, 4000], values) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("max_gb", [0.0, 1.0])
+def test_store_reads_compare_the_training_path_with_a_numpy_gather_and_the_anchor(tmp_path, max_gb):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/store_reads.py"), "--n", "300", "--size", "8",
+                           "--batch", "16", "--batches", "3", "--rounds", "1", "--max-gb", str(max_gb),
+                           "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json")],
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=True, capture_output=True,
+                          text=True, timeout=120)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["mode"] == ("streamed" if max_gb == 0 else "in_memory") and r["latent"] == [4, 8, 8]
+    assert r["ours"]["items_per_s"] > 0 and r["baseline"]["items_per_s"] > 0
+    assert math.isclose(r["ratio_to_anchor"], r["ours"]["items_per_s"] / 3400.0)
+    assert "samples/s" in proc.stdout and "the anchor of 3400" in proc.stdout

@@ -55,6 +55,12 @@ def test_every_signal_becomes_a_model_input_and_a_preview(signal):
     assert preview.shape == (2, 8, 8, 3) and preview.dtype == np.uint8
 
 
+def test_a_stored_uint8_mask_becomes_the_one_hot_of_its_class_ids():
+    ids = torch.randint(0, 4, (2, 8, 8))
+    expected = to_model_input("mask", ids, 4)
+    assert torch.equal(to_model_input("mask", ids.to(torch.uint8)[:, None], 4), expected)  # (N, 1, H, W) uint8
+
+
 def test_mask_control_needs_masks():
     with pytest.raises(ControlError, match="needs a latent store with masks.*allowed without masks: 'edges', 'image'"):
         control_channels("mask", None)

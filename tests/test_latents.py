@@ -273,8 +273,8 @@ def test_evaluation_opens_a_workflow_store_without_a_zarr_warning(stores, tmp_pa
 @pytest.mark.parametrize("split", ["train", "val", None])
 def test_latent_dataset_in_memory_and_streamed_give_identical_batches(stores, kl_latents, split):
     store = LatentStore(stores["kl"])
-    memory = LatentDataset(store, split, kl_latents=kl_latents)
-    streamed = LatentDataset(store, split, kl_latents=kl_latents, max_gb=0)
+    memory = LatentDataset(store, split, kl_latents=kl_latents, masks=True)
+    streamed = LatentDataset(store, split, kl_latents=kl_latents, max_gb=0, masks=True)
     assert memory.in_memory and not streamed.in_memory and len(memory) == len(streamed)
     rows = memory.rows
     assert len(rows) == (store.n if split is None else len(store.indices(split)))
@@ -284,11 +284,11 @@ def test_latent_dataset_in_memory_and_streamed_give_identical_batches(stores, kl
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
     s = store.scale_factor
-    assert a["latent"].dtype == torch.float32 and a["mask"].dtype == torch.int64 and a["label"].dtype == torch.int64
+    assert a["latent"].dtype == torch.float32 and a["mask"].dtype == torch.uint8 and a["label"].dtype == torch.int64
     expected = torch.from_numpy(store.latents[:][rows[idx]].astype(np.float32)) * s
     assert torch.allclose(a["latent"], expected)
     assert torch.equal(a["label"], torch.from_numpy(store.labels[rows[idx]]))
-    assert torch.equal(a["mask"], torch.from_numpy(store.masks[:][rows[idx]]).long())
+    assert torch.equal(a["mask"], torch.from_numpy(store.masks[:][rows[idx]]))
     assert torch.equal(a["index"], torch.tensor(idx))
     if kl_latents == "sample":
         # a sample drawn in scaled units has the scaled posterior's std
@@ -337,3 +337,48 @@ def test_embed_command(runs, demo_manifest, tmp_path):
             and "no.pt' does not exist" in missing.stderr)
     assert LatentStore(out).latents.dtype == np.float32  # the failed runs left the store alone
 
+
+def test_embedding_from_memory_stores_the_same_latents_as_decoding_each_batch_again(runs, stores, demo_manifest,
+                                                                                    tmp_path):
+    # the fixture's store was encoded from memory (the demo fits in data.cache_max_gb); this one decodes twice
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1,
+                        cache_max_gb=0.0)
+    again, kept = zarr.open_group(out, mode="r"), zarr.open_group(stores["kl"], mode="r")
+    for name in ("latents", "logvar", "masks", "labels", "split", "paths"):
+        assert np.array_equal(again[name][:], kept[name][:]), name
+
+
+def test_diffusion_batches_read_no_masks_and_a_controlnet_gets_them_as_uint8(stores):
+    store = LatentStore(stores["kl"])
+    assert store.masks is not None
+    for max_gb in (4.0, 0):
+        plain = LatentDataset(store, "train", max_gb=max_gb)
+        assert "mask" not in plain.__getitems__([0, 1]) and "masks" not in plain.readers
+        with_masks = plain.with_masks()
+        batch = with_masks.__getitems__([1, 0])
+        assert batch["mask"].dtype == torch.uint8 and batch["mask"].shape[1:] == store.masks.shape[1:]
+        assert torch.equal(batch["mask"], torch.from_numpy(store.masks[:][plain.rows[[1, 0]]]))
+        assert not plain.masks  # with_masks leaves the dataset it came from as it was
+
+
+def test_latents_are_read_straight_from_their_chunk_files_like_zarr_reads_them(stores):
+    from ldmflow.data.latent_store import RowReader
+
+    store = LatentStore(stores["kl"])
+    rows = np.array([0, 3, 3, store.n - 1])
+    for name in ("latents", "logvar", "masks"):
+        reader = RowReader(store.group[name], store.path / name)
+        assert (reader.files is not None) == (name != "masks")  # latents uncompressed; masks through zarr
+        assert np.array_equal(reader.read(rows), store.group[name][:][rows]), name
+
+
+def test_streamed_dataset_in_two_forked_workers_after_the_parent_read(stores):
+    # zarr v3: a worker forked after its parent read can hang on the parent's I/O loop; readers open per process
+    dataset = LatentDataset(stores["kl"], "train", max_gb=0, masks=True)
+    first = dataset.__getitems__([0, 5])
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[[3, 1], [0, 5], [2, 4], [5, 0]],
+                                         collate_fn=lambda b: b, num_workers=2, multiprocessing_context="fork",
+                                         timeout=60)
+    batches = list(loader)
+    for key in ("latent", "mask"):
+        assert torch.equal(batches[1][key], first[key]) and torch.equal(batches[3][key], first[key].flip(0))

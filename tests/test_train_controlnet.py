@@ -281,3 +281,48 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, stage):
     after = training_loss(lambda x, t, y, c: model(x, t, y, control=c), stage["store"], base_cfg)
     print(f"bf16 controlnet train_loss {train}; fixed-noise training loss {before:.4f} -> {after:.4f}")
     assert after < before
+
+
+def test_mask_controls_travel_as_uint8_and_train_with_the_loss_of_host_built_one_hots(stage):
+    from ldmflow.config.loading import resolve_experiment
+    from ldmflow.data.latent_store import LatentStore, store_provenance
+    from ldmflow.models.controlnet import build_controlnet
+    from ldmflow.stages.train_controlnet import ControlNetTask, control_dataset, control_geometry
+
+    cfg, _ = resolve_experiment(experiment(data={"batch_size": 8, "hflip": True}), "controlnet", ())
+    store = LatentStore(stage["store"])
+    base = load_diffusion(stage["base"])
+    k, factor = control_geometry(cfg, store)
+    torch.manual_seed(0)
+    model = build_controlnet(cfg.model, copy.deepcopy(base.model).train(), k, factor)
+    with torch.no_grad():  # a control branch that reads its control (a fresh one starts at zero)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    raw, host = (control_dataset(cfg, store, "train", None, raw=r) for r in (True, False))
+    task = ControlNetTask(cfg, base.config, model, base.model, store, base.meta.num_classes, torch.device("cpu"), raw,
+                          store_provenance(store))
+    rows = list(range(8))
+    a, b = raw.__getitems__(rows), host.__getitems__(rows)
+    assert a["control"].dtype == torch.uint8 and a["control"].shape == (8, 1, *store.masks.shape[1:])
+    assert a["mask"].dtype == torch.uint8 and b["control"].shape[1] == k
+
+    def loss(batch) -> torch.Tensor:
+        torch.manual_seed(1)  # the same noise, timesteps and flips for both
+        return task.loss(model, batch, 0)[0]
+
+    assert torch.equal(loss(a), loss(b))
+    assert not torch.equal(loss(a), loss({**a, "control": torch.zeros_like(a["control"])}))  # the control counts
+
+
+def test_an_edge_controlnet_reads_masks_only_for_the_fidelity_rows(stage):
+    from ldmflow.config.loading import resolve_experiment
+    from ldmflow.data.latent_store import LatentStore
+    from ldmflow.stages.train_controlnet import control_dataset, stored_controls
+
+    cfg, _ = resolve_experiment(experiment(control={"signal": "edges"}), "controlnet", ())
+    store = LatentStore(stage["store"])
+    stored = stored_controls(cfg, store, store.info.image_size)
+    train, val = (control_dataset(cfg, store, split, stored, raw=True) for split in ("train", "val"))
+    assert "masks" not in train.latents.readers and "mask" not in train.__getitems__([0, 1])
+    batch = val.__getitems__([0, 1])
+    assert batch["mask"].dtype == torch.uint8 and batch["control"].dtype == torch.uint8

@@ -128,10 +128,11 @@ def manifest_controls(manifest: str | Path, image_paths: list[str], size: int) -
 
 
 def to_model_input(signal: Signal, raw: torch.Tensor, mask_classes: int | None = None) -> torch.Tensor:
-    """Stored control -> model input (N, K, H, W) float: masks (N, H, W) int to one-hot, uint8 edges to
-    [0, 1], uint8 images to [-1, 1]."""
+    """Stored control -> model input (N, K, H, W) float, on ``raw``'s device: masks (N, H, W) or (N, 1, H, W)
+    int to one-hot, uint8 edges to [0, 1], uint8 images to [-1, 1]."""
     if signal == "mask":
-        return F.one_hot(raw.long(), mask_classes).permute(0, 3, 1, 2).float()
+        ids = raw[:, 0] if raw.dim() == 4 else raw
+        return F.one_hot(ids.long(), mask_classes).permute(0, 3, 1, 2).float()
     if signal == "edges":
         return raw.float() / 255.0
     return raw.float() / 127.5 - 1.0
@@ -154,18 +155,27 @@ def control_preview(signal: Signal, control: torch.Tensor) -> np.ndarray:
 
 
 class ControlDataset(torch.utils.data.Dataset):
-    """A :class:`ldmflow.data.latent_store.LatentDataset` whose batches also carry ``control`` (B, K, H, W) float.
+    """A :class:`ldmflow.data.latent_store.LatentDataset` whose batches also carry ``control`` and, when the store
+    has masks and the signal is ``mask`` or ``masks`` is set, ``mask`` (B, H, W) uint8 (control fidelity
+    compares against it).
+
+    ``control`` is the model input (B, K, H, W) float, or with ``raw`` the control as stored, uint8: masks
+    (B, 1, H, W), edge maps (B, 1, H, W), control images (B, 3, H, W), a quarter of the bytes (a K-th for
+    masks) to move to the device, where :func:`to_model_input` makes the model input. Raw controls flip with
+    the latents along the last axis like model inputs do.
 
     ``stored`` holds the edge maps or control images of all store rows, (N, K, H, W) uint8; masks come
     from the store itself. ``labels`` and ``rows`` are the latent dataset's (class balance, grids).
     """
 
-    def __init__(self, latents, signal: Signal, mask_classes: int | None, stored: np.ndarray | None = None):
+    def __init__(self, latents, signal: Signal, mask_classes: int | None, stored: np.ndarray | None = None,
+                 raw: bool = False, masks: bool = True):
         if signal == "mask" and latents.store.masks is None:
             control_channels(signal, None)  # raises the clear error
         if signal != "mask" and stored is None:
             raise ValueError(f"control signal {signal!r} needs its precomputed controls")
-        self.latents, self.signal, self.mask_classes = latents, signal, mask_classes
+        self.latents = latents.with_masks() if masks or signal == "mask" else latents
+        self.signal, self.mask_classes, self.raw = signal, mask_classes, raw
         self.stored = None if stored is None else torch.from_numpy(stored[latents.rows])  # this split's rows
         self.labels = latents.labels
         self.rows = latents.rows
@@ -175,9 +185,13 @@ class ControlDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.latents.__getitems__(indices)
-        raw = batch["mask"] if self.signal == "mask" else self.stored[torch.as_tensor(indices)]
-        batch["control"] = to_model_input(self.signal, raw, self.mask_classes)  # (B, K, H, W)
+        raw = batch["mask"][:, None] if self.signal == "mask" else self.stored[torch.as_tensor(indices)]
+        batch["control"] = raw if self.raw else to_model_input(self.signal, raw, self.mask_classes)
         return batch
+
+    def model_input(self, control: torch.Tensor) -> torch.Tensor:
+        """A batch's ``control`` as the model takes it (B, K, H, W) float, on its device; as is when already so."""
+        return to_model_input(self.signal, control, self.mask_classes) if control.dtype == torch.uint8 else control
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}

@@ -40,6 +40,7 @@ from ldmflow.errors import DataError
 log = logging.getLogger(__name__)
 
 MAX_INFERRED_MASK_CLASSES = 32  # more inferred classes are an encoding (0..255 grays), not a segmentation
+CHECK_RUN = 32  # rows per decoding task at most
 REPORTED_UPSCALE = 2.0  # upscaling beyond this is reported once per dataset (data.max_upscale makes it an error)
 
 
@@ -136,16 +137,17 @@ def _check_upscale(rec, plan: _DecodePlan, short: int | None) -> None:
                         f"{plan.max_upscale:g}")
 
 
-def _check_row(frame, plan: _DecodePlan, skip_bad_rows: bool, i: int) -> _Row | DataError:
+def _check_row(records: list[dict], plan: _DecodePlan, skip_bad_rows: bool, i: int) -> _Row | DataError:
     """Decode and check row ``i``, or return the row's DataError when bad rows are skipped."""
-    rec, probe = frame.iloc[i], plan.probes[i]
+    rec, probe = records[i], plan.probes[i]
     try:
         _check_upscale(rec, plan, probe[2] if probe else None)
         img, mask = load_row(rec["image"], rec["mask"] if plan.has_masks else None, plan.size,
                              plan.known_mask_classes, plan.source, int(rec["row"]), plan.channels, plan.mask_rule)
         pixels = img.reshape(-1, plan.channels)[::plan.step] if img.dtype != np.uint8 else None
         return _Row(img if plan.cache else None, mask if plan.cache else None,
-                    None if mask is None else np.unique(mask), pixels,
+                    # the values found are needed only to infer the class count
+                    None if mask is None or plan.known_mask_classes is not None else np.unique(mask), pixels,
                     probe[1] if probe else (8 if img.dtype == np.uint8 else 32), probe[2] if probe else None)
     except DataError as exc:
         if not skip_bad_rows:
@@ -235,8 +237,15 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     meta = dataset_metadata(source)
     threads = threads or min(8, os.cpu_count() or 1)
     plan = _decode_plan(frame, cfg, meta, threads)
+    # plain dicts: a pandas row lookup per image costs more than decoding a small one
+    records = frame[[c for c in ("image", "mask", "row") if c in frame.columns]].to_dict("records")
+    check = partial(_check_row, records, plan, cfg.skip_bad_rows)
+    # runs of rows per task: a task per small image costs the pool more than the decoding
+    step = max(1, min(CHECK_RUN, -(-len(frame) // (4 * threads))))
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(partial(_check_row, frame, plan, cfg.skip_bad_rows), range(len(frame))))
+        runs = pool.map(lambda lo: [check(i) for i in range(lo, min(lo + step, len(frame)))],
+                        range(0, len(frame), step))
+        results = [r for run in runs for r in run]
     frame, results, skipped = _drop_bad_rows(frame, results, source)
     depths = [r.bits for r in results]
     _check_one_bit_depth(frame, depths, source)

@@ -56,6 +56,8 @@ class MaskRule:
 def resize_center_crop(img: Image.Image, size: int, resample: int) -> Image.Image:
     """Resize the short side to ``size`` and centre-crop to a ``size`` x ``size`` square."""
     w, h = img.size
+    if w == h == size:
+        return img
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
@@ -165,6 +167,8 @@ def resize_planes(arr: np.ndarray, size: int) -> np.ndarray:
     are not 8-bit gray or RGB are resized one by one as 32-bit float images, clipped to the file's own
     per-channel min..max."""
     c = arr.shape[-1]
+    if arr.shape[:2] == (size, size):
+        return arr  # what resizing and cropping would give back, without the copies through PIL
     if arr.dtype == np.uint8 and c in (1, 3):
         img = Image.fromarray(arr[..., 0] if c == 1 else arr, "L" if c == 1 else "RGB")
         out = np.asarray(resize_center_crop(img, size, Image.Resampling.BICUBIC))
@@ -294,6 +298,8 @@ def load_mask(path: str, image: tuple[str, tuple[int, int]], size: int, mask_cla
     ids = _mask_ids(m, rule, mask_classes, where)
     if ids.size and int(ids.max()) > 255:
         raise DataError(f"{where} has class id {int(ids.max())}; at most 256 classes (ids 0..255)")
+    if ids.shape == (size, size):
+        return ids.astype(np.uint8)
     return np.asarray(resize_center_crop(Image.fromarray(ids.astype(np.uint8), mode="L"), size,
                                          Image.Resampling.NEAREST))
 

@@ -19,15 +19,19 @@ under its final name only when complete.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import copy
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec
 
 from ldmflow.artifacts import require_sha256, resolve_checkpoint
 from ldmflow.data.manifest import SPLITS
@@ -38,12 +42,18 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB uncompressed per chunk: whole chunks per write, cheap random reads
+# Latents and log-variances are stored uncompressed (float16 noise barely compresses) in larger chunks, so a
+# training batch reads each of its rows straight from a chunk file (RowReader) instead of decoding a chunk
+# per row; 64 MiB keeps a 1M-latent store of 32x32x4 at 128 files (all open at once in a reader) for a write
+# buffer of 64 MiB per array while embedding.
+RAW_CHUNK_BYTES = 64 << 20
 COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")  # byte shuffle suits float16/32
+MAX_OPEN_CHUNKS = 128  # chunk files a RowReader keeps open (per process)
 
 
-def chunk_rows(row_bytes: int, n: int) -> int:
-    """Rows per chunk along N so that one chunk holds about CHUNK_BYTES."""
-    return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
+def chunk_rows(row_bytes: int, n: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk along N so that one chunk holds about ``chunk_bytes``."""
+    return max(1, min(n, chunk_bytes // max(row_bytes, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,37 +174,139 @@ class LatentStore:
                               "decode with the autoencoder that made the store, or re-embed with this one")
 
 
+class RowReader:
+    """Rows of one store array by index, safe to use in DataLoader workers.
+
+    An uncompressed array (the latents and log-variances of current stores) is read with one ``pread`` per
+    row from its chunk files, whose layout the zarr v3 spec fixes (C order, little endian, every chunk at
+    full size); the files are opened lazily in each process, at most MAX_OPEN_CHUNKS at a time, so a store
+    larger than memory streams from the page cache and disk. Other arrays (compressed ones, stores of
+    earlier versions) go through zarr, opened lazily in each process: a worker never uses a zarr object
+    its parent made before forking.
+    """
+
+    def __init__(self, array: zarr.Array, folder: Path):
+        self.folder, self.shape, self.dtype = folder, tuple(array.shape), np.dtype(array.dtype)
+        self.chunk = int(array.chunks[0])
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        meta = array.metadata
+        codecs = getattr(meta, "codecs", ())
+        raw = (array.shards is None and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+               and tuple(array.chunks[1:]) == self.shape[1:] and self.dtype.byteorder in ("<", "=", "|"))
+        nchunks = -(-self.shape[0] // self.chunk)
+        zeros = (0,) * (len(self.shape) - 1)
+        self.files = [str(folder / meta.encode_chunk_key((i, *zeros))) for i in range(nchunks)] if raw else None
+        self.fill = meta.fill_value
+        self._pid: int | None = None
+        self._open: collections.OrderedDict[int, int | None] = collections.OrderedDict()
+        self._array: zarr.Array | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pid": None, "_open": collections.OrderedDict(), "_array": None}
+
+    def __del__(self) -> None:
+        # this process's descriptors only; at interpreter exit the os module may already be gone
+        with contextlib.suppress(Exception):
+            if self._pid == os.getpid():
+                for fd in self._open.values():
+                    if fd is not None:
+                        os.close(fd)
+
+    def _own(self) -> None:
+        """Forget what another process opened (a forked worker): its descriptors and zarr objects."""
+        if self._pid != os.getpid():
+            for fd in self._open.values():
+                if fd is not None:
+                    os.close(fd)  # this process's copy only
+            self._pid, self._open, self._array = os.getpid(), collections.OrderedDict(), None
+
+    def _fd(self, c: int) -> int | None:
+        """The open chunk file c, or None when zarr left it unwritten (all fill value)."""
+        if c in self._open:
+            self._open.move_to_end(c)
+            return self._open[c]
+        if len(self._open) >= MAX_OPEN_CHUNKS:
+            old = self._open.popitem(last=False)[1]
+            if old is not None:
+                os.close(old)
+        try:
+            fd = os.open(self.files[c], os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        self._open[c] = fd
+        return fd
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows (ascending reads each zarr chunk once), as (len(rows), *shape[1:]) in the stored dtype."""
+        self._own()
+        if self.files is None:
+            if self._array is None:
+                self._array = zarr.open_array(self.folder, mode="r", zarr_format=3)
+            return self._array.oindex[rows]
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)  # (B, row_bytes)
+        chunks, within = np.divmod(np.asarray(rows, dtype=np.int64), self.chunk)
+        for k, (c, w) in enumerate(zip(chunks.tolist(), within.tolist())):
+            fd = self._fd(c)
+            if fd is None:
+                out[k] = self.fill
+            elif os.preadv(fd, [flat[k]], w * self.row_bytes) != self.row_bytes:
+                raise LatentError(f"{self.files[c]}: chunk file shorter than its {self.chunk} rows; the store is "
+                                  "damaged, rerun `ldmflow embed`")
+        return out
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """The latents of one split, scaled by the store's ``scale_factor``, in batches like ImageDataset's.
 
     ``__getitems__`` returns ``latent`` float32 (B, C, h, w) already multiplied by ``scale_factor``;
     ``logvar`` (B, C, h, w) in the same scaled units when ``kl_latents == "sample"`` (so a sample is
-    ``latent + exp(logvar / 2) * noise``); ``label`` int64 (B,) when the store has labels; ``mask`` int64
-    (B, H, W) when it has masks; ``index`` (B,) the positions in this dataset. The split is held in memory
-    (in the stored dtype) when it fits under ``max_gb``; otherwise each batch is read from the store.
+    ``latent + exp(logvar / 2) * noise``); ``label`` int64 (B,) when the store has labels; ``mask`` uint8
+    (B, H, W) only when ``masks`` is set and the store has masks (only a ControlNet reads them);
+    ``index`` (B,) the positions in this dataset. The split is held in memory (in the stored dtype) when
+    it fits under ``max_gb``; otherwise each batch's rows are read from the store's chunk files
+    (:class:`RowReader`), so a store of any size trains in bounded memory, in DataLoader workers too.
     """
 
     def __init__(self, store: LatentStore | str | Path, split: str | None = "train",
-                 kl_latents: Literal["mean", "sample"] = "mean", max_gb: float = 4.0):
+                 kl_latents: Literal["mean", "sample"] = "mean", max_gb: float = 4.0, masks: bool = False):
         self.store = store if isinstance(store, LatentStore) else LatentStore(store)
         if kl_latents not in ("mean", "sample"):
             raise ValueError(f"kl_latents {kl_latents!r}; allowed: 'mean', 'sample'")
         if kl_latents == "sample" and not self.store.kl:
             raise LatentError(f"{self.store.path}: kl_latents='sample' needs a KL autoencoder's store; this one was "
                               "made by a plain autoencoder (no logvar); allowed: 'mean'")
-        self.kl_latents = kl_latents
+        self.kl_latents, self.max_gb = kl_latents, max_gb
         self.rows = np.arange(self.store.n) if split is None else self.store.indices(split)
         self.scale = self.store.scale_factor
         self.names = ["latents"] + (["logvar"] if kl_latents == "sample" else []) + \
-            (["masks"] if self.store.masks is not None else [])
+            (["masks"] if masks and self.store.masks is not None else [])
         self.labels = torch.from_numpy(self.store.labels[self.rows]) if self.store.classes is not None else None
-        row_bytes = sum(math.prod(self.store.group[k].shape[1:]) * self.store.group[k].dtype.itemsize
-                        for k in self.names)
-        self.in_memory = len(self.rows) * row_bytes <= max_gb * 2**30
+        self._load()
+
+    def _load(self) -> None:
+        """Readers for the arrays in ``names``, and the split in memory when it fits under ``max_gb``."""
+        self.readers = {k: RowReader(self.store.group[k], self.store.path / k) for k in self.names}
+        row_bytes = sum(r.row_bytes for r in self.readers.values())
+        self.in_memory = len(self.rows) * row_bytes <= self.max_gb * 2**30
         self.cache = {k: self._read(k, self.rows) for k in self.names} if self.in_memory else None
 
+    @property
+    def masks(self) -> bool:
+        """Whether batches carry ``mask``."""
+        return "masks" in self.names
+
+    def with_masks(self) -> LatentDataset:
+        """This dataset, its batches also carrying the store's ``mask`` (B, H, W) uint8 when it has masks."""
+        if self.masks or self.store.masks is None:
+            return self
+        other = copy.copy(self)
+        other.names = [*self.names, "masks"]
+        other._load()
+        return other
+
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows of one array; ascending rows let zarr read each chunk it touches once."""
+        """Rows of one array for the in-memory copy; ascending rows let zarr read each chunk it touches once."""
         arr = self.store.group[name]
         if len(rows) == arr.shape[0] and (rows == np.arange(arr.shape[0])).all():
             return arr[:]
@@ -208,9 +320,9 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             parts = {k: v[idx] for k, v in self.cache.items()}
         else:
-            # read each needed row once, in ascending order (chunk by chunk), then restore the batch order
+            # read each needed row once, in ascending order (file by file), then restore the batch order
             wanted, inverse = np.unique(self.rows[idx], return_inverse=True)
-            parts = {k: self._read(k, wanted)[inverse] for k in self.names}
+            parts = {k: r.read(wanted)[inverse] for k, r in self.readers.items()}
         batch = {"latent": torch.from_numpy(parts["latents"]).float().mul_(self.scale)}  # (B, C, h, w)
         if "logvar" in parts:
             # Var(s z) = s^2 Var(z): log-variance in the scaled units of "latent"
@@ -218,7 +330,7 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.labels is not None:
             batch["label"] = self.labels[idx]
         if "masks" in parts:
-            batch["mask"] = torch.from_numpy(parts["masks"]).long()  # (B, H, W)
+            batch["mask"] = torch.from_numpy(parts["masks"])  # (B, H, W) uint8: class ids, widened on the device
         batch["index"] = torch.from_numpy(idx)
         return batch
 

@@ -25,7 +25,7 @@ from ldmflow.checkpoints import load_autoencoder
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.loading import resolved_config
 from ldmflow.data.dataset import ImageDataset, prepare_data
-from ldmflow.data.latent_store import COMPRESSOR, DTYPES, chunk_rows
+from ldmflow.data.latent_store import COMPRESSOR, DTYPES, RAW_CHUNK_BYTES, chunk_rows
 from ldmflow.data.manifest import SPLITS
 from ldmflow.devices import get_device
 from ldmflow.errors import ConfigError, LatentError
@@ -165,9 +165,15 @@ def _create_arrays(group: zarr.Group, data, cfg: AutoencoderExperiment, dtype: s
         return group.create_array(name, shape=shape, chunks=(chunk_rows(row_bytes, n),) + shape[1:], dtype=kind,
                                   compressors=COMPRESSOR if compress else "auto")
 
-    writers = {"latents": ChunkWriter(array("latents", (n, c, h, h), dtype, latent_bytes))}
+    def raw(name: str) -> zarr.Array:
+        """Uncompressed, so that training reads single rows straight from the files (latent_store.RowReader)."""
+        shape = (n, c, h, h)
+        return group.create_array(name, shape=shape, chunks=(chunk_rows(latent_bytes, n, RAW_CHUNK_BYTES),) + shape[1:],
+                                  dtype=dtype, compressors=None)
+
+    writers = {"latents": ChunkWriter(raw("latents"))}
     if cfg.model.variant == "kl":
-        writers["logvar"] = ChunkWriter(array("logvar", (n, c, h, h), dtype, latent_bytes))
+        writers["logvar"] = ChunkWriter(raw("logvar"))
     if data.has_masks:
         writers["masks"] = ChunkWriter(array("masks", (n, size, size), "uint8", size * size))
     labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
@@ -261,12 +267,14 @@ def _store_attrs(src: Source, data, dtype: str, acc: Encoded) -> StoreAttrs:
 
 def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path, *, batch_size: int = 64,
                   dtype: Literal["float16", "float32"] = "float16", device: str | None = None,
-                  threads: int | None = None) -> Path:
+                  threads: int | None = None, cache_max_gb: float | None = None) -> Path:
     """Encode every manifest row with an autoencoder into the zarr v3 store OUT; returns OUT.
 
     ``checkpoint`` is an autoencoder checkpoint or a ``selected.json`` naming one. Rows, labels, masks and
     the split come from the data layer with the autoencoder's own data config and seed, so the split is
-    the one the autoencoder trained with. Images are decoded by a thread pool while the encoder runs.
+    the one the autoencoder trained with. Every image is decoded and checked first; when the decoded set
+    fits in ``cache_max_gb`` (default: the autoencoder's ``data.cache_max_gb``) it is encoded from memory,
+    else each batch is decoded again by a thread pool while the encoder runs (memory stays flat).
     """
     _check_options(dtype, batch_size)
     out = Path(out)
@@ -275,15 +283,17 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         torch.set_num_threads(threads)
     src = _source(checkpoint, manifest, dev)
     cfg = src.cfg
-    # cache_max_gb=0: every row is decoded and checked now, none is kept; batches are decoded again below
-    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
+    # every row is decoded and checked here; when the decoded set fits in data.cache_max_gb it is kept and
+    # encoded from memory, else each batch is decoded again below (memory stays bounded by that setting)
+    limit = cfg.data.cache_max_gb if cache_max_gb is None else cache_max_gb
+    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=limit), cfg.seed, threads)
     data.write_skipped(out.parent)
     n, h = len(data.paths), cfg.data.image_size // cfg.model.downsample
     log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
              src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
     dataset = ImageDataset(data, split=None)
     batches = prefetch(dataset.__getitems__, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)),
-                       workers=min(4, threads or os.cpu_count() or 1))
+                       workers=1 if data.images is not None else min(4, threads or os.cpu_count() or 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -292,7 +302,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         writers = _create_arrays(group, data, cfg, dtype)
         attrs = _store_attrs(src, data, dtype, _encode_all(src, batches, writers, data, dtype, dev, out.name))
         # the format attribute is written with the rest, last: a store without it is never taken for a whole one
-        group.attrs.update(attrs.to_dict())
+        group.update_attributes(attrs.to_dict())  # one metadata write (attrs.update writes once per key)
         fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:

@@ -72,7 +72,8 @@ class ControlNetTask(DiffusionTask):
     # ---- training --------------------------------------------------------------------------------
 
     def predict(self, model, x_t, t, y, batch):
-        return model(x_t, t, y, control=batch["control"])
+        # the control arrives as stored (uint8); its one-hot or scaled form is made here, on the model's device
+        return model(x_t, t, y, control=self.val_set.model_input(batch["control"]))
 
     # ---- evaluation ------------------------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class ControlNetTask(DiffusionTask):
             picks = stratified_rows(labels, n, self.experiment.seed, length=len(self.val_set))
             batch = self.val_set.__getitems__(picks.tolist())
             self._fixed = {k: v.to(self.device) for k, v in batch.items()}
+            self._fixed["control"] = self.val_set.model_input(self._fixed["control"])
         return self._fixed
 
     def _sampling(self, steps: int | None = None):
@@ -199,10 +201,13 @@ def control_geometry(cfg: ControlNetExperiment, store: LatentStore) -> tuple[int
     return control_channels(cfg.control.signal, store.mask_classes), store.info.image_size // store.latent_shape[1]
 
 
-def control_dataset(cfg: ControlNetExperiment, store: LatentStore, split: str | None, stored) -> ControlDataset:
-    """One split's latents with their controls (``stored``: the store's control images, see :func:`stored_controls`)."""
+def control_dataset(cfg: ControlNetExperiment, store: LatentStore, split: str | None, stored,
+                    raw: bool = False) -> ControlDataset:
+    """One split's latents with their controls (``stored``: the store's control images, see :func:`stored_controls`;
+    ``raw``: controls as stored, uint8, for the training task to convert on the device). Masks are read for a
+    mask control, and for the rows control fidelity draws from (every split but train)."""
     return ControlDataset(LatentDataset(store, split, kl_latents=cfg.data.kl_latents), cfg.control.signal,
-                          store.mask_classes, stored)
+                          store.mask_classes, stored, raw=raw, masks=split != "train")
 
 
 def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str | Path, *, overrides=(),
@@ -230,7 +235,7 @@ def train_controlnet(config, latents: str | Path, base: str | Path, out_dir: str
     k, factor = control_geometry(cfg, store)
     image_size = store.info.image_size
     stored = stored_controls(cfg, store, image_size)
-    train_set, val_set = (control_dataset(cfg, store, split, stored) for split in ("train", "val"))
+    train_set, val_set = (control_dataset(cfg, store, split, stored, raw=True) for split in ("train", "val"))
     if len(val_set) == 0:
         raise ConfigError(f"{latents}: the store has no validation rows; the ControlNet stage needs some")
 
