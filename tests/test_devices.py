@@ -331,3 +331,12 @@ def test_deterministic_defaults_to_on_for_the_cpu_and_off_on_cuda_with_cudnn_ben
     finally:
         set_deterministic(1)
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+
+
+def test_a_gpu_rule_other_than_training_stops_on_a_cpu_only_torch_instead_of_running_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(CudaInfo, "query", classmethod(lambda cls: machine(cuda=None, version="2.13.0+cpu")))
+    with pytest.raises(CudaSetupError, match="CPU-only build"):
+        with claim_gpu({}, requested_gpus=1):
+            pytest.fail("the job started")
+    with claim_gpu({}, requested_gpus=0) as device:  # a CPU rule on the same node
+        assert device is None

@@ -9,7 +9,7 @@ from ldmflow.stages.embed import embed_latents
 
 def main(smk) -> None:
     setup_logging(smk.log[0])
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         embed_latents(smk.input.selected, smk.input.manifest, smk.output.store, batch_size=smk.params.batch_size,
                       dtype=smk.params.dtype, device=device, threads=smk.threads)
 

@@ -12,7 +12,7 @@ from ldmflow.stages.evaluate import evaluate_controlnet
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         evaluate_controlnet(smk.params.checkpoint, smk.input.judge, smk.params.out_dir, n=smk.params.n,
                             seed=smk.params.seed, options=smk.params.options, device=device, threads=smk.threads)
 

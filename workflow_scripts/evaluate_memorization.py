@@ -12,7 +12,7 @@ from ldmflow.stages.memorization import evaluate_memorization
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         evaluate_memorization(smk.input.train, smk.params.samples_dir, smk.params.out_dir, device=device,
                               **smk.params.options)
 

@@ -12,7 +12,7 @@ from ldmflow.stages.sample_controlnet import sample_controlnet
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         sample_controlnet(smk.params.checkpoint, "val", smk.params.n, smk.params.out_dir, seed=smk.params.seed,
                           device=device)
 

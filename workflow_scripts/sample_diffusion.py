@@ -12,7 +12,7 @@ from ldmflow.stages.sample import sample_checkpoint
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         sample_checkpoint(smk.params.checkpoint, smk.params.n, smk.params.out_dir, seed=smk.params.seed,
                           device=device)
 

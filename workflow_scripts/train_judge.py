@@ -12,7 +12,7 @@ from ldmflow.stages.evaluate import train_judge_stage
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         train_judge_stage(smk.input.latents, smk.params.out_dir, smk.params.options, device=device,
                           threads=smk.threads)
 

@@ -12,7 +12,7 @@ from ldmflow.stages.utility import utility_stage
 def main(smk) -> None:
     setup_logging(smk.log[0])
     torch.set_num_threads(smk.threads)
-    with claim_gpu(os.environ) as device:
+    with claim_gpu(os.environ, requested_gpus=smk.resources.gpu) as device:
         utility_stage(smk.input.real, smk.input.synthetic, smk.params.out_dir, smk.params.options, smk.params.judge,
                       device=device, threads=smk.threads)
 

@@ -397,9 +397,12 @@ def _wait_for_locks(lock_dir: Path, names: list[str], n: int, poll_seconds: floa
 @contextlib.contextmanager
 def claim_gpu(environ: Mapping[str, str], lock_dir: str | Path = DEFAULT_LOCK_DIR, *,
               device_count: int | None = None, uuid_query: GpuQuery = nvidia_smi_uuids, poll_seconds: float = 5.0,
-              timeout: float | None = None) -> Iterator[str | None]:
+              timeout: float | None = None, requested_gpus: int = 0) -> Iterator[str | None]:
     """Yield the device a job should train on (``"cuda:N"``, or None for the CPU), holding it until the block
-    ends: :func:`claim_gpus` for one GPU."""
+    ends: :func:`claim_gpus` for one GPU. ``requested_gpus``: the rule's ``gpu`` resource; when >= 1, a torch
+    that cannot use this machine's GPUs stops the job first (:func:`check_cuda`) instead of running on the CPU."""
+    if requested_gpus:
+        check_cuda(requested_gpus)
     with claim_gpus(environ, 1, lock_dir, device_count=device_count, uuid_query=uuid_query,
                     poll_seconds=poll_seconds, timeout=timeout) as claim:
         yield None if claim is None else f"cuda:{claim.indices[0]}"
