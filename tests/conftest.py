@@ -89,3 +89,12 @@ def snakemake_bin() -> str:
     if not found:
         pytest.skip("snakemake not installed")
     return found
+
+
+def assert_checkpointing_changes_nothing(loss_and_grads) -> None:
+    """``loss_and_grads(checkpointing)`` -> (loss, gradients): activation checkpointing gives the plain model's
+    loss and every gradient."""
+    (plain, plain_grads), (ckpt, ckpt_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(ckpt, plain)
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)

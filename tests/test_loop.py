@@ -115,6 +115,16 @@ def assert_identical(a: dict, b: dict) -> None:
     assert (a["epoch"], a["step"], a["best"], a["best_epoch"]) == (b["epoch"], b["step"], b["best"], b["best_epoch"])
 
 
+def fit_toy_killed(out: Path, kill_at: int, **train_keys) -> None:
+    """Run :func:`fit_toy` in a child process that SIGKILLs itself at step ``kill_at`` (no handler runs)."""
+    code = (f"import sys; sys.path[:0] = [{str(REPO / 'src')!r}, {str(REPO)!r}]; from pathlib import Path; "
+            "from tests.test_loop import LinearTask, fit_toy; "
+            f"fit_toy(Path({str(out)!r}), task=LinearTask(kill_at={kill_at}), **{train_keys!r})")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory) -> tuple[dict, dict]:
     """The toy trained for EPOCHS epochs in one go: fit's result and its latest checkpoint."""
@@ -157,12 +167,7 @@ def test_a_preempted_fit_resumes_to_bit_identical_weights_and_metrics(tmp_path, 
 
 
 def test_a_fit_killed_with_sigkill_resumes_to_bit_identical_weights_and_metrics(tmp_path, whole):
-    code = (f"import sys; sys.path[:0] = [{str(REPO / 'src')!r}, {str(REPO)!r}]; from pathlib import Path; "
-            "from tests.test_loop import LinearTask, fit_toy; "
-            f"fit_toy(Path({str(tmp_path)!r}), task=LinearTask(kill_at=19))")
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    fit_toy_killed(tmp_path, kill_at=19)
     cut = latest(tmp_path)
     assert (cut["epoch"], cut["step"], cut["micro"]) == (2, 19, 6)  # the checkpoint of the step before the kill
     assert fit_toy(tmp_path)["resumed_from"]["step"] == 19
@@ -174,12 +179,7 @@ EVERY_2_EPOCHS = {"checkpoint_every_epochs": 2, "checkpoint_every_steps": 0, "ch
 
 def test_a_kill_between_latest_checkpoints_every_2_epochs_resumes_from_the_last_one_bit_identical(tmp_path, whole):
     kill_at = 3 * STEPS_PER_EPOCH + 1  # in epoch 4, after epoch 3 ended without a latest checkpoint
-    code = (f"import sys; sys.path[:0] = [{str(REPO / 'src')!r}, {str(REPO)!r}]; from pathlib import Path; "
-            "from tests.test_loop import EVERY_2_EPOCHS, LinearTask, fit_toy; "
-            f"fit_toy(Path({str(tmp_path)!r}), task=LinearTask(kill_at={kill_at}), **EVERY_2_EPOCHS)")
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    fit_toy_killed(tmp_path, kill_at=kill_at, **EVERY_2_EPOCHS)
     paths = RunPaths(tmp_path, "toy")
     cut = latest(tmp_path)
     assert (cut["epoch"], cut["step"], cut["micro"]) == (2, 2 * STEPS_PER_EPOCH, 0)

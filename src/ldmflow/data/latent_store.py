@@ -204,20 +204,22 @@ class RowReader:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pid": None, "_open": collections.OrderedDict(), "_array": None}
 
+    def _close_files(self) -> None:
+        """Close the chunk files open in this process (after a fork: this process's copies only)."""
+        for fd in self._open.values():
+            if fd is not None:
+                os.close(fd)
+
     def __del__(self) -> None:
         # this process's descriptors only; at interpreter exit the os module may already be gone
         with contextlib.suppress(Exception):
             if self._pid == os.getpid():
-                for fd in self._open.values():
-                    if fd is not None:
-                        os.close(fd)
+                self._close_files()
 
     def _own(self) -> None:
         """Forget what another process opened (a forked worker): its descriptors and zarr objects."""
         if self._pid != os.getpid():
-            for fd in self._open.values():
-                if fd is not None:
-                    os.close(fd)  # this process's copy only
+            self._close_files()
             self._pid, self._open, self._array = os.getpid(), collections.OrderedDict(), None
 
     def _fd(self, c: int) -> int | None:
