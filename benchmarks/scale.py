@@ -10,7 +10,9 @@ own), the library's public functions for:
 - ``search``: the memorization search of 2,048 samples in N training images (``evaluation.search.
   blocked_search``, pixel features at 64 px as ``memorization.image_size``, 16 tiles, the training features
   in a file);
-- ``judge``: decoding the N images and scoring them with a tiny judge (``evaluation.judge.judge_outputs``).
+- ``judge``: decoding the N images and scoring them with a tiny judge (``evaluation.judge.judge_outputs`` on
+  ``evaluation.judge.ImageFiles``: read a batch at a time; of each image's segmentation it keeps the pixel count of
+  each class).
 
 It then fits the log-log slope of seconds against N for each stage (1: linear; the search does N x 2,048
 pairs, so it is linear in N too) and prints a markdown table; ``--out`` writes it as JSON. The data
@@ -153,16 +155,20 @@ def stage_judge(work: Path, n: int, args) -> float:
     import pandas as pd
     import torch
 
-    from ldmflow.evaluation.judge import judge_outputs, read_images
+    from ldmflow.evaluation.judge import ImageFiles, judge_outputs
     from ldmflow.models.judge import Judge
 
     manifest = work / "data" / f"manifest_{n}.csv"
     paths = [str(manifest.parent / p) for p in pd.read_csv(manifest)["image"]]
     torch.manual_seed(0)
     model = Judge(3, len(CLASSES), 4, width=8, image_size=args.image_size).to(args.device or "cpu")
+
+    def areas(seg: torch.Tensor, rows: slice) -> torch.Tensor:  # (b, H, W) -> (b, 4) pixels of each mask class
+        return torch.nn.functional.one_hot(seg, 4).sum((1, 2))
+
     t0 = time.perf_counter()
     with torch.inference_mode():
-        judge_outputs(model, read_images(paths, args.image_size, 3, None, str(manifest)))
+        judge_outputs(model, ImageFiles(paths, args.image_size, 3, None, str(manifest)), seg=areas)
     return time.perf_counter() - t0
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +26,11 @@ from ldmflow import __version__
 from ldmflow.artifacts import CHECKPOINT_FORMAT, save_checkpoint
 from ldmflow.config.judge import AugmentConfig, JudgeConfig
 from ldmflow.config.schema import to_dict
-from ldmflow.data.images import load_row, to_unit_range
 from ldmflow.data.latent_store import LatentStore
 from ldmflow.devices import set_deterministic
 from ldmflow.errors import DataError
-from ldmflow.evaluation.metrics import segmentation_scores
+from ldmflow.evaluation.image_files import ImageFiles, Rows, read_images
+from ldmflow.evaluation.metrics import confusion, confusion_scores
 from ldmflow.evaluation.two_sample import wilson_interval
 from ldmflow.metadata import JudgeMeta
 from ldmflow.models.judge import Judge
@@ -59,23 +59,6 @@ class RealImages:
 
     def indices(self, *splits: str) -> np.ndarray:
         return np.flatnonzero(np.isin(self.split, splits))
-
-
-def read_images(paths: list[str], size: int, channels: int, value_range: list[list[float]] | None, source: str,
-                threads: int = 4) -> torch.Tensor:
-    """Image files -> (N, C, size, size) in [-1, 1]: decoded, resized and scaled as the data pipeline does."""
-    def load(i: int) -> np.ndarray:
-        return load_row(paths[i], None, size, None, source, i + 1, channels)[0]
-
-    with ThreadPoolExecutor(threads) as pool:
-        arrays = list(pool.map(load, range(len(paths))))
-    if not arrays:
-        return torch.empty(0, channels, size, size)
-    stack = np.stack(arrays)
-    if stack.dtype != np.uint8 and value_range is None:  # deeper files without a recorded range: their own
-        flat = stack.reshape(-1, stack.shape[-1])
-        value_range = [[float(lo), float(max(hi, lo + 1e-6))] for lo, hi in zip(flat.min(0), flat.max(0))]
-    return to_unit_range(stack, value_range if stack.dtype != np.uint8 else None)
 
 
 def real_images(source: str | Path, threads: int = 4, image_size: int = 32, max_per_split: int | None = None,
@@ -182,44 +165,99 @@ def _flip_dims(cfg: AugmentConfig) -> tuple[int, ...]:
     return tuple(d for flag, d in ((cfg.hflip, -1), (cfg.vflip, -2)) if flag)
 
 
+Images = torch.Tensor | ImageFiles | Rows  # (N, C, H, W) in [-1, 1]: ``len()`` and ``[lo:hi]`` slices
+SegKeep = Callable[[torch.Tensor, slice], torch.Tensor]  # (b, H, W) class ids of rows lo:hi -> (b, ...) kept
+
+
 @torch.no_grad()
-def judge_outputs(model: Judge, images: torch.Tensor, batch_size: int = 128) -> dict[str, torch.Tensor | None]:
-    """The judge on images (N, C, H, W) in [-1, 1] of any size: ``features`` (N, D), ``probs`` (N, K) or None,
-    ``seg`` (N, H, W) class ids at the images' own size, or None. Images of another size than the judge's
-    are resized to it first (and the segmentation back). Each image is read as it is and flipped the ways the
-    judge trained on (test-time augmentation: probabilities and features averaged over the views)."""
+def judge_batches(model: Judge, images: Images, batch_size: int = 128
+                  ) -> Iterator[tuple[slice, dict[str, torch.Tensor | None]]]:
+    """:func:`judge_outputs` a batch at a time: ``(rows, outputs)`` of images ``rows`` (on the CPU), reading
+    ``images`` (a tensor, :class:`ImageFiles` or :class:`Rows`) one batch at a time."""
     model.eval()
     device = next(model.parameters()).device
     size = model.image_size
-    out: dict[str, list] = {"features": [], "probs": [], "seg": []}
     for lo in range(0, len(images), batch_size):
         x = images[lo:lo + batch_size].to(device, torch.float32)
         h, w = x.shape[-2:]
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         views = [model(x)] + [model(x.flip(d)) for d in model.flips]
-        out["features"].append(torch.stack([v["features"] for v in views]).mean(0).double().cpu())
+        out = {"features": torch.stack([v["features"] for v in views]).mean(0).double().cpu(), "probs": None,
+               "seg": None}
         if views[0]["logits"] is not None:
-            out["probs"].append(torch.stack([v["logits"].softmax(1) for v in views]).mean(0).cpu())
+            out["probs"] = torch.stack([v["logits"].softmax(1) for v in views]).mean(0).cpu()
         if views[0]["seg"] is not None:
-            seg = views[0]["seg"].softmax(1)
-            for v, d in zip(views[1:], model.flips):
-                seg = seg + v["seg"].softmax(1).flip(d)
-            if (h, w) != (size, size):
-                seg = F.interpolate(seg, size=(h, w), mode="bilinear")
-            out["seg"].append(seg.argmax(1).cpu())
-    return {k: (torch.cat(v) if v else None) for k, v in out.items()}
+            out["seg"] = _segmentation(model, views, (h, w)).cpu()
+        yield slice(lo, lo + len(x)), out
 
 
-def validity(model: Judge, images: torch.Tensor, labels: torch.Tensor | None, masks: torch.Tensor | None,
+def _segmentation(model: Judge, views: list[dict], shape: tuple[int, int]) -> torch.Tensor:
+    """(b, H, W) class ids at the images' own size: the views' softmax summed, each flipped back."""
+    seg = views[0]["seg"].softmax(1)
+    for v, d in zip(views[1:], model.flips):
+        seg = seg + v["seg"].softmax(1).flip(d)
+    if tuple(seg.shape[-2:]) != shape:
+        seg = F.interpolate(seg, size=shape, mode="bilinear")
+    return seg.argmax(1)
+
+
+def _put(kept: torch.Tensor | None, value: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
+    """Rows of a batch's per-image outputs written into one (N, ...) tensor, made at the first batch: pieces kept
+    alive between each batch's large activations would fragment the heap, and memory grow with N."""
+    kept = value.new_empty((n, *value.shape[1:])) if kept is None else kept
+    kept[rows] = value
+    return kept
+
+
+def judge_outputs(model: Judge, images: Images, batch_size: int = 128, seg: SegKeep | None = None
+                  ) -> dict[str, torch.Tensor | None]:
+    """The judge on images (N, C, H, W) in [-1, 1] of any size: ``features`` (N, D), ``probs`` (N, K) or None,
+    ``seg`` (N, H, W) class ids at the images' own size, or None. Images of another size than the judge's
+    are resized to it first (and the segmentation back). Each image is read as it is and flipped the ways the
+    judge trained on (test-time augmentation: probabilities and features averaged over the views).
+
+    ``images`` is read a batch at a time (:func:`judge_batches`); ``seg`` says what to keep of each image's
+    segmentation (e.g. its pixels of each class), so that scoring N images never holds N images at once."""
+    out: dict[str, torch.Tensor | None] = {"features": None, "probs": None, "seg": None}
+    for rows, batch in judge_batches(model, images, batch_size):
+        if batch["seg"] is not None and seg is not None:
+            batch["seg"] = seg(batch["seg"], rows)
+        for key, value in batch.items():
+            if value is not None:
+                out[key] = _put(out[key], value, rows, len(images))
+    return out
+
+
+def _scores(model: Judge, images: Images, masks: torch.Tensor | None, k: int | None
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The judge's class probabilities (N, K) of ``images`` and the confusion counts (K, K) of its segmentation
+    against ``masks`` (None without a class head, or without masks or a segmentation head), a batch at a time."""
+    probs = conf = None
+    for rows, batch in judge_batches(model, images):
+        if batch["probs"] is not None:
+            probs = _put(probs, batch["probs"], rows, len(images))
+        if batch["seg"] is not None and masks is not None:
+            counts = confusion(batch["seg"], masks[rows].cpu(), k)
+            conf = counts if conf is None else conf.add_(counts)
+    return probs, conf
+
+
+def segmentation_of(model: Judge, images: Images, masks: torch.Tensor, k: int) -> dict:
+    """:func:`~ldmflow.evaluation.metrics.segmentation_scores` of the judge's segmentation of ``images`` against
+    ``masks`` (N, H, W), counted a batch at a time."""
+    return confusion_scores(_scores(model, images, masks, k)[1])
+
+
+def validity(model: Judge, images: Images, labels: torch.Tensor | None, masks: torch.Tensor | None,
              mask_classes: int | None, classes: list[str] | None) -> dict:
     """How good the judge is on real images it never trained on: accuracy (with a 95% Wilson interval),
     balanced and per-class accuracy, mIoU and per-class IoU."""
-    out = judge_outputs(model, images)
+    probs, conf = _scores(model, images, masks, mask_classes)
     result: dict = {"n": len(images)}
-    if out["probs"] is not None and labels is not None:
+    if probs is not None and labels is not None:
         known = labels >= 0
-        pred, truth = out["probs"].argmax(1)[known], labels[known]
+        pred, truth = probs.argmax(1)[known], labels[known]
         correct = int((pred == truth).sum())
         per_class = {}
         for k, name in enumerate(classes or []):
@@ -229,8 +267,8 @@ def validity(model: Judge, images: torch.Tensor, labels: torch.Tensor | None, ma
         result.update(accuracy=correct / max(len(truth), 1), accuracy_ci95=wilson_interval(correct, len(truth)),
                       balanced_accuracy=float(np.mean(present)) if present else math.nan,
                       per_class_accuracy=per_class, labelled=len(truth))
-    if out["seg"] is not None and masks is not None:
-        result.update(segmentation_scores(out["seg"], masks, mask_classes))
+    if conf is not None:
+        result.update(confusion_scores(conf))
     return result
 
 
@@ -271,7 +309,7 @@ def _held_out(real: RealImages, source: str | Path) -> tuple[np.ndarray, np.ndar
 
 def _validity_on(model: Judge, real: RealImages, rows: np.ndarray) -> dict:
     """:func:`validity` on some rows of the real images."""
-    return validity(model, real.images[rows], None if real.labels is None else real.labels[rows],
+    return validity(model, Rows(real.images, rows), None if real.labels is None else real.labels[rows],
                     None if real.masks is None else real.masks[rows], real.mask_classes, real.classes)
 
 

@@ -73,7 +73,12 @@ log = logging.getLogger(__name__)
 
 def segmentation_scores(pred: torch.Tensor, target: torch.Tensor, k: int) -> dict:
     """mIoU, pixel accuracy and per-class IoU (null for classes absent from both) of (N, H, W) class ids."""
-    conf = confusion(pred.cpu(), target.cpu(), k).double()
+    return confusion_scores(confusion(pred.cpu(), target.cpu(), k))
+
+
+def confusion_scores(conf: torch.Tensor) -> dict:
+    """:func:`segmentation_scores` from the confusion counts (K, K) of all the images, e.g. summed over batches."""
+    conf = conf.double()
     inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
     return {"miou": miou(conf), "pixel_accuracy": float(inter.sum() / conf.sum()),
             "per_class_iou": [float(i / u) if u > 0 else None for i, u in zip(inter, union)]}

@@ -22,7 +22,7 @@ import torch
 
 from ldmflow.config.judge import JudgeConfig, UtilityConfig
 from ldmflow.errors import DataError
-from ldmflow.evaluation.judge import RealImages, fit_judge, judge_outputs, real_images
+from ldmflow.evaluation.judge import RealImages, Rows, fit_judge, judge_outputs, real_images
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +120,25 @@ def conditions(sets: UtilitySets, cfg: UtilityConfig) -> tuple[list[Condition], 
 @torch.no_grad()
 def per_image(model, sets: UtilitySets) -> dict[str, np.ndarray]:
     """A downstream model on each real held-out image: ``correct`` (n,) 1/0 (NaN where unlabelled) and the
-    per-class pixel ``inter``section and ``union`` (n, K) of its segmentation with the true mask."""
+    per-class pixel ``inter``section and ``union`` (n, K) of its segmentation with the true mask, counted a batch
+    of images at a time."""
     images = sets.images
-    out = judge_outputs(model, images.images[sets.held])
+    masks, k = images.masks, images.mask_classes
+
+    def overlap(seg: torch.Tensor, rows: slice) -> torch.Tensor:  # (b, H, W) -> (b, 2, K): inter, union
+        classes = torch.arange(k)[None, :, None, None]  # (1, K, 1, 1)
+        p, t = seg[:, None] == classes, masks[sets.held[rows]][:, None] == classes  # (b, K, H, W)
+        return torch.stack([(p & t).sum((2, 3)), (p | t).sum((2, 3))], 1)
+
+    out = judge_outputs(model, Rows(images.images, sets.held), seg=overlap if masks is not None else None)
     result = {}
     if out["probs"] is not None:
         truth = images.labels[sets.held]
         correct = (out["probs"].argmax(1) == truth).double()
         result["correct"] = torch.where(truth >= 0, correct, torch.nan).numpy()
     if out["seg"] is not None:
-        pred, truth = out["seg"], images.masks[sets.held]
-        k = torch.arange(images.mask_classes)[None, :, None, None]  # (1, K, 1, 1)
-        p, t = pred[:, None] == k, truth[:, None] == k  # (n, K, H, W)
-        result["inter"] = (p & t).sum((2, 3)).double().numpy()
-        result["union"] = (p | t).sum((2, 3)).double().numpy()
+        result["inter"] = out["seg"][:, 0].double().numpy()
+        result["union"] = out["seg"][:, 1].double().numpy()
     return result
 
 

@@ -38,10 +38,10 @@ from ldmflow.evaluation.judge import (
     read_images,
     real_images,
     save_judge,
+    segmentation_of,
     train_judge,
     validity,
 )
-from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.evaluation.two_sample import feature_scores, two_sample_test, wilson_interval
 from ldmflow.metadata import JudgeMeta, SamplesAttrs
 from ldmflow.viz import colorize, grid, save_png, to_uint8
@@ -387,16 +387,16 @@ def control_fidelity(model: Judge, controlled: torch.Tensor, base: torch.Tensor 
     k = JudgeMeta.of_judge(model)[0].mask_classes
 
     def miou(judge: Judge, images: torch.Tensor) -> float:
-        return segmentation_scores(judge_outputs(judge, images)["seg"], masks, k)["miou"]
+        return segmentation_of(judge, images, masks, k)["miou"]
 
     out = {"available": True, "measure": "mIoU of the judge's segmentation of the decoded image against the "
            "control mask (pixel space)", **judge_validity(model),
-           "controlled": segmentation_scores(judge_outputs(model, controlled)["seg"], masks, k),
+           "controlled": segmentation_of(model, controlled, masks, k),
            "judges": {"controlled": ensemble_score(model, lambda m: miou(m, controlled))}}
     if base is None:
         out["uncontrolled_base"] = {"available": False, "reason": f"base checkpoint {base_path} missing or changed"}
         return out
-    out["uncontrolled_base"] = segmentation_scores(judge_outputs(model, base)["seg"], masks, k)
+    out["uncontrolled_base"] = segmentation_of(model, base, masks, k)
     out["gain"] = out["controlled"]["miou"] - out["uncontrolled_base"]["miou"]
     out["judges"]["uncontrolled_base"] = ensemble_score(model, lambda m: miou(m, base))
     out["judges"]["gain"] = ensemble_score(model, lambda m: miou(m, controlled) - miou(m, base))
