@@ -4,6 +4,10 @@ class fidelity to samples whose labels are shuffled, trains the same twice, and 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +17,9 @@ from PIL import Image
 from ldmflow.artifacts import load_checkpoint, save_checkpoint
 from ldmflow.checkpoints import load_judge
 from ldmflow.config.judge import AugmentConfig, judge_config
-from ldmflow.errors import ConfigError
+from ldmflow.errors import ConfigError, DataError
 from ldmflow.evaluation.judge import (
+    ImageFiles,
     augment,
     judge_outputs,
     meets,
@@ -25,7 +30,9 @@ from ldmflow.evaluation.judge import (
     train_judge,
     validity,
 )
+from ldmflow.evaluation.metrics import segmentation_scores
 from ldmflow.evaluation.two_sample import two_sample_test, wilson_interval
+from ldmflow.models.judge import Judge
 from ldmflow.stages.evaluate import class_fidelity
 
 FAST = {"epochs": 30, "eval_every": 30, "members": 1}  # the demo recipe, half its epochs, one judge
@@ -190,3 +197,91 @@ def test_bad_judge_options_name_the_key():
         judge_config(epochs=0)
     with pytest.raises(ConfigError, match="augment"):
         judge_config(augment={"flip": True})
+
+
+def _png_files(folder, n, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(folder / f"{i:05d}.png")
+    return [str(folder / f"{i:05d}.png") for i in range(n)]
+
+
+def test_image_files_read_a_batch_at_a_time_score_exactly_as_files_read_at_once(tmp_path):
+    paths = _png_files(tmp_path / "png", 70, size=24)
+    torch.manual_seed(0)
+    model = Judge(3, 3, 4, width=4, image_size=16, flips=(-1,))
+    at_once = read_images(paths, 24, 3, None, "test")
+    files = ImageFiles(paths, 24, 3, None, "test", threads=2)
+    assert len(files) == 70 and torch.equal(files[10:37], at_once[10:37])
+    whole = judge_outputs(model, at_once, batch_size=16)
+    for key, value in judge_outputs(model, files, batch_size=16).items():
+        assert torch.equal(value, whole[key]), key
+    labels = torch.arange(70) % 4 - 1  # -1: unlabelled rows
+    masks = torch.randint(0, 4, (70, 24, 24), generator=torch.Generator().manual_seed(1))
+    whole = judge_outputs(model, at_once)  # validity's batches
+    assert validity(model, files, labels, masks, 4, ["a", "b", "c"]) == {
+        "n": 70, **_scores_from(whole, labels, masks)}
+
+
+def _scores_from(whole, labels, masks):
+    """validity's figures computed the plain way, from every image's outputs at once."""
+    known = labels >= 0
+    pred, truth = whole["probs"].argmax(1)[known], labels[known]
+    per_class = {c: float((pred[truth == k] == k).float().mean()) for k, c in enumerate("abc")}
+    correct = int((pred == truth).sum())
+    return {"accuracy": correct / len(truth), "accuracy_ci95": wilson_interval(correct, len(truth)),
+            "balanced_accuracy": float(np.mean(list(per_class.values()))), "per_class_accuracy": per_class,
+            "labelled": len(truth), **segmentation_scores(whole["seg"], masks, 4)}
+
+
+def test_deep_files_without_a_range_are_scaled_by_the_whole_sets_range_and_mixed_depths_stop(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        Image.fromarray(rng.integers(1000 * i, 1000 * i + 900, (8, 8), dtype=np.uint16)).save(tmp_path / f"{i}.png")
+    paths = [str(tmp_path / f"{i}.png") for i in range(9)]
+    files = ImageFiles(paths, 8, 1, None, "test")
+    assert torch.equal(torch.cat([files[0:4], files[4:9]]), read_images(paths, 8, 1, None, "test"))
+    _png_files(tmp_path / "png", 1, size=8)
+    mixed = ImageFiles(paths + [str(tmp_path / "png" / "00000.png")], 8, 1, None, "test")
+    mixed[0:9]
+    with pytest.raises(DataError, match="8-bit and deeper"):
+        mixed[9:10]
+
+
+MEMORY_PROBE = """
+import re, sys, torch
+from ldmflow.evaluation.judge import ImageFiles, judge_outputs
+from ldmflow.models.judge import Judge
+
+def peak_mib():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+paths = sys.argv[1:]
+torch.manual_seed(0)
+model = Judge(3, 3, 4, width=4, image_size=16)
+def areas(seg, rows):
+    return torch.nn.functional.one_hot(seg, 4).sum((1, 2))
+peaks = []
+for n in (len(paths) // 8, len(paths)):
+    out = judge_outputs(model, ImageFiles(paths[:n], 64, 3, None, "probe", threads=2), seg=areas)
+    assert out["seg"].shape == (n, 4) and out["probs"].shape == (n, 3)
+    peaks.append(peak_mib())
+print(peaks[0], peaks[1])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak resident memory from /proc")
+def test_scoring_many_image_files_needs_no_more_memory_than_scoring_a_few(tmp_path):
+    # 2,400 images of 64 px: 113 MiB as float32, 75 MiB more as (N, H, W) class ids; a batch of 128 is 6 MiB.
+    # A fixed mmap threshold stops glibc moving large buffers onto its heap, whose fragmentation would add tens
+    # of MiB of noise: the peak then counts what scoring holds.
+    paths = _png_files(tmp_path / "png", 2400)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, *paths], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    few, many = map(float, proc.stdout.split())
+    print(f"peak memory scoring 300 images: {few:.0f} MiB, 2,400: {many:.0f} MiB")
+    assert many - few < 30, f"peak memory {few:.0f} MiB scoring 300 images, {many:.0f} MiB scoring 2,400"
