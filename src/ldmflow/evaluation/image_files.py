@@ -101,3 +101,29 @@ class Rows:
 
     def __getitem__(self, part: slice) -> torch.Tensor:
         return self.images[self.rows[part]]
+
+
+@dataclass
+class DecodedLatents:
+    """Latents (N, c, h, w) (a tensor or an array, e.g. a zarr array, read a slice at a time) as the images
+    (N, C, H, W) in [-1, 1] that ``decoder`` decodes from them, a slice at a time: ``decoded[lo:hi]``. Each
+    image is decoded in the same batch of ``chunk`` (rows ``chunk * i`` onwards) whichever slice asks for it,
+    so that it comes out the same as from one pass over all the latents in chunks."""
+
+    latents: object
+    decoder: torch.nn.Module
+    chunk: int = 64
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @torch.no_grad()
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        lo, hi, _ = rows.indices(len(self))
+        first = lo - lo % self.chunk
+        device = next(self.decoder.parameters()).device
+        parts = [self.decoder.decode(torch.as_tensor(np.asarray(self.latents[i:i + self.chunk], np.float32))
+                                     .to(device))[0].float().clamp(-1, 1).cpu() for i in range(first, hi, self.chunk)]
+        if not parts:
+            return torch.empty(0)
+        return torch.cat(parts)[lo - first:hi - first]

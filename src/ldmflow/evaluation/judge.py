@@ -29,7 +29,7 @@ from ldmflow.config.schema import to_dict
 from ldmflow.data.latent_store import LatentStore
 from ldmflow.devices import set_deterministic
 from ldmflow.errors import DataError
-from ldmflow.evaluation.image_files import ImageFiles, Rows, read_images
+from ldmflow.evaluation.image_files import DecodedLatents, ImageFiles, Rows, read_images
 from ldmflow.evaluation.metrics import confusion, confusion_scores
 from ldmflow.evaluation.two_sample import wilson_interval
 from ldmflow.metadata import JudgeMeta
@@ -165,7 +165,7 @@ def _flip_dims(cfg: AugmentConfig) -> tuple[int, ...]:
     return tuple(d for flag, d in ((cfg.hflip, -1), (cfg.vflip, -2)) if flag)
 
 
-Images = torch.Tensor | ImageFiles | Rows  # (N, C, H, W) in [-1, 1]: ``len()`` and ``[lo:hi]`` slices
+Images = torch.Tensor | ImageFiles | Rows | DecodedLatents  # (N, C, H, W) in [-1, 1]: ``len()`` and ``[lo:hi]`` slices
 SegKeep = Callable[[torch.Tensor, slice], torch.Tensor]  # (b, H, W) class ids of rows lo:hi -> (b, ...) kept
 
 
@@ -227,6 +227,23 @@ def judge_outputs(model: Judge, images: Images, batch_size: int = 128, seg: SegK
             if value is not None:
                 out[key] = _put(out[key], value, rows, len(images))
     return out
+
+
+def ensemble_outputs(judges: list[Judge], images: Images, batch_size: int = 128
+                     ) -> list[dict[str, torch.Tensor | None]]:
+    """:func:`judge_outputs` of several judges (e.g. an ensemble's :func:`members`), reading each batch of images
+    once for all of them: images decoded on the fly (:class:`ImageFiles`, :class:`DecodedLatents`) are decoded
+    once, not once per judge."""
+    outs: list[dict[str, torch.Tensor | None]] = [dict.fromkeys(("features", "probs", "seg")) for _ in judges]
+    for lo in range(0, len(images), batch_size):
+        x = images[lo:lo + batch_size]
+        rows = slice(lo, lo + len(x))
+        for judge, out in zip(judges, outs):
+            for _, batch in judge_batches(judge, x, len(x)):
+                for key, value in batch.items():
+                    if value is not None:
+                        out[key] = _put(out[key], value, rows, len(images))
+    return outs
 
 
 def _scores(model: Judge, images: Images, masks: torch.Tensor | None, k: int | None

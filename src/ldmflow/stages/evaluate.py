@@ -32,10 +32,15 @@ from ldmflow.data.images import to_unit_range
 from ldmflow.devices import get_device
 from ldmflow.errors import DataError
 from ldmflow.evaluation.judge import (
+    DecodedLatents,
+    ImageFiles,
+    Images,
     Judge,
+    Rows,
+    ensemble_outputs,
     ensemble_score,
     judge_outputs,
-    read_images,
+    members,
     real_images,
     save_judge,
     segmentation_of,
@@ -181,7 +186,7 @@ def decoder_reference(model: Judge, real, held: np.ndarray, held_f: np.ndarray, 
             "two_sample_accuracy": ts.get("accuracy"), "two_sample_ci95": ts.get("accuracy_ci95")}
 
 
-def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | None, *, folds: int = 5, pr_k: int = 3,
+def sample_scores(model: Judge, images: Images, labels: torch.Tensor | None, *, folds: int = 5, pr_k: int = 3,
                   threads: int = 4, unlabelled: str = "the model is unconditional (no generated labels)",
                   decoder=None) -> dict:
     """Class fidelity, the two-sample test (real held-out vs generated) and feature-space FD / precision / recall
@@ -190,16 +195,20 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
     real = real_images(JudgeMeta.of_judge(model)[0].latents, threads, JudgeMeta.of_judge(model)[0].image_size,
                        max_per_split=MAX_REAL)
     held = real.indices("val", "test")
-    gen = judge_outputs(model, images)
-    train_f = judge_outputs(model, real.images[real.indices("train")])["features"].numpy()
-    held_f = judge_outputs(model, real.images[held])["features"].numpy()
+    # every judge reads the samples in one pass (decoded once) when the class fidelity needs them all
+    judges = members(model) if model.classifier is not None and labels is not None and (labels >= 0).any() else []
+    outs = ensemble_outputs([model, *[m for m in judges if m is not model]], images)
+    gen = outs[0]
+    train_f = judge_outputs(model, Rows(real.images, real.indices("train")))["features"].numpy()
+    held_f = judge_outputs(model, Rows(real.images, held))["features"].numpy()
     gen_f = gen["features"].numpy()
     reference = (decoder_reference(model, real, held, held_f, decoder, folds) if decoder is not None else
                  {"available": False, "reason": "the samples' autoencoder is unknown or not the store's"})
     fidelity = class_fidelity(model, gen["probs"], labels, unlabelled)
     if fidelity["available"]:  # the sample interval is the first judge's; the range is the judges'
+        probs = iter(out["probs"] for out in outs[1:])
         fidelity["judges"] = ensemble_score(model, lambda m: class_fidelity(
-            m, gen["probs"] if m is model else judge_outputs(m, images)["probs"], labels)["accuracy"])
+            m, gen["probs"] if m is model else next(probs), labels)["accuracy"])
     return {"judge": judge_validity(model), "n_generated": len(images), "decoder_reference": reference,
             "class_fidelity": fidelity,
             "two_sample": {**two_sample_test(held_f, gen_f, folds=folds), "real": "val and test splits"},
@@ -208,11 +217,11 @@ def sample_scores(model: Judge, images: torch.Tensor, labels: torch.Tensor | Non
                          "against": "the real train split; held_out: real val and test images (the reference)"}}
 
 
-def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tensor, torch.Tensor | None, str, object]:
-    """A samples folder or ``samples.zarr`` as images (N, C, H, W) in [-1, 1], the labels they were generated
-    for (None when unknown), a description, and the decoder when it is the judge's store's autoencoder: a
-    store's latents decoded by the autoencoder that made them (sha256-checked); else the folder's
-    ``sample_*.png`` (or image files), decoded as the judge's data."""
+def load_samples(samples: str | Path, model: Judge, device) -> tuple[Images, torch.Tensor | None, str, object]:
+    """A samples folder or ``samples.zarr`` as images (N, C, H, W) in [-1, 1] read a batch at a time (as they are
+    scored), the labels they were generated for (None when unknown), a description, and the decoder when it is
+    the judge's store's autoencoder: a store's latents decoded by the autoencoder that made them
+    (sha256-checked); else the folder's ``sample_*.png`` (or image files), decoded as the judge's data."""
     import zarr
 
     path = Path(samples)
@@ -221,10 +230,7 @@ def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tenso
         group = zarr.open_group(str(store), mode="r")
         attrs = SamplesAttrs.from_dict(dict(group.attrs), str(store))
         decoder = verified_autoencoder(attrs, device).model
-        latents = torch.from_numpy(np.asarray(group["latents"][:], np.float32))
-        with torch.no_grad():
-            images = torch.cat([decoder.decode(latents[i:i + 64].to(device))[0].float().clamp(-1, 1).cpu()
-                                for i in range(0, len(latents), 64)])
+        images = DecodedLatents(group["latents"], decoder, 64)  # decoded a batch at a time as they are scored
         labels = torch.from_numpy(np.asarray(group["labels"][:], np.int64))
         same = _store_autoencoder_sha(model) == attrs.autoencoder_sha256
         return images, (labels if (labels >= 0).any() else None), str(store), decoder if same else None
@@ -234,8 +240,8 @@ def load_samples(samples: str | Path, model: Judge, device) -> tuple[torch.Tenso
     if not files:
         raise DataError(f"{path}: neither a samples.zarr nor image files (sample_*.png) to evaluate")
     info = JudgeMeta.of_judge(model)[0]
-    return read_images([str(f) for f in files], info.image_size, info.channels, info.value_range,
-                       str(path)), None, str(path), None
+    return (ImageFiles([str(f) for f in files], info.image_size, info.channels, info.value_range, str(path)), None,
+            str(path), None)
 
 
 def _store_autoencoder_sha(model: Judge) -> str | None:
