@@ -173,7 +173,7 @@ SegKeep = Callable[[torch.Tensor, slice], torch.Tensor]  # (b, H, W) class ids o
 def judge_batches(model: Judge, images: Images, batch_size: int = 128
                   ) -> Iterator[tuple[slice, dict[str, torch.Tensor | None]]]:
     """:func:`judge_outputs` a batch at a time: ``(rows, outputs)`` of images ``rows`` (on the CPU), reading
-    ``images`` (a tensor, :class:`ImageFiles` or :class:`Rows`) one batch at a time."""
+    ``images`` (a tensor, :class:`ImageFiles`, :class:`Rows` or :class:`DecodedLatents`) one batch at a time."""
     model.eval()
     device = next(model.parameters()).device
     size = model.image_size
@@ -202,12 +202,13 @@ def _segmentation(model: Judge, views: list[dict], shape: tuple[int, int]) -> to
     return seg.argmax(1)
 
 
-def _put(kept: torch.Tensor | None, value: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
-    """Rows of a batch's per-image outputs written into one (N, ...) tensor, made at the first batch: pieces kept
-    alive between each batch's large activations would fragment the heap, and memory grow with N."""
-    kept = value.new_empty((n, *value.shape[1:])) if kept is None else kept
-    kept[rows] = value
-    return kept
+def _keep(out: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor | None], rows: slice, n: int) -> None:
+    """A batch's per-image outputs written into ``out``'s (N, ...) tensors, each made at the first batch: pieces
+    kept alive between the batches' large activations would fragment the heap, and memory grow with N."""
+    for key, value in batch.items():
+        if value is not None:
+            out[key] = value.new_empty((n, *value.shape[1:])) if out[key] is None else out[key]
+            out[key][rows] = value
 
 
 def judge_outputs(model: Judge, images: Images, batch_size: int = 128, seg: SegKeep | None = None
@@ -223,9 +224,7 @@ def judge_outputs(model: Judge, images: Images, batch_size: int = 128, seg: SegK
     for rows, batch in judge_batches(model, images, batch_size):
         if batch["seg"] is not None and seg is not None:
             batch["seg"] = seg(batch["seg"], rows)
-        for key, value in batch.items():
-            if value is not None:
-                out[key] = _put(out[key], value, rows, len(images))
+        _keep(out, batch, rows, len(images))
     return out
 
 
@@ -240,9 +239,7 @@ def ensemble_outputs(judges: list[Judge], images: Images, batch_size: int = 128
         rows = slice(lo, lo + len(x))
         for judge, out in zip(judges, outs):
             for _, batch in judge_batches(judge, x, len(x)):
-                for key, value in batch.items():
-                    if value is not None:
-                        out[key] = _put(out[key], value, rows, len(images))
+                _keep(out, batch, rows, len(images))
     return outs
 
 
@@ -250,14 +247,14 @@ def _scores(model: Judge, images: Images, masks: torch.Tensor | None, k: int | N
             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The judge's class probabilities (N, K) of ``images`` and the confusion counts (K, K) of its segmentation
     against ``masks`` (None without a class head, or without masks or a segmentation head), a batch at a time."""
-    probs = conf = None
+    out: dict[str, torch.Tensor | None] = {"probs": None}
+    conf = None
     for rows, batch in judge_batches(model, images):
-        if batch["probs"] is not None:
-            probs = _put(probs, batch["probs"], rows, len(images))
+        _keep(out, {"probs": batch["probs"]}, rows, len(images))
         if batch["seg"] is not None and masks is not None:
             counts = confusion(batch["seg"], masks[rows].cpu(), k)
             conf = counts if conf is None else conf.add_(counts)
-    return probs, conf
+    return out["probs"], conf
 
 
 def segmentation_of(model: Judge, images: Images, masks: torch.Tensor, k: int) -> dict:
