@@ -19,6 +19,7 @@ from ldmflow.checkpoints import load_judge
 from ldmflow.config.judge import AugmentConfig, judge_config
 from ldmflow.errors import ConfigError, DataError
 from ldmflow.evaluation.judge import (
+    DecodedLatents,
     ImageFiles,
     augment,
     judge_outputs,
@@ -285,3 +286,23 @@ def test_scoring_many_image_files_needs_no_more_memory_than_scoring_a_few(tmp_pa
     few, many = map(float, proc.stdout.split())
     print(f"peak memory scoring 300 images: {few:.0f} MiB, 2,400: {many:.0f} MiB")
     assert many - few < 30, f"peak memory {few:.0f} MiB scoring 300 images, {many:.0f} MiB scoring 2,400"
+
+
+class _BatchSizeDecoder(torch.nn.Module):
+    """Decodes z to z / 100 + the size of the batch it came in: shows which batch decoded each image."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def decode(self, z):
+        return z / 100 + len(z) / 100, None
+
+
+def test_latents_decoded_a_slice_at_a_time_come_out_as_from_one_pass_in_chunks():
+    latents = torch.rand(150, 1, 2, 2)
+    decoded = DecodedLatents(latents.numpy(), _BatchSizeDecoder(), chunk=64)
+    one_pass = torch.cat([latents[i:i + 64] / 100 + len(latents[i:i + 64]) / 100 for i in range(0, 150, 64)])
+    assert len(decoded) == 150
+    for part in (slice(0, 16), slice(60, 70), slice(128, 150), slice(0, 150)):
+        assert torch.equal(decoded[part], one_pass[part].clamp(-1, 1)), part
