@@ -114,14 +114,12 @@ def _augmented(block, device: torch.device, tiles: int, query: bool,
     x = x.to(device, non_blocking=True).reshape(len(block), tiles, -1).transpose(0, 1)  # (T, rows, d)
     d, size = x.shape[-1], (tiles, x.shape[1], x.shape[-1] + 2)
     out = torch.empty(size, device=device) if buffer is None else buffer[:math.prod(size)].view(size)
-    # fp16 -> fp32 once (times -2 for training items: exact, a power of two); the norms and the products
-    # read the fp32 copy
-    torch.mul(x, 1.0 if query else -2.0, out=out[..., :d])
+    out[..., :d] = x  # fp16 -> fp32, once: the norms and the products read the fp32 copy
     norms = torch.linalg.vector_norm(out[..., :d], dim=-1).square_()  # (T, rows)
     if query:
         out[..., d], out[..., d + 1] = norms, 1.0
     else:
-        norms.mul_(0.25)
+        out[..., :d].mul_(-2.0)
         out[..., d], out[..., d + 1] = 1.0, norms
     return out, norms
 
