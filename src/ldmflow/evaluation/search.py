@@ -34,31 +34,35 @@ class Neighbours:
     stats: dict = field(default_factory=dict)  # block sizes and the largest working set measured
 
 
-def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int) -> int:
+SUB_BYTES = {"cpu": 16 * 2**20, "cuda": 64 * 2**20}  # tile products held at once, per device type
+
+
+def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int, sub_bytes: int = 0) -> int:
     """Bytes a q x t step of :func:`blocked_search` holds at once (dim = tiles x per-tile length).
 
     Query side: the augmented fp32 block (4 q (dim + 2 tiles)), its norms and the running top lists
-    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy, the
-    augmented fp32 block and its norms. Then the (tiles, q, t) fp32 products of every tile, two (q, t) fp32
-    matrices (summed and largest tile distance), the selections' group leaders and gathered candidates
-    (under 2 q t) and their index bookkeeping.
+    (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy. Then
+    ``sub_bytes`` for one sub-block (see :func:`_sub_block`: the training columns augmented, their norms and
+    the tile products), two (q, t) fp32 matrices (summed and largest tile distance), the selections' group
+    leaders and gathered candidates (under 2 q t) and their index bookkeeping.
     """
     aug = dim + 2 * tiles
-    return (4 * q * aug + 4 * t * aug + 4 * t * dim + 8 * (q + t) * tiles + 4 * tiles * q * t + 10 * q * t
-            + 76 * q * (k + n))
+    return 4 * q * aug + 4 * t * dim + 8 * q * tiles + sub_bytes + 10 * q * t + 76 * q * (k + n)
 
 
 def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int,
-                memory_bytes: float) -> tuple[int, int]:
+                memory_bytes: float, sub_bytes: int = SUB_BYTES["cpu"]) -> tuple[int, int]:
     """Query and training block sizes whose working set (:func:`block_bytes`) fits the memory budget.
 
     The training set is streamed once per query block, so query blocks are made large (up to 4096) first;
     they shrink (not below 64) only until a training block of 1024 fits, and the training block then takes
-    the rest of the budget.
+    the rest of the budget. The sub-block's tile products take at most an eighth of the budget.
     """
+    sub = int(min(sub_bytes, memory_bytes / 8))
+
     def fitting_t(q: int) -> int:  # largest t with block_bytes(q, t) <= budget (it is linear in t)
-        fixed = block_bytes(q, 0, tiles, dim, k, n)
-        return int((memory_bytes - fixed) // (block_bytes(q, 1, tiles, dim, k, n) - fixed))
+        fixed = block_bytes(q, 0, tiles, dim, k, n, sub)
+        return int((memory_bytes - fixed) // (block_bytes(q, 1, tiles, dim, k, n, sub) - fixed))
 
     q = min(n_query, 4096)
     while q > 64 and fitting_t(q) < min(n_train, 1024):
@@ -67,13 +71,21 @@ def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int
         q //= 2
     t = min(fitting_t(q), n_train)
     if t < 1:
-        need = block_bytes(1, 1, tiles, dim, k, n)
+        need = block_bytes(1, 1, tiles, dim, k, n, 4 * tiles)
         raise ConfigError(f"memorization options: key 'memory_gb' has {memory_bytes / 2**30:.3g}; allowed: at "
                           f"least {need / 2**30:.3g} for {tiles} tiles of {dim // tiles} values")
     if t == n_train and q < n_query:  # the whole training set fits: spend the rest on queries
-        per_q = block_bytes(1, t, tiles, dim, k, n) - block_bytes(0, t, tiles, dim, k, n)
-        q = int(min(n_query, max(q, (memory_bytes - block_bytes(0, t, tiles, dim, k, n)) // per_q)))
+        per_q = block_bytes(1, t, tiles, dim, k, n, sub) - block_bytes(0, t, tiles, dim, k, n, sub)
+        q = int(min(n_query, max(q, (memory_bytes - block_bytes(0, t, tiles, dim, k, n, sub)) // per_q)))
     return q, t
+
+
+def _sub_block(q: int, t: int, tiles: int, aug: int, sub_bytes: int) -> tuple[int, int]:
+    """Rows and columns of the sub-blocks whose training columns augmented (tiles, columns, aug) and tile
+    products (tiles, rows, columns) fit ``sub_bytes``: small enough to stay in cache between the product and
+    the two reductions that read it, large enough for an efficient product."""
+    rows = max(1, min(q, 512, sub_bytes // (4 * tiles * (aug + 1))))
+    return rows, max(1, min(t, sub_bytes // (4 * tiles * (rows + aug + 1))))
 
 
 def _rows(x: Features | np.ndarray | torch.Tensor, start: int, stop: int) -> np.ndarray | torch.Tensor:
@@ -96,7 +108,7 @@ def _augmented(block, device: torch.device, tiles: int, query: bool,
     Per tile a query becomes [a, |a|^2, 1] and a training item [-2 b, 1, |b|^2], so that one product of
     the two is |a|^2 - 2 a.b + |b|^2 = |a - b|^2: each tile's squared distances come out of one matrix
     product with nothing to add afterwards. Tile-major, so that each tile is one contiguous matrix. Written
-    into ``buffer`` (flat fp32) when given: fresh large tensors cost page faults on every block.
+    into ``buffer`` (flat fp32) when given: fresh large tensors cost a page fault per 4 KiB.
     """
     x = block if torch.is_tensor(block) else torch.from_numpy(np.ascontiguousarray(block))
     x = x.to(device, non_blocking=True).reshape(len(block), tiles, -1).transpose(0, 1)  # (T, rows, d)
@@ -193,22 +205,32 @@ def _merge(best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, offset: 
 
 
 @torch.no_grad()
-def _tile_distances(qa: torch.Tensor, ta: torch.Tensor, tn: torch.Tensor,
-                    scratch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One query block (T, q, d + 2) against one training block (T, t, d + 2): the similarity score (q, t),
-    largest squared tile distance (q, t), and the (T, q, t) squared distances of every tile.
+def _tile_distances(qa: torch.Tensor, raw: torch.Tensor, sub: tuple[int, int],
+                    scratch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query block (T, q, d + 2) against one training block as stored (t, T, d), on the device: the
+    similarity score (q, t) and the largest squared tile distance (q, t).
 
     The score is 2 a.b - |a|^2 = |b|^2 - |a - b|^2: in each row it orders the training items as the cosine
-    a.b does (|a|^2 is the row's constant), so :func:`_similarity` converts only the kept values. All tiles
-    in one batched product, then one pass over them for the largest and one for the sum: far fewer passes
-    over (q, t) matrices than a product, an addition and a maximum per tile. The results are views of the
-    flat ``scratch`` buffers (products, score, distance), reused from block to block."""
-    tiles, q, t = qa.shape[0], qa.shape[1], ta.shape[1]
-    x = torch.bmm(qa, ta.transpose(1, 2), out=scratch[0][:tiles * q * t].view(tiles, q, t))  # (T, q, t)
-    d2 = torch.amax(x, 0, out=scratch[2][:q * t].view(q, t))  # (q, t) largest squared tile distance
-    total = torch.sum(x, 0, out=scratch[1][:q * t].view(q, t))  # (q, t) |a - b|^2, the sum over the tiles
-    score = torch.sub(tn.sum(0)[None], total, out=total)
-    return score, d2, x
+    a.b does (|a|^2 is the row's constant), so :func:`_similarity` converts only the kept values. Sub-block
+    by sub-block (``sub`` rows x columns): the training columns augmented once, then per row range all
+    tiles in one batched product, and the largest and the sum over the tiles while the products are still
+    in cache: written to memory and read back twice, the (T, q, t) products would cost as much again as
+    the product. The results are views of the flat ``scratch`` buffers (products, training columns, score,
+    distance), reused from block to block."""
+    tiles, q, t = qa.shape[0], qa.shape[1], len(raw)
+    total, d2 = scratch[2][:q * t].view(q, t), scratch[3][:q * t].view(q, t)
+    for c in range(0, t, sub[1]):
+        ta, tn = _augmented(raw[c:c + sub[1]], qa.device, tiles, query=False, buffer=scratch[1])
+        tb, w = ta.transpose(1, 2), ta.shape[1]  # (T, d + 2, w)
+        for r in range(0, q, sub[0]):
+            rows = qa[:, r:r + sub[0]]
+            x = scratch[0][:tiles * rows.shape[1] * w].view(tiles, rows.shape[1], w)
+            torch.bmm(rows, tb, out=x)
+            torch.amax(x, 0, out=d2[r:r + sub[0], c:c + w])
+            torch.sum(x, 0, out=total[r:r + sub[0], c:c + w])
+        # |b|^2 - |a - b|^2 (the sum over the tiles), in place
+        torch.sub(tn.sum(0)[None], total[:, c:c + w], out=total[:, c:c + w])
+    return total, d2
 
 
 def _similarity(score: torch.Tensor, q_norm: torch.Tensor) -> torch.Tensor:
@@ -217,31 +239,32 @@ def _similarity(score: torch.Tensor, q_norm: torch.Tensor) -> torch.Tensor:
 
 
 def _search_query_block(qa: torch.Tensor, qn: torch.Tensor, train: Features | np.ndarray | torch.Tensor, nt: int,
-                        t_block: int, k: int, n: int, device: torch.device,
+                        t_block: int, k: int, n: int, sub_bytes: int,
                         bar) -> tuple[tuple[torch.Tensor, ...], int]:
     """Stream every training block past one query block; returns the running lists (top-k similarities and
     their indices, n smallest largest-tile distances and theirs) and the largest working set in bytes."""
-    tiles, q = qa.shape[0], qa.shape[1]
+    tiles, q, device = qa.shape[0], qa.shape[1], qa.device
     q_norm = qn.sum(0)[:, None]  # (q, 1) |a|^2 of the whole vector
     best_s = qa.new_empty(q, 0)
     best_si = torch.empty(q, 0, dtype=torch.long, device=device)
     best_d, best_di = best_s.clone(), best_si.clone()
     t_max = min(t_block, nt)  # every block's large tensors in buffers allocated once
-    scratch = (qa.new_empty(tiles * q * t_max), qa.new_empty(q * t_max), qa.new_empty(q * t_max))
-    train_buffer = qa.new_empty(tiles * t_max * qa.shape[2])
+    sub = _sub_block(q, t_max, tiles, qa.shape[2], sub_bytes)
+    scratch = (qa.new_empty(tiles * sub[0] * sub[1]), qa.new_empty(tiles * sub[1] * qa.shape[2]),
+               qa.new_empty(q * t_max), qa.new_empty(q * t_max))
     peak = 0
     for ts in range(0, nt, t_block):
         raw = _rows(train, ts, ts + t_block)  # (t, T, d) as stored
-        ta, tn = _augmented(raw, device, tiles, query=False, buffer=train_buffer)  # (T, t, d + 2), (T, t)
-        sim, d2, x = _tile_distances(qa, ta, tn, scratch)
+        block = torch.as_tensor(raw).to(device, non_blocking=True)
+        sim, d2 = _tile_distances(qa, block, sub, scratch)
         # the working set: the tensors alive in this step, the block as read and its device copy, and the
         # selections' candidates and bookkeeping (sizes as in block_bytes)
-        live = [qa, qn, ta, tn, sim, d2, x, best_s, best_si, best_d, best_di]
-        held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 2 * q * ta.shape[1] + 64 * q * (k + n)
+        live = [qa, qn, *scratch, best_s, best_si, best_d, best_di]
+        held = sum(_nbytes(v) for v in live) + 2 * _nbytes(raw) + 2 * q * len(raw) + 64 * q * (k + n)
         peak = max(peak, held)
         best_s, best_si = _merge(best_s, best_si, sim, ts, k, largest=True)
         best_d, best_di = _merge(best_d, best_di, d2, ts, n, largest=False)
-        del ta, tn, sim, d2, x, raw
+        del sim, d2, raw, block
         bar.update()
     return (_similarity(best_s, q_norm), best_si, best_d, best_di), peak
 
@@ -265,7 +288,8 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
     if nt < 2:
         raise ValueError(f"the nearest-neighbour tests need at least 2 training items; got {nt}")
     k, n = min(k, nt), min(n, nt)
-    q_block, t_block = plan_blocks(nq, nt, tiles, tiles * d, k, n, memory_gb * 2**30)
+    sub_bytes = int(min(SUB_BYTES.get(device.type, SUB_BYTES["cuda"]), memory_gb * 2**30 / 8))
+    q_block, t_block = plan_blocks(nq, nt, tiles, tiles * d, k, n, memory_gb * 2**30, sub_bytes)
     peak = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -276,7 +300,7 @@ def blocked_search(queries: Features | np.ndarray | torch.Tensor, train: Feature
     for qs in range(0, nq, q_block):
         qa, qn = _augmented(_rows(queries, qs, qs + q_block), device, tiles, query=True)  # (T, q, d + 2), (T, q)
         (best_s, best_si, best_d, best_di), block_peak = _search_query_block(qa, qn, train, nt, t_block, k, n,
-                                                                             device, bar)
+                                                                             sub_bytes, bar)
         peak = max(peak, block_peak)
         out_sim.append(best_s.cpu())
         out_idx.append(best_si.cpu())
