@@ -19,6 +19,7 @@ from ldmflow.data.dataset import prepare_data
 from ldmflow.data.latent_store import STORE_FORMAT, LatentDataset, LatentStore
 from ldmflow.errors import LatentError
 from ldmflow.models.autoencoder import Autoencoder
+from ldmflow.stages import embed
 from ldmflow.stages.embed import RunningMoments, embed_latents
 from ldmflow.stages.select_autoencoder import select_autoencoder
 from ldmflow.stages.train_autoencoder import train_autoencoder
@@ -338,14 +339,16 @@ def test_embed_command(runs, demo_manifest, tmp_path):
     assert LatentStore(out).latents.dtype == np.float32  # the failed runs left the store alone
 
 
-def test_embedding_from_memory_stores_the_same_latents_as_decoding_each_batch_again(runs, stores, demo_manifest,
-                                                                                    tmp_path):
-    # the fixture's store was encoded from memory (the demo fits in data.cache_max_gb); this one decodes twice
-    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1,
-                        cache_max_gb=0.0)
+def test_the_one_streamed_pass_stores_the_same_latents_as_checking_every_row_first(runs, stores, demo_manifest,
+                                                                                   tmp_path, monkeypatch):
+    # the fixture's store came from the one streamed pass; this one checks every row, then decodes each batch again
+    monkeypatch.setattr(embed, "plan_stream", lambda *args: None)
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1)
     again, kept = zarr.open_group(out, mode="r"), zarr.open_group(stores["kl"], mode="r")
     for name in ("latents", "logvar", "masks", "labels", "split", "paths"):
         assert np.array_equal(again[name][:], kept[name][:]), name
+    made = [{k: v for k, v in LatentStore(s).attrs.items() if k != "created"} for s in (out, stores["kl"])]
+    assert made[0] == made[1]  # the same statistics, channels, intensity and provenance
 
 
 def test_diffusion_batches_read_no_masks_and_a_controlnet_gets_them_as_uint8(stores):

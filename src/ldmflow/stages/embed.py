@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ from ldmflow.artifacts import file_sha256, fsync_tree, publish_dir, remove_stale
 from ldmflow.checkpoints import load_autoencoder
 from ldmflow.config.autoencoder import AutoencoderExperiment
 from ldmflow.config.loading import resolved_config
-from ldmflow.data.dataset import ImageDataset, prepare_data
+from ldmflow.data.dataset import ImageDataset, NeedsCheckPass, decode_checked, plan_stream, prepare_data
 from ldmflow.data.latent_store import COMPRESSOR, DTYPES, RAW_CHUNK_BYTES, chunk_rows
 from ldmflow.data.manifest import SPLITS
 from ldmflow.devices import get_device
@@ -265,42 +266,19 @@ def _store_attrs(src: Source, data, dtype: str, acc: Encoded) -> StoreAttrs:
         ldmflow_version=__version__, created=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path, *, batch_size: int = 64,
-                  dtype: Literal["float16", "float32"] = "float16", device: str | None = None,
-                  threads: int | None = None, cache_max_gb: float | None = None) -> Path:
-    """Encode every manifest row with an autoencoder into the zarr v3 store OUT; returns OUT.
-
-    ``checkpoint`` is an autoencoder checkpoint or a ``selected.json`` naming one. Rows, labels, masks and
-    the split come from the data layer with the autoencoder's own data config and seed, so the split is
-    the one the autoencoder trained with. Every image is decoded and checked first; when the decoded set
-    fits in ``cache_max_gb`` (default: the autoencoder's ``data.cache_max_gb``) it is encoded from memory,
-    else each batch is decoded again by a thread pool while the encoder runs (memory stays flat).
-    """
-    _check_options(dtype, batch_size)
-    out = Path(out)
-    dev = get_device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    src = _source(checkpoint, manifest, dev)
-    cfg = src.cfg
-    # every row is decoded and checked here; when the decoded set fits in data.cache_max_gb it is kept and
-    # encoded from memory, else each batch is decoded again below (memory stays bounded by that setting)
-    limit = cfg.data.cache_max_gb if cache_max_gb is None else cache_max_gb
-    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=limit), cfg.seed, threads)
-    data.write_skipped(out.parent)
-    n, h = len(data.paths), cfg.data.image_size // cfg.model.downsample
-    log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
-             src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
-    dataset = ImageDataset(data, split=None)
-    batches = prefetch(dataset.__getitems__, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)),
-                       workers=1 if data.images is not None else min(4, threads or os.cpu_count() or 1))
+def _write_store(src: Source, data, batches: Iterator[dict], out: Path, dtype: str, dev: torch.device,
+                 finish: Callable[[], object]) -> StoreAttrs:
+    """Encode ``batches`` into a temporary store beside OUT and publish it whole; ``finish`` runs once every
+    batch is encoded, before the attributes are read from ``data``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        writers = _create_arrays(group, data, cfg, dtype)
-        attrs = _store_attrs(src, data, dtype, _encode_all(src, batches, writers, data, dtype, dev, out.name))
+        writers = _create_arrays(group, data, src.cfg, dtype)
+        acc = _encode_all(src, batches, writers, data, dtype, dev, out.name)
+        finish()
+        attrs = _store_attrs(src, data, dtype, acc)
         # the format attribute is written with the rest, last: a store without it is never taken for a whole one
         group.update_attributes(attrs.to_dict())  # one metadata write (attrs.update writes once per key)
         fsync_tree(tmp)
@@ -309,5 +287,58 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         batches.close()  # stop decoding before the temporary store goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %s: %d latents, scale_factor %.5g", out, n, attrs.scale_factor)
+    return attrs
+
+
+def _log_start(src: Source, n: int, out: Path) -> None:
+    cfg = src.cfg
+    h = cfg.data.image_size // cfg.model.downsample
+    log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
+             src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
+
+
+def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path, *, batch_size: int = 64,
+                  dtype: Literal["float16", "float32"] = "float16", device: str | None = None,
+                  threads: int | None = None) -> Path:
+    """Encode every manifest row with an autoencoder into the zarr v3 store OUT; returns OUT.
+
+    ``checkpoint`` is an autoencoder checkpoint or a ``selected.json`` naming one. Rows, labels, masks and
+    the split come from the data layer with the autoencoder's own data config and seed, so the split is
+    the one the autoencoder trained with. One pass decodes, checks and encodes each batch while a thread
+    pool decodes the next ones, so every image is decoded once and memory holds a few batches whatever the
+    manifest's length; a bad row stops the run with its row and file named, and no store is left at OUT.
+    Where an answer needs every row first (bad rows skipped, mask classes or a percentile intensity range
+    not yet known), every row is checked first and each batch is decoded again.
+    """
+    _check_options(dtype, batch_size)
+    out = Path(out)
+    dev = get_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    src = _source(checkpoint, manifest, dev)
+    cfg = src.cfg
+    workers = min(4, threads or os.cpu_count() or 1)
+
+    def spans(n: int) -> Iterator[range]:
+        return (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
+
+    # the channels the encoder takes: build_autoencoder reads a config without data.channels as RGB
+    check = plan_stream(manifest, cfg.data, cfg.seed, cfg.data.channels or 3)
+    if check is not None:
+        _log_start(src, len(check.data.paths), out)
+        try:
+            attrs = _write_store(src, check.data, prefetch(partial(decode_checked, check), spans(len(check.data.paths)),
+                                                           workers), out, dtype, dev, check.finish)
+            log.info("wrote %s: %d latents, scale_factor %.5g", out, attrs.n, attrs.scale_factor)
+            return out
+        except NeedsCheckPass as exc:
+            log.warning("%s; checking every row first to skip the bad ones (data.skip_bad_rows)", exc)
+    # bounded memory: every row is checked, then each batch decoded again (nothing is cached)
+    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
+    data.write_skipped(out.parent)
+    _log_start(src, len(data.paths), out)
+    dataset = ImageDataset(data, split=None)
+    attrs = _write_store(src, data, prefetch(dataset.__getitems__, spans(len(data.paths)), workers), out, dtype, dev,
+                         lambda: None)
+    log.info("wrote %s: %d latents, scale_factor %.5g", out, attrs.n, attrs.scale_factor)
     return out
