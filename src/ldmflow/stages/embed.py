@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import logging
@@ -19,6 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 import zarr
+import zarr.api.asynchronous
+from zarr.core.sync import sync
 
 from ldmflow import __version__
 from ldmflow.artifacts import file_sha256, fsync_tree, publish_dir, remove_stale_temporaries, resolve_checkpoint
@@ -96,23 +99,54 @@ class ChunkWriter:
             self.start += self.fill
             self.fill = 0
 
+    async def flush_async(self) -> None:
+        if self.fill:
+            await self.array.async_array.setitem(slice(self.start, self.start + self.fill), self.buffer[:self.fill])
+            self.start += self.fill
+            self.fill = 0
 
-def prefetch(load: Callable[[Sequence[int]], dict], batches: Iterable[Sequence[int]], workers: int) -> Iterator[dict]:
-    """``load(batch)`` for each batch in order, decoded by a thread pool up to 2 x workers batches ahead.
+
+class Prefetch:
+    """``load(batch)`` for each batch in order, decoded by a thread pool up to 2 x workers batches ahead,
+    starting at once: the first batches decode while the caller creates its store.
 
     Threads, not DataLoader processes: PIL decodes and resizes with the GIL released, so threads overlap
     decoding with encoding as well as processes do, without a worker's start-up or the copies between
-    processes; they also stay clear of fork with CUDA or zarr's I/O
-    thread. The bounded look-ahead keeps memory flat.
+    processes; they also stay clear of fork with CUDA or zarr's I/O thread. The bounded look-ahead keeps
+    memory flat: at most 2 x workers batches wait while the caller holds one.
     """
-    with ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for rows in batches:
-            pending.append(pool.submit(load, rows))
-            if len(pending) > 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+
+    def __init__(self, load: Callable[[Sequence[int]], dict], batches: Iterable[Sequence[int]], workers: int):
+        self.load, self.batches, self.ahead = load, iter(batches), 2 * workers
+        self.pool = ThreadPoolExecutor(workers)
+        self.pending: collections.deque = collections.deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.ahead and (rows := next(self.batches, None)) is not None:
+            self.pending.append(self.pool.submit(self.load, rows))
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        try:
+            batch = self.pending.popleft().result()
+        except BaseException:
+            self.close()
+            raise
+        self._fill()
+        return batch
+
+    def close(self) -> None:
+        """Stop decoding: drop the batches not started, wait for those running."""
+        for future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,35 +190,44 @@ def _source(checkpoint: str | Path, manifest: str | Path, dev: torch.device) -> 
     return Source(ckpt_path, selected, sha256, loaded.model, loaded.config, Path(manifest), manifest_sha256, same)
 
 
-def _create_arrays(group: zarr.Group, data, cfg: AutoencoderExperiment, dtype: str) -> dict[str, ChunkWriter]:
-    """The store's arrays: labels, split and paths written now; a chunk writer for each encoded array."""
+CONCURRENT_WRITES = 8  # chunks of labels, split and paths written at once (each a fixed-width copy of its rows)
+
+
+async def _create_store(tmp: Path, data, cfg: AutoencoderExperiment,
+                        dtype: str) -> tuple[zarr.Group, dict[str, ChunkWriter]]:
+    """The store's group and arrays, made concurrently (one round trip to zarr's I/O thread, not one per array):
+    labels, split and paths written now; a chunk writer for each encoded array."""
     n, size, c = len(data.paths), cfg.data.image_size, cfg.model.latent_channels
     h = size // cfg.model.downsample
-    latent_bytes = c * h * h * np.dtype(dtype).itemsize
-
-    def array(name: str, shape: tuple, kind, row_bytes: int, compress: bool = True) -> zarr.Array:
-        return group.create_array(name, shape=shape, chunks=(chunk_rows(row_bytes, n),) + shape[1:], dtype=kind,
-                                  compressors=COMPRESSOR if compress else "auto")
-
-    def raw(name: str) -> zarr.Array:
-        """Uncompressed, so that training reads single rows straight from the files (latent_store.RowReader)."""
-        shape = (n, c, h, h)
-        return group.create_array(name, shape=shape, chunks=(chunk_rows(latent_bytes, n, RAW_CHUNK_BYTES),) + shape[1:],
-                                  dtype=dtype, compressors=None)
-
-    writers = {"latents": ChunkWriter(raw("latents"))}
-    if cfg.model.variant == "kl":
-        writers["logvar"] = ChunkWriter(raw("logvar"))
-    if data.has_masks:
-        writers["masks"] = ChunkWriter(array("masks", (n, size, size), "uint8", size * size))
+    latent = ((n, c, h, h), chunk_rows(c * h * h * np.dtype(dtype).itemsize, n, RAW_CHUNK_BYTES), dtype, None)
+    # name: (shape, rows per chunk, dtype, compressors); latents uncompressed, so that training reads single
+    # rows straight from the files (latent_store.RowReader)
+    specs = {"latents": latent, **({"logvar": latent} if cfg.model.variant == "kl" else {}),
+             **({"masks": ((n, size, size), chunk_rows(size * size, n), "uint8", COMPRESSOR)} if data.has_masks
+                else {}),
+             "labels": ((n,), chunk_rows(8, n), "int64", COMPRESSOR), "split": ((n,), chunk_rows(8, n), str, "auto"),
+             "paths": ((n,), chunk_rows(256, n), str, "auto")}
+    group = await zarr.api.asynchronous.open_group(tmp, mode="w", zarr_format=3)
+    made = await asyncio.gather(*(group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=kind,
+                                                     compressors=compressors)
+                                  for name, (shape, rows, kind, compressors) in specs.items()))
+    arrays = dict(zip(specs, made))
     labels = data.labels if data.has_labels else np.full(n, -1, dtype=np.int64)
-    for name, kind, row_bytes, values in (("labels", "int64", 8, labels), ("split", str, 8, data.split),
-                                          ("paths", str, 256, data.paths)):
-        target = array(name, (n,), kind, row_bytes, compress=kind is not str)
-        step = target.chunks[0]
-        for i in range(0, n, step):  # chunk by chunk: a fixed-width copy of all paths could be large
-            target[i:i + step] = np.asarray(values[i:i + step], dtype=kind)
-    return writers
+    writes = [(arrays[name], i, values, specs[name][2])
+              for name, values in (("labels", labels), ("split", data.split), ("paths", data.paths))
+              for i in range(0, n, specs[name][1])]
+    for k in range(0, len(writes), CONCURRENT_WRITES):  # a few chunks at a time: all paths at once could be large
+        await asyncio.gather(*(a.setitem(slice(i, i + a.chunks[0]), np.asarray(values[i:i + a.chunks[0]], dtype=kind))
+                               for a, i, values, kind in writes[k:k + CONCURRENT_WRITES]))
+    return zarr.Group(group), {name: ChunkWriter(zarr.Array(arrays[name]))
+                               for name in ("latents", "logvar", "masks") if name in arrays}
+
+
+async def _finish_store(group: zarr.Group, writers: dict[str, ChunkWriter], attrs: StoreAttrs) -> None:
+    """The last chunks, then the attributes: the format attribute is written with the rest, last, so that a
+    store without it is never taken for a whole one."""
+    await asyncio.gather(*(w.flush_async() for w in writers.values()))
+    await group.update_attributes_async(attrs.to_dict())  # one metadata write (attrs.update writes once per key)
 
 
 @dataclasses.dataclass
@@ -219,7 +262,7 @@ def _encode_batch(src: Source, batch: dict, writers: dict[str, ChunkWriter], tra
 
 def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWriter], data, dtype: str,
                 dev: torch.device, name: str) -> Encoded:
-    """Encode every batch in order, logging the rate every 30 s; every chunk flushed at the end."""
+    """Encode every batch in order, logging the rate every 30 s; the last chunks are left in the writers."""
     n, train = len(data.paths), data.split == "train"
     acc = Encoded(RunningMoments(src.cfg.model.latent_channels), np.zeros(src.cfg.model.latent_channels))
     t0, next_log = time.monotonic(), 0.0
@@ -231,8 +274,6 @@ def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWr
             if time.monotonic() >= next_log or acc.done == n:
                 log.info("embedded %d / %d images (%.1f images/s)", acc.done, n, acc.done / (time.monotonic() - t0))
                 next_log = time.monotonic() + 30
-    for w in writers.values():
-        w.flush()
     if acc.done != n:
         raise LatentError(f"{name}: encoded {acc.done} of {n} rows")
     return acc
@@ -266,21 +307,19 @@ def _store_attrs(src: Source, data, dtype: str, acc: Encoded) -> StoreAttrs:
         ldmflow_version=__version__, created=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-def _write_store(src: Source, data, batches: Iterator[dict], out: Path, dtype: str, dev: torch.device,
+def _write_store(src: Source, data, batches: Prefetch, out: Path, dtype: str, dev: torch.device,
                  finish: Callable[[], object]) -> StoreAttrs:
     """Encode ``batches`` into a temporary store beside OUT and publish it whole; ``finish`` runs once every
     batch is encoded, before the attributes are read from ``data``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        writers = _create_arrays(group, data, src.cfg, dtype)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        group, writers = sync(_create_store(tmp, data, src.cfg, dtype))
         acc = _encode_all(src, batches, writers, data, dtype, dev, out.name)
         finish()
         attrs = _store_attrs(src, data, dtype, acc)
-        # the format attribute is written with the rest, last: a store without it is never taken for a whole one
-        group.update_attributes(attrs.to_dict())  # one metadata write (attrs.update writes once per key)
+        sync(_finish_store(group, writers, attrs))
         fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:
@@ -290,11 +329,17 @@ def _write_store(src: Source, data, batches: Iterator[dict], out: Path, dtype: s
     return attrs
 
 
-def _log_start(src: Source, n: int, out: Path) -> None:
-    cfg = src.cfg
+def _embed(src: Source, data, load: Callable[[Sequence[int]], dict], out: Path, dtype: str, dev: torch.device,
+           batch_size: int, workers: int, finish: Callable[[], object] = lambda: None) -> Path:
+    """Encode every row of ``data``, batches loaded by ``load`` in ``workers`` threads, into the store OUT."""
+    cfg, n = src.cfg, len(data.paths)
     h = cfg.data.image_size // cfg.model.downsample
     log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
              src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
+    batches = Prefetch(load, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)), workers)
+    attrs = _write_store(src, data, batches, out, dtype, dev, finish)
+    log.info("wrote %s: %d latents, scale_factor %.5g", out, n, attrs.scale_factor)
+    return out
 
 
 def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path, *, batch_size: int = 64,
@@ -318,27 +363,15 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
     src = _source(checkpoint, manifest, dev)
     cfg = src.cfg
     workers = min(4, threads or os.cpu_count() or 1)
-
-    def spans(n: int) -> Iterator[range]:
-        return (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
-
     # the channels the encoder takes: build_autoencoder reads a config without data.channels as RGB
     check = plan_stream(manifest, cfg.data, cfg.seed, cfg.data.channels or 3)
     if check is not None:
-        _log_start(src, len(check.data.paths), out)
         try:
-            attrs = _write_store(src, check.data, prefetch(partial(decode_checked, check), spans(len(check.data.paths)),
-                                                           workers), out, dtype, dev, check.finish)
-            log.info("wrote %s: %d latents, scale_factor %.5g", out, attrs.n, attrs.scale_factor)
-            return out
+            return _embed(src, check.data, partial(decode_checked, check), out, dtype, dev, batch_size, workers,
+                          check.finish)
         except NeedsCheckPass as exc:
             log.warning("%s; checking every row first to skip the bad ones (data.skip_bad_rows)", exc)
     # bounded memory: every row is checked, then each batch decoded again (nothing is cached)
     data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
     data.write_skipped(out.parent)
-    _log_start(src, len(data.paths), out)
-    dataset = ImageDataset(data, split=None)
-    attrs = _write_store(src, data, prefetch(dataset.__getitems__, spans(len(data.paths)), workers), out, dtype, dev,
-                         lambda: None)
-    log.info("wrote %s: %d latents, scale_factor %.5g", out, attrs.n, attrs.scale_factor)
-    return out
+    return _embed(src, data, ImageDataset(data, split=None).__getitems__, out, dtype, dev, batch_size, workers)
