@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -78,7 +78,10 @@ class RunningMoments:
 
 
 class ChunkWriter:
-    """Buffers rows of one array and writes whole chunks along N, so no chunk is rewritten."""
+    """Buffers rows of one array and writes whole chunks along N, so no chunk is rewritten.
+
+    A full chunk is written when the next rows arrive, so the last one is left for :meth:`flush_async`, which
+    writes it together with the other arrays' last chunks."""
 
     def __init__(self, array: zarr.Array):
         self.array, self.start, self.fill = array, 0, 0
@@ -86,12 +89,12 @@ class ChunkWriter:
 
     def append(self, rows: np.ndarray) -> None:
         while len(rows):
+            if self.fill == len(self.buffer):
+                self.flush()
             take = min(len(rows), len(self.buffer) - self.fill)
             self.buffer[self.fill:self.fill + take] = rows[:take]
             self.fill += take
             rows = rows[take:]
-            if self.fill == len(self.buffer):
-                self.flush()
 
     def flush(self) -> None:
         if self.fill:
@@ -107,17 +110,20 @@ class ChunkWriter:
 
 
 class Prefetch:
-    """``load(batch)`` for each batch in order, decoded by a thread pool up to 2 x workers batches ahead,
-    starting at once: the first batches decode while the caller creates its store.
+    """``load(batch)`` for each batch in order, decoded by a thread pool, starting at once: the first batches
+    decode while the caller creates its store.
 
-    Threads, not DataLoader processes: PIL decodes and resizes with the GIL released, so threads overlap
-    decoding with encoding as well as processes do, without a worker's start-up or the copies between
-    processes; they also stay clear of fork with CUDA or zarr's I/O thread. The bounded look-ahead keeps
-    memory flat: at most 2 x workers batches wait while the caller holds one.
+    With ``overlap``, up to 2 x workers batches decode ahead while the caller encodes; without it, ``workers``
+    batches decode at once, in parallel, only while the caller waits: when the encoder's threads take every
+    core, a decoding thread beside them stalls them all. Threads, not DataLoader processes: PIL decodes and
+    resizes with the GIL released, without a worker's start-up or the copies between processes, and clear
+    of fork with CUDA or zarr's I/O thread. The bounded look-ahead keeps memory flat in N.
     """
 
-    def __init__(self, load: Callable[[Sequence[int]], dict], batches: Iterable[Sequence[int]], workers: int):
-        self.load, self.batches, self.ahead = load, iter(batches), 2 * workers
+    def __init__(self, load: Callable[[Sequence[int]], dict], batches: Iterable[Sequence[int]], workers: int,
+                 overlap: bool = True):
+        self.load, self.batches, self.overlap = load, iter(batches), overlap
+        self.ahead = 2 * workers if overlap else workers
         self.pool = ThreadPoolExecutor(workers)
         self.pending: collections.deque = collections.deque()
         self._fill()
@@ -130,15 +136,20 @@ class Prefetch:
         return self
 
     def __next__(self) -> dict:
+        if not self.pending and not self.overlap:
+            self._fill()
         if not self.pending:
             self.close()
             raise StopIteration
         try:
+            if not self.overlap:
+                wait(self.pending)  # the whole window decoded before the caller encodes again
             batch = self.pending.popleft().result()
         except BaseException:
             self.close()
             raise
-        self._fill()
+        if self.overlap:
+            self._fill()
         return batch
 
     def close(self) -> None:
@@ -147,6 +158,14 @@ class Prefetch:
             future.cancel()
         self.pending.clear()
         self.pool.shutdown(wait=True)
+
+
+def decoding_threads(dev: torch.device) -> tuple[int, bool]:
+    """Threads that decode, and whether they decode while the encoder runs: on the CPU only on the cores that
+    torch's threads leave free; with none free, every core decodes between encoder calls."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = cpus if dev.type != "cpu" else cpus - torch.get_num_threads()
+    return (min(4, free), True) if free >= 1 else (min(4, cpus), False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,13 +349,14 @@ def _write_store(src: Source, data, batches: Prefetch, out: Path, dtype: str, de
 
 
 def _embed(src: Source, data, load: Callable[[Sequence[int]], dict], out: Path, dtype: str, dev: torch.device,
-           batch_size: int, workers: int, finish: Callable[[], object] = lambda: None) -> Path:
-    """Encode every row of ``data``, batches loaded by ``load`` in ``workers`` threads, into the store OUT."""
+           batch_size: int, finish: Callable[[], object] = lambda: None) -> Path:
+    """Encode every row of ``data``, batches loaded by ``load`` in a few threads, into the store OUT."""
     cfg, n = src.cfg, len(data.paths)
     h = cfg.data.image_size // cfg.model.downsample
     log.info("embedding %d images (%d px) with %s (%s, %d x %d x %d latents) into %s", n, cfg.data.image_size,
              src.checkpoint, cfg.model.variant, cfg.model.latent_channels, h, h, out)
-    batches = Prefetch(load, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)), workers)
+    batches = Prefetch(load, (range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)),
+                       *decoding_threads(dev))
     attrs = _write_store(src, data, batches, out, dtype, dev, finish)
     log.info("wrote %s: %d latents, scale_factor %.5g", out, n, attrs.scale_factor)
     return out
@@ -362,16 +382,14 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
         torch.set_num_threads(threads)
     src = _source(checkpoint, manifest, dev)
     cfg = src.cfg
-    workers = min(4, threads or os.cpu_count() or 1)
     # the channels the encoder takes: build_autoencoder reads a config without data.channels as RGB
     check = plan_stream(manifest, cfg.data, cfg.seed, cfg.data.channels or 3)
     if check is not None:
         try:
-            return _embed(src, check.data, partial(decode_checked, check), out, dtype, dev, batch_size, workers,
-                          check.finish)
+            return _embed(src, check.data, partial(decode_checked, check), out, dtype, dev, batch_size, check.finish)
         except NeedsCheckPass as exc:
             log.warning("%s; checking every row first to skip the bad ones (data.skip_bad_rows)", exc)
     # bounded memory: every row is checked, then each batch decoded again (nothing is cached)
     data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
     data.write_skipped(out.parent)
-    return _embed(src, data, ImageDataset(data, split=None).__getitems__, out, dtype, dev, batch_size, workers)
+    return _embed(src, data, ImageDataset(data, split=None).__getitems__, out, dtype, dev, batch_size)
