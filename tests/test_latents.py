@@ -497,3 +497,16 @@ def test_prefetch_gives_every_batch_in_order_and_without_overlap_never_decodes_w
     assert got == [list(range(i, i + 3)) for i in range(0, 30, 3)]
     if not overlap:
         assert clashes == []
+
+
+def test_latents_written_straight_to_many_chunk_files_read_back_as_zarr_and_rows_read_them(runs, stores, demo_manifest,
+                                                                                          tmp_path, monkeypatch):
+    row_bytes = 4 * 4 * 4 * 2  # (C, h, w) float16 latents of the tiny autoencoder
+    monkeypatch.setattr(embed, "RAW_CHUNK_BYTES", 7 * row_bytes)  # 40 rows: 6 chunks, the last one padded
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "chunked.zarr", batch_size=8, threads=1)
+    chunked, whole = zarr.open_group(out, mode="r"), zarr.open_group(stores["kl"], mode="r")
+    assert chunked["latents"].chunks[0] == 7 and whole["latents"].chunks[0] == 40
+    for name in ("latents", "logvar"):
+        assert np.array_equal(chunked[name][:], whole[name][:]), name
+    rows = LatentDataset(out, split=None, max_gb=0.0).__getitems__([39, 0, 13])["latent"]
+    assert torch.equal(rows, LatentDataset(stores["kl"], split=None, max_gb=0.0).__getitems__([39, 0, 13])["latent"])

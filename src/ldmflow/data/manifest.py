@@ -226,7 +226,9 @@ def normalise_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
 def _content_key(path: str) -> tuple[int, str] | None:
     try:
         with open(path, "rb") as f:
-            return os.fstat(f.fileno()).st_size, hashlib.blake2b(f.read(HASH_BYTES), digest_size=16).hexdigest()
+            size = os.fstat(f.fileno()).st_size
+            # read(HASH_BYTES) would allocate a whole MiB for every small file first
+            return size, hashlib.blake2b(f.read(min(size, HASH_BYTES)), digest_size=16).hexdigest()
     except OSError:
         return None  # a missing or unreadable file is named, with its row, when the row is decoded
 

@@ -109,6 +109,41 @@ class ChunkWriter:
             self.fill = 0
 
 
+class RawChunkWriter:
+    """Appends rows of an uncompressed array straight to its chunk files, in the layout the zarr v3 spec fixes
+    (C order, little endian, every chunk at full size; what latent_store.RowReader reads), so no chunk is
+    held in memory: a 64 MiB chunk of latents would be, through zarr."""
+
+    def __init__(self, array: zarr.Array, folder: Path):
+        meta = array.metadata
+        if np.dtype(array.dtype).byteorder not in ("<", "=", "|") or np.asarray(meta.fill_value).any():
+            raise ValueError(f"{folder}: raw chunks need a little-endian array filled with zeros")
+        self.folder, self.meta, self.chunk, self.done = folder, meta, int(array.chunks[0]), 0
+        self.row_bytes = math.prod(array.shape[1:]) * np.dtype(array.dtype).itemsize
+        self.dtype = np.dtype(array.dtype)
+
+    def _file(self, chunk: int) -> Path:
+        return self.folder / self.meta.encode_chunk_key((chunk,) + (0,) * (len(self.meta.shape) - 1))
+
+    def append(self, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        while len(data):
+            chunk, offset = divmod(self.done, self.chunk)
+            take = min(len(data), self.chunk - offset)
+            path = self._file(chunk)
+            if offset == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as fh:  # open per batch: no descriptor outlives a failed run
+                fh.write(memoryview(data[:take]).cast("B"))
+            self.done += take
+            data = data[take:]
+
+    async def flush_async(self) -> None:
+        """The last chunk padded to full size with the fill value (zeros)."""
+        if self.done % self.chunk:
+            os.truncate(self._file(self.done // self.chunk), self.chunk * self.row_bytes)
+
+
 class Prefetch:
     """``load(batch)`` for each batch in order, decoded by a thread pool, starting at once: the first batches
     decode while the caller creates its store.
@@ -213,7 +248,7 @@ CONCURRENT_WRITES = 8  # chunks of labels, split and paths written at once (each
 
 
 async def _create_store(tmp: Path, data, cfg: AutoencoderExperiment,
-                        dtype: str) -> tuple[zarr.Group, dict[str, ChunkWriter]]:
+                        dtype: str) -> tuple[zarr.Group, dict[str, ChunkWriter | RawChunkWriter]]:
     """The store's group and arrays, made concurrently (one round trip to zarr's I/O thread, not one per array):
     labels, split and paths written now; a chunk writer for each encoded array."""
     n, size, c = len(data.paths), cfg.data.image_size, cfg.model.latent_channels
@@ -238,14 +273,17 @@ async def _create_store(tmp: Path, data, cfg: AutoencoderExperiment,
     for k in range(0, len(writes), CONCURRENT_WRITES):  # a few chunks at a time: all paths at once could be large
         await asyncio.gather(*(a.setitem(slice(i, i + a.chunks[0]), np.asarray(values[i:i + a.chunks[0]], dtype=kind))
                                for a, i, values, kind in writes[k:k + CONCURRENT_WRITES]))
-    return zarr.Group(group), {name: ChunkWriter(zarr.Array(arrays[name]))
-                               for name in ("latents", "logvar", "masks") if name in arrays}
+    raw = {name: RawChunkWriter(zarr.Array(arrays[name]), tmp / name) for name in ("latents", "logvar")
+           if name in arrays}
+    return zarr.Group(group), {**raw, **({"masks": ChunkWriter(zarr.Array(arrays["masks"]))} if data.has_masks
+                                         else {})}
 
 
-async def _finish_store(group: zarr.Group, writers: dict[str, ChunkWriter], attrs: StoreAttrs) -> None:
+async def _finish_store(group: zarr.Group, writers: dict[str, ChunkWriter | RawChunkWriter], attrs: StoreAttrs) -> None:
     """The last chunks, then the attributes: the format attribute is written with the rest, last, so that a
     store without it is never taken for a whole one."""
-    await asyncio.gather(*(w.flush_async() for w in writers.values()))
+    for w in writers.values():
+        await w.flush_async()
     await group.update_attributes_async(attrs.to_dict())  # one metadata write (attrs.update writes once per key)
 
 
@@ -258,8 +296,8 @@ class Encoded:
     done: int = 0
 
 
-def _encode_batch(src: Source, batch: dict, writers: dict[str, ChunkWriter], train: np.ndarray, dtype: str,
-                  dev: torch.device, acc: Encoded) -> None:
+def _encode_batch(src: Source, batch: dict, writers: dict[str, ChunkWriter | RawChunkWriter], train: np.ndarray,
+                  dtype: str, dev: torch.device, acc: Encoded) -> None:
     """Encode one batch, append it to the arrays and to the train split's statistics."""
     mean, logvar = src.model.encode(batch["image"].to(dev))  # (B, C, h, w) each
     stored = mean.float().cpu().numpy().astype(dtype)
@@ -279,8 +317,8 @@ def _encode_batch(src: Source, batch: dict, writers: dict[str, ChunkWriter], tra
     acc.done += len(stored)
 
 
-def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWriter], data, dtype: str,
-                dev: torch.device, name: str) -> Encoded:
+def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWriter | RawChunkWriter], data,
+                dtype: str, dev: torch.device, name: str) -> Encoded:
     """Encode every batch in order, logging the rate every 30 s; the last chunks are left in the writers."""
     n, train = len(data.paths), data.split == "train"
     acc = Encoded(RunningMoments(src.cfg.model.latent_channels), np.zeros(src.cfg.model.latent_channels))
@@ -371,7 +409,7 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
     the split come from the data layer with the autoencoder's own data config and seed, so the split is
     the one the autoencoder trained with. One pass decodes, checks and encodes each batch while a thread
     pool decodes the next ones, so every image is decoded once and memory holds a few batches whatever the
-    manifest's length; a bad row stops the run with its row and file named, and no store is left at OUT.
+    manifest's length; a bad row stops the run with its row and file named, leaving OUT as it was.
     Where an answer needs every row first (bad rows skipped, mask classes or a percentile intensity range
     not yet known), every row is checked first and each batch is decoded again.
     """
@@ -383,13 +421,15 @@ def embed_latents(checkpoint: str | Path, manifest: str | Path, out: str | Path,
     src = _source(checkpoint, manifest, dev)
     cfg = src.cfg
     # the channels the encoder takes: build_autoencoder reads a config without data.channels as RGB
-    check = plan_stream(manifest, cfg.data, cfg.seed, cfg.data.channels or 3)
+    channels = cfg.data.channels or 3
+    check = plan_stream(manifest, cfg.data, cfg.seed, channels)
     if check is not None:
         try:
             return _embed(src, check.data, partial(decode_checked, check), out, dtype, dev, batch_size, check.finish)
         except NeedsCheckPass as exc:
             log.warning("%s; checking every row first to skip the bad ones (data.skip_bad_rows)", exc)
     # bounded memory: every row is checked, then each batch decoded again (nothing is cached)
-    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0), cfg.seed, threads)
+    data = prepare_data(manifest, dataclasses.replace(cfg.data, cache_max_gb=0.0, channels=channels), cfg.seed,
+                        threads)
     data.write_skipped(out.parent)
     return _embed(src, data, ImageDataset(data, split=None).__getitems__, out, dtype, dev, batch_size)
