@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import zarr
 import zarr.api.asynchronous
+import zarr.storage
 from zarr.core.sync import sync
 
 from ldmflow import __version__
@@ -144,6 +145,28 @@ class RawChunkWriter:
             os.truncate(self._file(self.done // self.chunk), self.chunk * self.row_bytes)
 
 
+class StoreFiles:
+    """zarr's writes into a dict (a MemoryStore: no trip to zarr's I/O thread and back per file), and from
+    there into the folder by :meth:`spill`: metadata documents stay in memory for zarr to read back, chunks
+    leave memory once written."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.files, self.written = folder, {}, {}
+        self.store = zarr.storage.MemoryStore(self.files)
+
+    def spill(self) -> None:
+        for key, buffer in list(self.files.items()):
+            if self.written.get(key) is buffer:
+                continue
+            path = self.folder / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(buffer.to_bytes())
+            if key.endswith("zarr.json"):
+                self.written[key] = buffer
+            else:
+                del self.files[key]
+
+
 class Prefetch:
     """``load(batch)`` for each batch in order, decoded by a thread pool, starting at once: the first batches
     decode while the caller creates its store.
@@ -247,7 +270,7 @@ def _source(checkpoint: str | Path, manifest: str | Path, dev: torch.device) -> 
 CONCURRENT_WRITES = 8  # chunks of labels, split and paths written at once (each a fixed-width copy of its rows)
 
 
-async def _create_store(tmp: Path, data, cfg: AutoencoderExperiment,
+async def _create_store(files: StoreFiles, data, cfg: AutoencoderExperiment,
                         dtype: str) -> tuple[zarr.Group, dict[str, ChunkWriter | RawChunkWriter]]:
     """The store's group and arrays, made concurrently (one round trip to zarr's I/O thread, not one per array):
     labels, split and paths written now; a chunk writer for each encoded array."""
@@ -261,7 +284,7 @@ async def _create_store(tmp: Path, data, cfg: AutoencoderExperiment,
                 else {}),
              "labels": ((n,), chunk_rows(8, n), "int64", COMPRESSOR), "split": ((n,), chunk_rows(8, n), str, "auto"),
              "paths": ((n,), chunk_rows(256, n), str, "auto")}
-    group = await zarr.api.asynchronous.open_group(tmp, mode="w", zarr_format=3)
+    group = await zarr.api.asynchronous.open_group(files.store, mode="w", zarr_format=3)
     made = await asyncio.gather(*(group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=kind,
                                                      compressors=compressors)
                                   for name, (shape, rows, kind, compressors) in specs.items()))
@@ -273,7 +296,7 @@ async def _create_store(tmp: Path, data, cfg: AutoencoderExperiment,
     for k in range(0, len(writes), CONCURRENT_WRITES):  # a few chunks at a time: all paths at once could be large
         await asyncio.gather(*(a.setitem(slice(i, i + a.chunks[0]), np.asarray(values[i:i + a.chunks[0]], dtype=kind))
                                for a, i, values, kind in writes[k:k + CONCURRENT_WRITES]))
-    raw = {name: RawChunkWriter(zarr.Array(arrays[name]), tmp / name) for name in ("latents", "logvar")
+    raw = {name: RawChunkWriter(zarr.Array(arrays[name]), files.folder / name) for name in ("latents", "logvar")
            if name in arrays}
     return zarr.Group(group), {**raw, **({"masks": ChunkWriter(zarr.Array(arrays["masks"]))} if data.has_masks
                                          else {})}
@@ -318,8 +341,9 @@ def _encode_batch(src: Source, batch: dict, writers: dict[str, ChunkWriter | Raw
 
 
 def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWriter | RawChunkWriter], data,
-                dtype: str, dev: torch.device, name: str) -> Encoded:
-    """Encode every batch in order, logging the rate every 30 s; the last chunks are left in the writers."""
+                dtype: str, dev: torch.device, name: str, written: Callable[[], None]) -> Encoded:
+    """Encode every batch in order (``written`` after each), logging the rate every 30 s; the last chunks are
+    left in the writers."""
     n, train = len(data.paths), data.split == "train"
     acc = Encoded(RunningMoments(src.cfg.model.latent_channels), np.zeros(src.cfg.model.latent_channels))
     t0, next_log = time.monotonic(), 0.0
@@ -327,6 +351,7 @@ def _encode_all(src: Source, batches: Iterator[dict], writers: dict[str, ChunkWr
         for batch in batches:
             before = acc.done
             _encode_batch(src, batch, writers, train, dtype, dev, acc)
+            written()
             bar.update(acc.done - before)
             if time.monotonic() >= next_log or acc.done == n:
                 log.info("embedded %d / %d images (%.1f images/s)", acc.done, n, acc.done / (time.monotonic() - t0))
@@ -372,11 +397,14 @@ def _write_store(src: Source, data, batches: Prefetch, out: Path, dtype: str, de
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
-        group, writers = sync(_create_store(tmp, data, src.cfg, dtype))
-        acc = _encode_all(src, batches, writers, data, dtype, dev, out.name)
+        files = StoreFiles(tmp)
+        group, writers = sync(_create_store(files, data, src.cfg, dtype))
+        files.spill()
+        acc = _encode_all(src, batches, writers, data, dtype, dev, out.name, files.spill)
         finish()
         attrs = _store_attrs(src, data, dtype, acc)
         sync(_finish_store(group, writers, attrs))
+        files.spill()
         fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:
