@@ -21,6 +21,7 @@ from ldmflow.config.common import DataConfig
 from ldmflow.data.images import (
     PERCENTILE_PIXELS,
     PERCENTILE_TOTAL,
+    DecodedRow,
     MaskRule,
     decode_row,
     infer_channels,
@@ -374,7 +375,7 @@ def plan_stream(manifest: str | Path, cfg: DataConfig, seed: int, channels: int)
                     cfg.skip_bad_rows, cfg.intensity.source_bits)
 
 
-def _decode_checked_row(check: RowCheck, r: int):
+def _decode_checked_row(check: RowCheck, r: int) -> DecodedRow:
     d, (first_row, first_path, first_bits) = check.data, check.first
     row = decode_row(d.paths[r], d.mask_paths[r] if d.has_masks else None, d.image_size, d.mask_classes, d.source,
                      r + 1, d.channels, d.mask_rule)
