@@ -13,12 +13,13 @@ import torch
 import zarr
 
 import ldmflow
-from ldmflow.artifacts import file_sha256, load_checkpoint
+from ldmflow.artifacts import file_sha256, load_checkpoint, save_checkpoint
 from ldmflow.checkpoints import load_autoencoder, store_autoencoder
 from ldmflow.data.dataset import prepare_data
 from ldmflow.data.latent_store import STORE_FORMAT, LatentDataset, LatentStore
-from ldmflow.errors import LatentError
+from ldmflow.errors import DataError, LatentError
 from ldmflow.models.autoencoder import Autoencoder
+from ldmflow.stages import embed
 from ldmflow.stages.embed import RunningMoments, embed_latents
 from ldmflow.stages.select_autoencoder import select_autoencoder
 from ldmflow.stages.train_autoencoder import train_autoencoder
@@ -338,14 +339,16 @@ def test_embed_command(runs, demo_manifest, tmp_path):
     assert LatentStore(out).latents.dtype == np.float32  # the failed runs left the store alone
 
 
-def test_embedding_from_memory_stores_the_same_latents_as_decoding_each_batch_again(runs, stores, demo_manifest,
-                                                                                    tmp_path):
-    # the fixture's store was encoded from memory (the demo fits in data.cache_max_gb); this one decodes twice
-    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1,
-                        cache_max_gb=0.0)
+def test_the_one_streamed_pass_stores_the_same_latents_as_checking_every_row_first(runs, stores, demo_manifest,
+                                                                                   tmp_path, monkeypatch):
+    # the fixture's store came from the one streamed pass; this one checks every row, then decodes each batch again
+    monkeypatch.setattr(embed, "plan_stream", lambda *args: None)
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "decoded_twice.zarr", batch_size=8, threads=1)
     again, kept = zarr.open_group(out, mode="r"), zarr.open_group(stores["kl"], mode="r")
     for name in ("latents", "logvar", "masks", "labels", "split", "paths"):
         assert np.array_equal(again[name][:], kept[name][:]), name
+    made = [{k: v for k, v in LatentStore(s).attrs.items() if k != "created"} for s in (out, stores["kl"])]
+    assert made[0] == made[1]  # the same statistics, channels, intensity and provenance
 
 
 def test_diffusion_batches_read_no_masks_and_a_controlnet_gets_them_as_uint8(stores):
@@ -382,3 +385,128 @@ def test_streamed_dataset_in_two_forked_workers_after_the_parent_read(stores):
     batches = list(loader)
     for key in ("latent", "mask"):
         assert torch.equal(batches[1][key], first[key]) and torch.equal(batches[3][key], first[key].flip(0))
+
+
+def _longer_manifest(demo_manifest: Path, folder: Path, copies: int) -> Path:
+    """The demo's rows ``copies`` times over (absolute paths, so the manifest may live elsewhere)."""
+    lines = demo_manifest.read_text().splitlines()
+    root = demo_manifest.parent
+    rows = [",".join([str(root / image), str(root / mask), label]) for image, mask, label in
+            (line.split(",") for line in lines[1:])]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.csv").write_text("\n".join([lines[0]] + rows * copies) + "\n")
+    return folder / "manifest.csv"
+
+
+def _count_decoded(monkeypatch) -> dict:
+    """Count decoded images alive at once (each decoded row's pixels, and each batch's rows until the batch is
+    freed) and which manifest rows were decoded."""
+    import threading
+    import weakref
+
+    from ldmflow.data import dataset, images
+
+    seen: dict = {"live": 0, "peak": 0, "rows": []}
+    lock = threading.Lock()
+
+    def add(k: int) -> None:
+        with lock:
+            seen["live"] += k
+            seen["peak"] = max(seen["peak"], seen["live"])
+
+    def counted_row(*args, **kwargs):
+        row = decode_row(*args, **kwargs)
+        add(1)
+        seen["rows"].append(args[5])
+        weakref.finalize(row.image, add, -1)
+        return row
+
+    def counted_batch(check, rows):
+        batch = decode_checked(check, rows)
+        add(len(rows))
+        weakref.finalize(batch["image"], add, -len(rows))
+        return batch
+
+    decode_row, decode_checked = images.decode_row, dataset.decode_checked
+    for module in (images, dataset):  # load_row, and the stream's own decoding
+        monkeypatch.setattr(module, "decode_row", counted_row)
+    monkeypatch.setattr(embed, "decode_checked", counted_batch)
+    return seen
+
+
+@pytest.mark.parametrize("copies", [1, 4])
+def test_embedding_decodes_each_image_once_and_holds_a_few_batches_however_long_the_manifest(
+        copies, runs, demo_manifest, tmp_path, monkeypatch):
+    manifest = _longer_manifest(demo_manifest, tmp_path / "data", copies)
+    seen = _count_decoded(monkeypatch)
+    batch_size = 2
+    store = LatentStore(embed_latents(runs["kl"], manifest, tmp_path / "l.zarr", batch_size=batch_size, threads=1))
+    assert store.n == 40 * copies
+    assert sorted(seen["rows"]) == list(range(1, store.n + 1))  # no pass before the encoding pass
+    workers, _ = embed.decoding_threads(torch.device("cpu"))  # with the one torch thread embed_latents set
+    # 2 x workers batches ahead, the batch encoded and the one before it, each worker's rows before stacking
+    assert seen["peak"] <= (3 * workers + 2) * batch_size < store.n
+
+
+def test_a_bad_image_mid_way_names_its_row_and_file_and_leaves_no_store(runs, demo_manifest, tmp_path):
+    manifest = _longer_manifest(demo_manifest, tmp_path / "data", 1)
+    bad = tmp_path / "data" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines = manifest.read_text().splitlines()
+    lines[30] = ",".join([str(bad)] + lines[30].split(",")[1:])
+    manifest.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"row 30: cannot read image {bad}"):
+        embed_latents(runs["kl"], manifest, tmp_path / "l.zarr", batch_size=4, threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_bad_rows_skipped_by_the_config_leave_a_store_without_them_and_name_them(runs, demo_manifest, tmp_path):
+    state = load_checkpoint(runs["kl"])
+    state["config"]["data"]["skip_bad_rows"] = True
+    skipping = tmp_path / "skipping.pt"
+    save_checkpoint(state, skipping)
+    manifest = _longer_manifest(demo_manifest, tmp_path / "data", 1)
+    lines = manifest.read_text().splitlines()
+    lines[30] = ",".join([str(tmp_path / "missing.png")] + lines[30].split(",")[1:])
+    manifest.write_text("\n".join(lines) + "\n")
+    store = LatentStore(embed_latents(skipping, manifest, tmp_path / "out" / "l.zarr", batch_size=4, threads=1))
+    assert store.n == 39 and str(tmp_path / "missing.png") not in list(store.paths)
+    skipped = json.loads((tmp_path / "out" / "skipped_rows.json").read_text())
+    assert skipped["count"] == 1 and skipped["rows"][0]["row"] == 30
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_prefetch_gives_every_batch_in_order_and_without_overlap_never_decodes_while_the_caller_encodes(overlap):
+    import threading
+    import time
+
+    encoding, clashes = threading.Event(), []
+
+    def load(rows):
+        time.sleep(0.002)
+        if encoding.is_set():
+            clashes.append(rows)
+        return list(rows)
+
+    got = []
+    for batch in embed.Prefetch(load, (range(i, i + 3) for i in range(0, 30, 3)), workers=2, overlap=overlap):
+        encoding.set()
+        got.append(batch)
+        time.sleep(0.004)
+        encoding.clear()
+    assert got == [list(range(i, i + 3)) for i in range(0, 30, 3)]
+    if not overlap:
+        assert clashes == []
+
+
+def test_latents_written_straight_to_many_chunk_files_read_back_as_zarr_and_rows_read_them(runs, stores, demo_manifest,
+                                                                                          tmp_path, monkeypatch):
+    row_bytes = 4 * 4 * 4 * 2  # (C, h, w) float16 latents of the tiny autoencoder
+    monkeypatch.setattr(embed, "RAW_CHUNK_BYTES", 7 * row_bytes)  # 40 rows: 6 chunks, the last one padded
+    out = embed_latents(runs["kl"], demo_manifest, tmp_path / "chunked.zarr", batch_size=8, threads=1)
+    chunked, whole = zarr.open_group(out, mode="r"), zarr.open_group(stores["kl"], mode="r")
+    assert chunked["latents"].chunks[0] == 7 and whole["latents"].chunks[0] == 40
+    for name in ("latents", "logvar"):
+        assert np.array_equal(chunked[name][:], whole[name][:]), name
+    rows = LatentDataset(out, split=None, max_gb=0.0).__getitems__([39, 0, 13])["latent"]
+    assert torch.equal(rows, LatentDataset(stores["kl"], split=None, max_gb=0.0).__getitems__([39, 0, 13])["latent"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,7 +21,9 @@ from ldmflow.config.common import DataConfig
 from ldmflow.data.images import (
     PERCENTILE_PIXELS,
     PERCENTILE_TOTAL,
+    DecodedRow,
     MaskRule,
+    decode_row,
     infer_channels,
     load_row,
     mask_rule,
@@ -130,18 +134,17 @@ def _decode_plan(frame, cfg: DataConfig, meta: dict, threads: int) -> _DecodePla
     )
 
 
-def _check_upscale(rec, plan: _DecodePlan, short: int | None) -> None:
-    if short and plan.max_upscale is not None and plan.size / short > plan.max_upscale:
-        raise DataError(f"{plan.source}: row {rec['row']}: image {rec['image']} has a short side of {short} px: "
-                        f"x{plan.size / short:.3g} to data.image_size {plan.size}, beyond data.max_upscale "
-                        f"{plan.max_upscale:g}")
+def _check_upscale(source: str, size: int, max_upscale: float | None, row: int, path: str, short: int | None) -> None:
+    if short and max_upscale is not None and size / short > max_upscale:
+        raise DataError(f"{source}: row {row}: image {path} has a short side of {short} px: x{size / short:.3g} to "
+                        f"data.image_size {size}, beyond data.max_upscale {max_upscale:g}")
 
 
 def _check_row(records: list[dict], plan: _DecodePlan, skip_bad_rows: bool, i: int) -> _Row | DataError:
     """Decode and check row ``i``, or return the row's DataError when bad rows are skipped."""
     rec, probe = records[i], plan.probes[i]
     try:
-        _check_upscale(rec, plan, probe[2] if probe else None)
+        _check_upscale(plan.source, plan.size, plan.max_upscale, rec["row"], rec["image"], probe[2] if probe else None)
         img, mask = load_row(rec["image"], rec["mask"] if plan.has_masks else None, plan.size,
                              plan.known_mask_classes, plan.source, int(rec["row"]), plan.channels, plan.mask_rule)
         pixels = img.reshape(-1, plan.channels)[::plan.step] if img.dtype != np.uint8 else None
@@ -204,13 +207,17 @@ def _mask_classes(plan: _DecodePlan, results: list[_Row]) -> tuple[int | None, n
     return max(2, top + 1), None
 
 
-def _report_upscale(results: list[_Row], size: int) -> None:
+def _report_upscale(short_sides: list[int | None], size: int) -> None:
     """One warning per dataset for images upscaled beyond x2: how many, and the smallest."""
-    small = [r.short_side for r in results if r.short_side and size / r.short_side > REPORTED_UPSCALE]
+    small = [s for s in short_sides if s and size / s > REPORTED_UPSCALE]
     if small:
-        log.warning("%d of %d image(s) are upscaled more than x%g to data.image_size %d (the smallest has a short "
-                    "side of %d px, x%.3g); set data.max_upscale to refuse them", len(small), len(results),
-                    REPORTED_UPSCALE, size, min(small), size / min(small))
+        _warn_upscaled(len(small), len(short_sides), min(small), size)
+
+
+def _warn_upscaled(count: int, total: int, smallest: int, size: int) -> None:
+    log.warning("%d of %d image(s) are upscaled more than x%g to data.image_size %d (the smallest has a short "
+                "side of %d px, x%.3g); set data.max_upscale to refuse them", count, total, REPORTED_UPSCALE, size,
+                smallest, size / smallest)
 
 
 def _resolve_split(frame, cfg: DataConfig, seed: int, source: str) -> np.ndarray:
@@ -251,7 +258,7 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
     _check_one_bit_depth(frame, depths, source)
     mask_classes, mask_lut = _mask_classes(plan, results)
     if cfg.max_upscale is None:
-        _report_upscale(results, plan.size)
+        _report_upscale([r.short_side for r in results], plan.size)
     labels = classes = None
     if "label" in frame.columns:
         labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
@@ -279,6 +286,122 @@ def prepare_data(manifest: str | Path, cfg: DataConfig, seed: int = 42, threads:
             masks = np.stack([r.mask for r in results])
             data.masks = masks if mask_lut is None else mask_lut[masks]
     return data
+
+
+# --------------------------------------------------------------------------------------------------
+# One streamed pass: each batch decoded, checked and used at once
+# --------------------------------------------------------------------------------------------------
+
+
+PROBED_ROWS = 8  # rows whose headers are read, in order, to find the dataset's bit depth before streaming
+
+
+class NeedsCheckPass(Exception):
+    """A streamed pass met a bad row while bad rows are skipped: which rows stay, and so the split, is known
+    only after a pass that checks every row (:func:`prepare_data`)."""
+
+
+@dataclass
+class StreamReport:
+    """What the rows of a streamed pass said, merged batch by batch (from the decoding threads)."""
+
+    rows: int = 0
+    bits: int = 0  # the deepest file's bit depth
+    upscaled: int = 0  # rows upscaled beyond REPORTED_UPSCALE
+    smallest: int = 0  # the smallest short side among those
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, bits: list[int], short_sides: list[int], size: int) -> None:
+        small = [s for s in short_sides if size / s > REPORTED_UPSCALE]
+        with self.lock:
+            self.rows += len(bits)
+            self.bits = max(self.bits, *bits)
+            if small:
+                self.smallest = min(small + ([self.smallest] if self.upscaled else []))
+                self.upscaled += len(small)
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """A manifest resolved without decoding its rows (labels, split, channels, intensity), and how each row of
+    a streamed pass is checked as :func:`prepare_data` would check it."""
+
+    data: PreparedData  # no pixels, no skipped rows; source_bits is the files' deepest once the pass is done
+    first: tuple[int, str, int]  # the first readable row's number, file and bit depth: every row must match it
+    max_upscale: float | None
+    skip_bad_rows: bool
+    configured_bits: int | None  # data.intensity.source_bits
+    report: StreamReport = field(default_factory=StreamReport)
+
+    def finish(self) -> PreparedData:
+        """The data once every row was decoded: the files' bit depth, and the one upscaling warning."""
+        r = self.report
+        self.data.source_bits = self.configured_bits or r.bits
+        if self.max_upscale is None and r.upscaled:
+            _warn_upscaled(r.upscaled, r.rows, r.smallest, self.data.image_size)
+        return self.data
+
+
+def plan_stream(manifest: str | Path, cfg: DataConfig, seed: int, channels: int) -> RowCheck | None:
+    """A manifest ready for one pass that decodes, checks and uses each batch (:func:`decode_checked`), with
+    ``channels`` image channels; None when an answer needs every row decoded first: deep data scaled by the
+    train split's percentiles, a mask class count inferred from the masks, no readable row among the first."""
+    frame = read_manifest(manifest)
+    source = frame.attrs["source"]
+    meta = dataset_metadata(source)
+    has_masks = "mask" in frame.columns
+    rule = mask_rule(cfg) if has_masks else None
+    mask_classes = cfg.mask_classes or (meta.get("mask_classes") if has_masks else None) or (
+        rule.classes if rule else None)
+    probes = ((i, probe_image(p)) for i, p in enumerate(frame["image"][:PROBED_ROWS]))
+    first = next(((i, p[1]) for i, p in probes if p is not None), None)
+    if (has_masks and mask_classes is None) or first is None:
+        return None
+    bits = first[1]
+    if bits > 8 and cfg.intensity.range is None and cfg.intensity.mode == "percentile":
+        return None
+    labels = classes = None
+    if "label" in frame.columns:
+        labels, classes = resolve_labels(list(frame["label"]), cfg.classes or meta.get("classes"), source,
+                                         frame["row"])
+    data = PreparedData(
+        source=source, image_size=cfg.image_size, paths=list(frame["image"]),
+        mask_paths=list(frame["mask"]) if has_masks else None, labels=labels, classes=classes,
+        mask_classes=mask_classes, split=_resolve_split(frame, cfg, seed, source), channels=channels,
+        value_range=resolve_value_range(cfg, bits, channels, [], source), source_bits=cfg.intensity.source_bits or bits,
+        fingerprint=data_fingerprint(frame), mask_rule=rule,
+    )
+    return RowCheck(data, (int(frame["row"].iloc[first[0]]), frame["image"].iloc[first[0]], bits), cfg.max_upscale,
+                    cfg.skip_bad_rows, cfg.intensity.source_bits)
+
+
+def _decode_checked_row(check: RowCheck, r: int) -> DecodedRow:
+    d, (first_row, first_path, first_bits) = check.data, check.first
+    row = decode_row(d.paths[r], d.mask_paths[r] if d.has_masks else None, d.image_size, d.mask_classes, d.source,
+                     r + 1, d.channels, d.mask_rule)
+    _check_upscale(d.source, d.image_size, check.max_upscale, r + 1, d.paths[r], row.short_side)
+    if (row.bits > 8) != (first_bits > 8):
+        raise DataError(f"{d.source}: row {r + 1}: image {d.paths[r]} is {row.bits}-bit but row {first_row}'s "
+                        f"({first_path}) is {first_bits}-bit; one dataset needs one bit depth (convert the files)")
+    return row
+
+
+def decode_checked(check: RowCheck, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` (0-based) of a planned stream decoded and checked, as :class:`ImageDataset` batches them;
+    a bad row raises its DataError (NeedsCheckPass when bad rows are skipped)."""
+    d = check.data
+    try:
+        decoded = [_decode_checked_row(check, r) for r in rows]
+    except DataError as exc:
+        if check.skip_bad_rows:
+            raise NeedsCheckPass(str(exc)) from None
+        raise
+    check.report.add([x.bits for x in decoded], [x.short_side for x in decoded], d.image_size)
+    batch = {"image": to_unit_range(np.stack([x.image for x in decoded]), d.value_range),  # (B, C, H, W)
+             "index": torch.as_tensor(np.asarray(rows, dtype=np.int64))}
+    if d.has_masks:
+        batch["mask"] = torch.from_numpy(np.stack([x.mask for x in decoded])).long()  # (B, H, W)
+    return batch
 
 
 class ImageDataset(torch.utils.data.Dataset):

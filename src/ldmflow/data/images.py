@@ -304,13 +304,23 @@ def load_mask(path: str, image: tuple[str, tuple[int, int]], size: int, mask_cla
                                          Image.Resampling.NEAREST))
 
 
-def load_row(
+@dataclass(frozen=True)
+class DecodedRow:
+    """One manifest row decoded and checked, with what its file's header said."""
+
+    image: np.ndarray  # (H, W, C) uint8 for 8-bit files, float32 raw values for deeper ones
+    mask: np.ndarray | None  # (H, W) uint8 class ids
+    bits: int  # the file's bit depth (:func:`source_bits`)
+    short_side: int  # the file's shorter side in pixels, before resizing
+
+
+def decode_row(
     image_path: str, mask_path: str | None, size: int, mask_classes: int | None, source: str, row: int,
     channels: int | None = 3, mask_rule: MaskRule | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode, check and preprocess one manifest row: (H, W, C) image (uint8 for 8-bit files, float32 raw
-    values for deeper ones; see :func:`decode_image`), (H, W) uint8 mask of class ids (see :func:`load_mask`)."""
+) -> DecodedRow:
+    """Decode, check and preprocess one manifest row (see :func:`decode_image` and :func:`load_mask`)."""
     img = _open(image_path, "image", source, row)
+    bits, short_side = source_bits(img), min(img.size)  # of page 1, as probe_image reads them
     try:
         image = resize_planes(decode_image(img, channels, image_path, "image", source, row), size)
     except DataError:
@@ -320,7 +330,17 @@ def load_row(
     mask = None
     if mask_path is not None:
         mask = load_mask(mask_path, (image_path, img.size), size, mask_classes, mask_rule, source, row)
-    return image, mask
+    return DecodedRow(image, mask, bits, short_side)
+
+
+def load_row(
+    image_path: str, mask_path: str | None, size: int, mask_classes: int | None, source: str, row: int,
+    channels: int | None = 3, mask_rule: MaskRule | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode, check and preprocess one manifest row: (H, W, C) image (uint8 for 8-bit files, float32 raw
+    values for deeper ones; see :func:`decode_image`), (H, W) uint8 mask of class ids (see :func:`load_mask`)."""
+    decoded = decode_row(image_path, mask_path, size, mask_classes, source, row, channels, mask_rule)
+    return decoded.image, decoded.mask
 
 
 def to_unit_range(images: np.ndarray, value_range: list[list[float]] | None = None) -> torch.Tensor:

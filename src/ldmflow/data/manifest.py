@@ -33,10 +33,12 @@ Read-time rules (:func:`read_manifest`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +88,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
             )
         if not len(frame):
             raise DataError(f"{path}: manifest has a header but no rows")
-        root = path.parent
+        real_folder = functools.lru_cache(maxsize=4096)(os.path.realpath)
+        resolve = functools.partial(_resolve_path, path.parent, path, real_folder)
         for col in ("image", "mask", "control"):
             if col in frame.columns:
-                frame[col] = [_resolve_path(root, p, path, row) for row, p in enumerate(frame[col], 1)]
+                frame[col] = [resolve(p, row) for row, p in enumerate(frame[col], 1)]
     else:
         raise DataError(f"{path}: manifest not found (give a CSV file or a folder of images)")
     frame.insert(0, "row", np.arange(1, len(frame) + 1))
@@ -183,13 +186,20 @@ def dataset_metadata(source: str | Path) -> dict:
     return {k: v for k, v in meta.items() if k != "synthesis"}
 
 
-def _resolve_path(root: Path, text: str, source: Path, row: int) -> str:
+def _resolve_path(root: Path, source: Path, real_folder: Callable[[str], str], text: str, row: int) -> str:
+    """The absolute path of a manifest entry with every symbolic link resolved, as ``os.path.realpath`` gives
+    it; ``real_folder`` (a cached realpath) resolves each folder once, since most rows share a few folders."""
     text = text.strip()
     if not text:
         return ""
     if "\0" in text:
         raise DataError(f"{source}: row {row}: {text!r} is not a file path")
-    return str((root / text).resolve())
+    folder, name = os.path.split(os.path.join(root, text))
+    if name in ("", ".", ".."):
+        return os.path.realpath(os.path.join(folder, name))
+    full = os.path.join(real_folder(folder), name)
+    # only a link needs more than its folder resolved (one lstat; a missing file is named when decoded)
+    return os.path.realpath(full) if os.path.islink(full) else full
 
 
 def _rows(rows) -> str:
@@ -216,7 +226,9 @@ def normalise_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
 def _content_key(path: str) -> tuple[int, str] | None:
     try:
         with open(path, "rb") as f:
-            return os.fstat(f.fileno()).st_size, hashlib.blake2b(f.read(HASH_BYTES), digest_size=16).hexdigest()
+            size = os.fstat(f.fileno()).st_size
+            # read(HASH_BYTES) would allocate a whole MiB for every small file first
+            return size, hashlib.blake2b(f.read(min(size, HASH_BYTES)), digest_size=16).hexdigest()
     except OSError:
         return None  # a missing or unreadable file is named, with its row, when the row is decoded
 
