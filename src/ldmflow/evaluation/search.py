@@ -42,12 +42,12 @@ def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int, sub_bytes:
 
     Query side: the augmented fp32 block (4 q (dim + 2 tiles)), its norms and the running top lists
     (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy. Then
-    ``sub_bytes`` for one sub-block (see :func:`_sub_block`: the training columns augmented, their norms and
-    the tile products), two (q, t) fp32 matrices (summed and largest tile distance), the selections' group
+    three times ``sub_bytes`` for one sub-block (see :func:`_sub_block`: the tile products, the training
+    columns augmented and their norms), two (q, t) fp32 matrices (summed and largest tile distance), the selections' group
     leaders and gathered candidates (under 2 q t) and their index bookkeeping.
     """
     aug = dim + 2 * tiles
-    return 4 * q * aug + 4 * t * dim + 8 * q * tiles + sub_bytes + 10 * q * t + 76 * q * (k + n)
+    return 4 * q * aug + 4 * t * dim + 8 * q * tiles + 3 * sub_bytes + 10 * q * t + 76 * q * (k + n)
 
 
 def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int,
@@ -56,7 +56,7 @@ def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int
 
     The training set is streamed once per query block, so query blocks are made large (up to 4096) first;
     they shrink (not below 64) only until a training block of 1024 fits, and the training block then takes
-    the rest of the budget. The sub-block's tile products take at most an eighth of the budget.
+    the rest of the budget. A sub-block takes at most three eighths of the budget.
     """
     sub = int(min(sub_bytes, memory_bytes / 8))
 
@@ -71,7 +71,7 @@ def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int
         q //= 2
     t = min(fitting_t(q), n_train)
     if t < 1:
-        need = block_bytes(1, 1, tiles, dim, k, n, 4 * tiles)
+        need = block_bytes(1, 1, tiles, dim, k, n, 4 * (dim + 3 * tiles))
         raise ConfigError(f"memorization options: key 'memory_gb' has {memory_bytes / 2**30:.3g}; allowed: at "
                           f"least {need / 2**30:.3g} for {tiles} tiles of {dim // tiles} values")
     if t == n_train and q < n_query:  # the whole training set fits: spend the rest on queries
@@ -81,11 +81,12 @@ def plan_blocks(n_query: int, n_train: int, tiles: int, dim: int, k: int, n: int
 
 
 def _sub_block(q: int, t: int, tiles: int, aug: int, sub_bytes: int) -> tuple[int, int]:
-    """Rows and columns of the sub-blocks whose training columns augmented (tiles, columns, aug) and tile
-    products (tiles, rows, columns) fit ``sub_bytes``: small enough to stay in cache between the product and
-    the two reductions that read it, large enough for an efficient product."""
+    """Rows and columns of the sub-blocks whose tile products (tiles, rows, columns) fit ``sub_bytes`` and
+    whose training columns augmented (tiles, columns, aug) fit twice that: small enough to stay in cache
+    between the product and the two reductions that read it, large enough for an efficient product."""
     rows = max(1, min(q, 512, sub_bytes // (4 * tiles * (aug + 1))))
-    return rows, max(1, min(t, sub_bytes // (4 * tiles * (rows + aug + 1))))
+    cols = min(sub_bytes // (4 * tiles * rows), 2 * sub_bytes // (4 * tiles * aug))
+    return rows, max(1, min(t, cols))
 
 
 def _rows(x: Features | np.ndarray | torch.Tensor, start: int, stop: int) -> np.ndarray | torch.Tensor:
