@@ -43,8 +43,8 @@ def block_bytes(q: int, t: int, tiles: int, dim: int, k: int, n: int, sub_bytes:
     Query side: the augmented fp32 block (4 q (dim + 2 tiles)), its norms and the running top lists
     (values and indices, 12 q (k + n)). Training side: the block as read (fp16) and its device copy. Then
     three times ``sub_bytes`` for one sub-block (see :func:`_sub_block`: the tile products, the training
-    columns augmented and their norms), two (q, t) fp32 matrices (summed and largest tile distance), the selections' group
-    leaders and gathered candidates (under 2 q t) and their index bookkeeping.
+    columns augmented and their norms), two (q, t) fp32 matrices (summed and largest tile distance), the
+    selections' group leaders and gathered candidates (under 2 q t) and their index bookkeeping.
     """
     aug = dim + 2 * tiles
     return 4 * q * aug + 4 * t * dim + 8 * q * tiles + 3 * sub_bytes + 10 * q * t + 76 * q * (k + n)
